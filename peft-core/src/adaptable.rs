@@ -1,0 +1,347 @@
+//! The [`Adaptable`] trait: a typed walk over a model's layers.
+//!
+//! `#[derive(Adaptable)]` implements it for the user's structs and enums; this
+//! module implements it for the containers models are built from (`Vec`,
+//! `Option`, `Box`, arrays, tuples, `&mut T`) and, as leaves with nothing to
+//! adapt, for candle-nn's layers and for primitives. Which fields are linear
+//! layers is decided by their types at compile time: a walk is a chain of
+//! monomorphised calls, with no reflection and no lookup by name.
+
+use candle_core::{Tensor, Var};
+
+use crate::linear::Linear;
+use crate::path::ModulePath;
+
+/// What a layer is for, as far as targeting is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Role {
+    /// An ordinary layer: `all_linear()` targets it.
+    Hidden,
+    /// The field marked `#[output_head]`: `all_linear()` leaves it alone, as
+    /// PEFT's `"all-linear"` leaves the LM head alone.
+    OutputHead,
+}
+
+/// Sees the layers of a model by shared reference.
+///
+/// Every method has an empty default, so a visitor implements only what it
+/// needs. The lifetime `'a` lets a visitor keep the references it is given.
+pub trait Visitor<'a> {
+    /// Called when the walk enters a child module (a field or an element).
+    fn enter_module(&mut self, _path: &ModulePath) {}
+    /// Called when the walk leaves the child module entered last.
+    fn exit_module(&mut self, _path: &ModulePath) {}
+    /// A linear layer slot at `path`.
+    fn visit_linear(&mut self, _path: &ModulePath, _role: Role, _layer: &'a Linear) {}
+    /// A frozen tensor held by a leaf (an embedding table, a norm weight...).
+    /// `path` names the tensor as a checkpoint would (`embed_tokens.weight`).
+    fn visit_tensor(&mut self, _path: &ModulePath, _tensor: &'a Tensor) {}
+}
+
+/// Sees the layers of a model by mutable reference.
+pub trait VisitorMut<'a> {
+    /// Called when the walk enters a child module (a field or an element).
+    fn enter_module(&mut self, _path: &ModulePath) {}
+    /// Called when the walk leaves the child module entered last.
+    fn exit_module(&mut self, _path: &ModulePath) {}
+    /// A linear layer slot at `path`.
+    fn visit_linear_mut(&mut self, _path: &ModulePath, _role: Role, _layer: &'a mut Linear) {}
+}
+
+/// A model, or a part of one, whose adaptable layers can be walked.
+///
+/// Derive it with `#[derive(Adaptable)]`; implement it by hand only for
+/// containers of your own.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an adaptable module",
+    label = "`{Self}` does not implement `Adaptable`",
+    note = "add `#[derive(Adaptable)]` to `{Self}`, or mark this field `#[adapt(skip)]` if it holds no layer to adapt",
+    note = "a `candle_nn::Linear` field must become `peft_core::Linear` (a drop-in) to be adapted"
+)]
+pub trait Adaptable {
+    /// Reports every layer and frozen tensor under `self` to `visitor`, with
+    /// `path` naming `self` (the visitor's hooks are called by the containers).
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V);
+
+    /// Reports every layer under `self` to `visitor`, mutably.
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V);
+}
+
+/// A layer that may be marked `#[output_head]`: linear layers only.
+#[diagnostic::on_unimplemented(
+    message = "`#[output_head]` must mark a linear layer, and `{Self}` is not one",
+    label = "not a `peft_core::Linear`",
+    note = "the output head is the linear layer that produces the logits; use `peft_core::Linear` for it"
+)]
+pub trait OutputHead {
+    /// Reports `self` as the output head.
+    fn visit_head<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V);
+    /// Reports `self` as the output head, mutably.
+    fn visit_head_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V);
+}
+
+/// Visits `child` under the segment `segment`, calling the enter/exit hooks.
+pub fn visit_child<'a, T, V>(child: &'a T, segment: &str, path: &mut ModulePath, visitor: &mut V)
+where
+    T: Adaptable + ?Sized,
+    V: Visitor<'a> + ?Sized,
+{
+    path.push(segment);
+    visitor.enter_module(path);
+    child.visit(path, visitor);
+    visitor.exit_module(path);
+    path.pop();
+}
+
+/// Mutable twin of [`visit_child`].
+pub fn visit_child_mut<'a, T, V>(child: &'a mut T, segment: &str, path: &mut ModulePath, visitor: &mut V)
+where
+    T: Adaptable + ?Sized,
+    V: VisitorMut<'a> + ?Sized,
+{
+    path.push(segment);
+    visitor.enter_module(path);
+    child.visit_mut(path, visitor);
+    visitor.exit_module(path);
+    path.pop();
+}
+
+fn visit_elements<'a, T, V>(items: &'a [T], path: &mut ModulePath, visitor: &mut V)
+where
+    T: Adaptable,
+    V: Visitor<'a> + ?Sized,
+{
+    for (index, item) in items.iter().enumerate() {
+        path.push_index(index);
+        visitor.enter_module(path);
+        item.visit(path, visitor);
+        visitor.exit_module(path);
+        path.pop();
+    }
+}
+
+fn visit_elements_mut<'a, T, V>(items: &'a mut [T], path: &mut ModulePath, visitor: &mut V)
+where
+    T: Adaptable,
+    V: VisitorMut<'a> + ?Sized,
+{
+    for (index, item) in items.iter_mut().enumerate() {
+        path.push_index(index);
+        visitor.enter_module(path);
+        item.visit_mut(path, visitor);
+        visitor.exit_module(path);
+        path.pop();
+    }
+}
+
+// ---- containers -----------------------------------------------------------
+
+/// Elements are numbered like `nn.ModuleList`: `layers.0`, `layers.1`, ...
+impl<T: Adaptable> Adaptable for Vec<T> {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        visit_elements(self, path, visitor);
+    }
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        visit_elements_mut(self, path, visitor);
+    }
+}
+
+impl<T: Adaptable> Adaptable for [T] {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        visit_elements(self, path, visitor);
+    }
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        visit_elements_mut(self, path, visitor);
+    }
+}
+
+impl<T: Adaptable, const N: usize> Adaptable for [T; N] {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        visit_elements(self, path, visitor);
+    }
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        visit_elements_mut(self, path, visitor);
+    }
+}
+
+/// `None` holds nothing; `Some` adds no path segment.
+impl<T: Adaptable> Adaptable for Option<T> {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        if let Some(inner) = self {
+            inner.visit(path, visitor);
+        }
+    }
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        if let Some(inner) = self {
+            inner.visit_mut(path, visitor);
+        }
+    }
+}
+
+/// Transparent: adds no path segment.
+impl<T: Adaptable + ?Sized> Adaptable for Box<T> {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        (**self).visit(path, visitor);
+    }
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        (**self).visit_mut(path, visitor);
+    }
+}
+
+/// Transparent: a model may borrow part of itself mutably (`&'a mut Block`).
+impl<T: Adaptable + ?Sized> Adaptable for &mut T {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        (**self).visit(path, visitor);
+    }
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        (**self).visit_mut(path, visitor);
+    }
+}
+
+macro_rules! impl_tuple {
+    ($($name:ident $index:tt),+) => {
+        /// Tuple elements are numbered like tuple struct fields: `0`, `1`, ...
+        impl<$($name: Adaptable),+> Adaptable for ($($name,)+) {
+            fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+                $(visit_child(&self.$index, stringify!($index), path, visitor);)+
+            }
+            fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+                $(visit_child_mut(&mut self.$index, stringify!($index), path, visitor);)+
+            }
+        }
+    };
+}
+
+impl_tuple!(A 0);
+impl_tuple!(A 0, B 1);
+impl_tuple!(A 0, B 1, C 2);
+impl_tuple!(A 0, B 1, C 2, D 3);
+
+// ---- leaves -----------------------------------------------------------------
+
+macro_rules! impl_empty_leaf {
+    ($($ty:ty),* $(,)?) => {
+        $(
+            /// A leaf with nothing to adapt and no parameters.
+            impl Adaptable for $ty {
+                fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, _: &mut ModulePath, _: &mut V) {}
+                fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, _: &mut ModulePath, _: &mut V) {}
+            }
+        )*
+    };
+}
+
+impl_empty_leaf!(
+    (),
+    bool,
+    char,
+    u8,
+    u16,
+    u32,
+    u64,
+    u128,
+    usize,
+    i8,
+    i16,
+    i32,
+    i64,
+    i128,
+    isize,
+    f32,
+    f64,
+    str,
+    String,
+    &str,
+    candle_core::DType,
+    candle_core::Device,
+    candle_core::Shape,
+    candle_nn::Activation,
+    candle_nn::kv_cache::Cache,
+    candle_nn::kv_cache::KvCache,
+    candle_nn::kv_cache::RotatingCache,
+    candle_nn::kv_cache::RotatingKvCache,
+);
+
+impl<T: ?Sized> Adaptable for core::marker::PhantomData<T> {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, _: &mut ModulePath, _: &mut V) {}
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, _: &mut ModulePath, _: &mut V) {}
+}
+
+/// Reports `tensor` as `<path>.<name>`.
+fn report_tensor<'a, V: Visitor<'a> + ?Sized>(
+    tensor: &'a Tensor,
+    name: &str,
+    path: &mut ModulePath,
+    visitor: &mut V,
+) {
+    path.push(name);
+    visitor.visit_tensor(path, tensor);
+    path.pop();
+}
+
+/// A bare tensor field is a frozen parameter named by the field itself.
+impl Adaptable for Tensor {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        visitor.visit_tensor(path, self);
+    }
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, _: &mut ModulePath, _: &mut V) {}
+}
+
+impl Adaptable for Var {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        visitor.visit_tensor(path, self.as_tensor());
+    }
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, _: &mut ModulePath, _: &mut V) {}
+}
+
+/// Implements `Adaptable` for a candle-nn layer as a leaf that reports its
+/// tensors under the names candle's `VarBuilder` constructors give them.
+macro_rules! impl_tensor_leaf {
+    ($ty:ty, |$layer:ident| { $($name:literal => $tensor:expr),* $(,)? } $(, optional { $($opt_name:literal => $opt:expr),* })?) => {
+        /// A leaf with nothing to adapt; its tensors count as frozen parameters.
+        impl Adaptable for $ty {
+            fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+                let $layer = self;
+                $(report_tensor($tensor, $name, path, visitor);)*
+                $($(if let Some(tensor) = $opt {
+                    report_tensor(tensor, $opt_name, path, visitor);
+                })*)?
+            }
+            fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, _: &mut ModulePath, _: &mut V) {}
+        }
+    };
+}
+
+impl_tensor_leaf!(candle_nn::Embedding, |layer| { "weight" => layer.embeddings() });
+impl_tensor_leaf!(candle_nn::LayerNorm, |layer| { "weight" => layer.weight() }, optional { "bias" => layer.bias() });
+impl_tensor_leaf!(candle_nn::RmsNorm, |layer| { "weight" => layer.weight() });
+impl_tensor_leaf!(candle_nn::Conv1d, |layer| { "weight" => layer.weight() }, optional { "bias" => layer.bias() });
+impl_tensor_leaf!(candle_nn::Conv2d, |layer| { "weight" => layer.weight() }, optional { "bias" => layer.bias() });
+impl_tensor_leaf!(candle_nn::ConvTranspose1d, |layer| { "weight" => layer.weight() }, optional { "bias" => layer.bias() });
+impl_tensor_leaf!(candle_nn::ConvTranspose2d, |layer| { "weight" => layer.weight() }, optional { "bias" => layer.bias() });
+impl_tensor_leaf!(candle_nn::PReLU, |layer| { "weight" => layer.weight() });
+impl_tensor_leaf!(
+    candle_nn::BatchNorm,
+    |layer| { "running_mean" => layer.running_mean(), "running_var" => layer.running_var() },
+    optional { "weight" => layer.weight_and_bias().map(|(w, _)| w), "bias" => layer.weight_and_bias().map(|(_, b)| b) }
+);
+
+/// The linear slot is the one layer kind `all_linear()` adapts.
+impl Adaptable for Linear {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        visitor.visit_linear(path, Role::Hidden, self);
+    }
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        visitor.visit_linear_mut(path, Role::Hidden, self);
+    }
+}
+
+impl OutputHead for Linear {
+    fn visit_head<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        visitor.visit_linear(path, Role::OutputHead, self);
+    }
+    fn visit_head_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        visitor.visit_linear_mut(path, Role::OutputHead, self);
+    }
+}

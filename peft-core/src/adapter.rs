@@ -1,0 +1,73 @@
+//! The interface every adapter kind implements to live in a layer slot.
+
+use std::fmt;
+
+use candle_core::{Result, Tensor, Var};
+
+/// The frozen weights of a linear layer, `weight` stored `[out, in]` as in
+/// `candle_nn::Linear` and PyTorch.
+#[derive(Debug, Clone)]
+pub struct LinearWeights {
+    /// `[out_features, in_features]`.
+    pub weight: Tensor,
+    /// `[out_features]`, if the layer has a bias.
+    pub bias: Option<Tensor>,
+}
+
+/// What an adapter sees of its layer during a forward pass.
+///
+/// A struct rather than loose arguments so that more can be offered later
+/// (a quantized base, say) without breaking adapter implementations.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardContext<'a> {
+    pub(crate) base: &'a candle_nn::Linear,
+    pub(crate) training: bool,
+}
+
+impl<'a> ForwardContext<'a> {
+    /// The base weight, `[out, in]`.
+    pub fn weight(&self) -> &'a Tensor {
+        self.base.weight()
+    }
+    /// The base bias, `[out]`.
+    pub fn bias(&self) -> Option<&'a Tensor> {
+        self.base.bias()
+    }
+    /// Whether the model is in training mode (dropout active).
+    pub fn training(&self) -> bool {
+        self.training
+    }
+}
+
+/// An adapter attached to a linear layer: LoRA, and later DoRA, IA³, LoHa,
+/// LoKr or a kind defined outside this crate.
+///
+/// Adapters own their trainable weights as candle [`Var`]s and never touch the
+/// base weight except through [`merge`](Self::merge) and
+/// [`unmerge`](Self::unmerge), which return new weights.
+pub trait LinearAdapter: fmt::Debug + Send + Sync {
+    /// PEFT's name for the kind (`"LORA"`).
+    fn peft_type(&self) -> &'static str;
+
+    /// Turns the base output `base_output = base(x)` into the adapted output.
+    fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor>;
+
+    /// The layer's weights with this adapter folded in.
+    fn merge(&self, base: &LinearWeights) -> Result<LinearWeights>;
+
+    /// Inverse of [`merge`](Self::merge): the weights with this adapter taken out.
+    fn unmerge(&self, merged: &LinearWeights) -> Result<LinearWeights>;
+
+    /// The trainable tensors, each with its key relative to the module as PEFT
+    /// saves it (`lora_A.weight`), in a fixed order.
+    fn trainable_vars(&self) -> Vec<(&'static str, Var)>;
+
+    /// A copy sharing the same trainable tensors (as cloning a candle layer does).
+    fn clone_box(&self) -> Box<dyn LinearAdapter>;
+}
+
+impl Clone for Box<dyn LinearAdapter> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}

@@ -1,0 +1,27 @@
+//! What every adapter configuration offers to the model-level operations.
+
+use candle_core::Result as CandleResult;
+
+use crate::adapter::LinearAdapter;
+use crate::error::Result;
+use crate::linear::Linear;
+use crate::targets::Targets;
+
+/// A configuration that can build one adapter per targeted layer.
+///
+/// [`LoraConfig`](crate::LoraConfig) implements it; other adapter kinds do the
+/// same, and [`PeftModel::add_adapter`](crate::PeftModel::add_adapter) accepts
+/// any of them.
+pub trait AdapterConfig {
+    /// PEFT's name for the kind (`"LORA"`).
+    fn peft_type(&self) -> &'static str;
+
+    /// The layers to adapt.
+    fn targets(&self) -> &Targets;
+
+    /// Checks every field; called before the model is touched.
+    fn validate(&self) -> Result<()>;
+
+    /// A fresh adapter for the linear layer at `module`, on its device and dtype.
+    fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>>;
+}

@@ -1,0 +1,101 @@
+//! The error type of every fallible operation in this crate.
+
+/// What went wrong, naming the module, adapter, field or pattern at fault.
+///
+/// Every model-level operation that returns an error leaves the model exactly
+/// as it was before the call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeftError {
+    /// Nothing in the model matched the requested targets (PEFT: "Target
+    /// modules ... not found in the base model").
+    #[error("target modules {requested} not found in the model (it has {candidates} adaptable layers)")]
+    NoTargetMatched {
+        /// The targets as they were asked for.
+        requested: String,
+        /// How many adaptable layers the model has.
+        candidates: usize,
+    },
+    /// Targets matched, but the exclusions or the layer filter removed every one.
+    #[error("all {matched} modules matched by {requested} were removed by {removed_by}")]
+    AllTargetsExcluded {
+        /// The targets as they were asked for.
+        requested: String,
+        /// How many modules matched before exclusion.
+        matched: usize,
+        /// The exclusion or layer filter that removed them.
+        removed_by: String,
+    },
+    /// A regular expression given as a target or exclusion does not compile.
+    #[error("invalid target regex `{pattern}`: {source}")]
+    InvalidRegex {
+        /// The pattern as written.
+        pattern: String,
+        /// The regex crate's diagnosis.
+        #[source]
+        source: regex::Error,
+    },
+    /// A configuration value is out of its valid range.
+    #[error("invalid adapter config: `{field}` = {value}: {reason}")]
+    InvalidConfig {
+        /// The config field at fault (PEFT's name for it).
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What a valid value looks like.
+        reason: &'static str,
+    },
+    /// An adapter of this name already sits on a targeted module.
+    #[error("module `{module}` already has an adapter named `{adapter}`")]
+    AdapterExists {
+        /// Dotted path of the module.
+        module: String,
+        /// The adapter name.
+        adapter: String,
+    },
+    /// No module of the model holds an adapter of this name.
+    #[error("no adapter named `{adapter}` in the model (adapters: [{known}])")]
+    UnknownAdapter {
+        /// The adapter name asked for.
+        adapter: String,
+        /// The adapter names the model does hold, comma separated.
+        known: String,
+    },
+    /// The operation needs the model unmerged (or merged) first.
+    #[error("module `{module}`: {reason}")]
+    MergeState {
+        /// Dotted path of the module.
+        module: String,
+        /// Why the operation was refused.
+        reason: &'static str,
+    },
+    /// A tensor operation failed inside a module.
+    #[error("module `{module}`: {source}")]
+    Module {
+        /// Dotted path of the module.
+        module: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+    /// A tensor operation failed outside any particular module.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `Result` with [`PeftError`].
+pub type Result<T, E = PeftError> = ::core::result::Result<T, E>;
+
+/// Attaches a module path to a candle error.
+pub(crate) trait InModule<T> {
+    fn in_module(self, module: &str) -> Result<T>;
+}
+
+impl<T> InModule<T> for candle_core::Result<T> {
+    fn in_module(self, module: &str) -> Result<T> {
+        self.map_err(|source| PeftError::Module {
+            module: module.to_owned(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,169 @@
+//! Parameter-efficient fine-tuning (LoRA and its family) for candle models.
+//!
+//! Write the model as plain structs, derive [`Adaptable`], mark the output
+//! layer `#[output_head]`, and apply LoRA to every other linear layer:
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use peft_core::prelude::*;
+//!
+//! #[derive(Adaptable)]
+//! struct Mlp {
+//!     up: Linear,
+//!     down: Linear,
+//!     #[output_head]
+//!     head: Linear,
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let mut model = Mlp {
+//!     up: linear(4, 8, vb.pp("up"))?,
+//!     down: linear(8, 4, vb.pp("down"))?,
+//!     head: linear(4, 10, vb.pp("head"))?,
+//! };
+//! model.apply_lora(all_linear())?;
+//! assert_eq!(model.adapted_modules(), ["down", "up"]);
+//! // lora_A and lora_B of two layers, r = 8: 8*4 + 8*8 + 8*8 + 4*8
+//! assert_eq!(model.num_parameters().trainable, 192);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+// Lets the derive's `::peft_core::...` paths resolve inside this crate's own tests.
+extern crate self as peft_core;
+
+mod adaptable;
+mod adapter;
+mod config;
+mod error;
+mod linear;
+mod lora;
+mod model;
+mod path;
+mod targets;
+
+pub use adaptable::{visit_child, visit_child_mut, Adaptable, OutputHead, Role, Visitor, VisitorMut};
+pub use adapter::{ForwardContext, LinearAdapter, LinearWeights};
+pub use config::AdapterConfig;
+pub use error::{PeftError, Result};
+pub use linear::{linear, linear_b, linear_no_bias, Linear};
+pub use lora::{LoraAdapter, LoraConfig, LoraInit};
+pub use model::{LayerMut, LayerRef, ParameterCount, PeftModel, DEFAULT_ADAPTER};
+pub use path::ModulePath;
+pub use targets::{all_linear, layer_index, modules, name_matches, regex, Targets};
+
+/// `#[derive(Adaptable)]`: see the crate's README for the attributes.
+#[cfg(feature = "derive")]
+pub use peft_derive::Adaptable;
+
+/// What a model file needs: the derive, the layer slot and its constructors,
+/// targets, LoRA and the model API.
+pub mod prelude {
+    #[cfg(feature = "derive")]
+    pub use crate::Adaptable;
+    pub use crate::{
+        all_linear, linear, linear_b, linear_no_bias, modules, regex, Linear, LoraConfig, LoraInit,
+        PeftModel, Targets,
+    };
+}
+
+/// Used by the code `#[derive(Adaptable)]` generates; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::adaptable::{Adaptable, OutputHead, Visitor, VisitorMut};
+    pub use crate::path::ModulePath;
+
+    /// Visits a field under its segment; called at the field's span so that
+    /// a missing `Adaptable` impl is reported on the field.
+    #[inline]
+    pub fn field<'a, T, V>(field: &'a T, segment: &str, path: &mut ModulePath, visitor: &mut V)
+    where
+        T: Adaptable + ?Sized,
+        V: Visitor<'a> + ?Sized,
+    {
+        crate::adaptable::visit_child(field, segment, path, visitor);
+    }
+
+    /// Mutable twin of [`field`].
+    #[inline]
+    pub fn field_mut<'a, T, V>(field: &'a mut T, segment: &str, path: &mut ModulePath, visitor: &mut V)
+    where
+        T: Adaptable + ?Sized,
+        V: VisitorMut<'a> + ?Sized,
+    {
+        crate::adaptable::visit_child_mut(field, segment, path, visitor);
+    }
+
+    /// Visits a field that adds no segment (a newtype enum variant).
+    #[inline]
+    pub fn inline<'a, T, V>(field: &'a T, path: &mut ModulePath, visitor: &mut V)
+    where
+        T: Adaptable + ?Sized,
+        V: Visitor<'a> + ?Sized,
+    {
+        field.visit(path, visitor);
+    }
+
+    /// Mutable twin of [`inline`].
+    #[inline]
+    pub fn inline_mut<'a, T, V>(field: &'a mut T, path: &mut ModulePath, visitor: &mut V)
+    where
+        T: Adaptable + ?Sized,
+        V: VisitorMut<'a> + ?Sized,
+    {
+        field.visit_mut(path, visitor);
+    }
+
+    /// Visits the `#[output_head]` field.
+    #[inline]
+    pub fn output_head<'a, T, V>(field: &'a T, segment: &str, path: &mut ModulePath, visitor: &mut V)
+    where
+        T: OutputHead + ?Sized,
+        V: Visitor<'a> + ?Sized,
+    {
+        path.push(segment);
+        visitor.enter_module(path);
+        field.visit_head(path, visitor);
+        visitor.exit_module(path);
+        path.pop();
+    }
+
+    /// Visits an `#[output_head]` field that adds no segment.
+    #[inline]
+    pub fn output_head_inline<'a, T, V>(field: &'a T, path: &mut ModulePath, visitor: &mut V)
+    where
+        T: OutputHead + ?Sized,
+        V: Visitor<'a> + ?Sized,
+    {
+        field.visit_head(path, visitor);
+    }
+
+    /// Mutable twin of [`output_head_inline`].
+    #[inline]
+    pub fn output_head_inline_mut<'a, T, V>(field: &'a mut T, path: &mut ModulePath, visitor: &mut V)
+    where
+        T: OutputHead + ?Sized,
+        V: VisitorMut<'a> + ?Sized,
+    {
+        field.visit_head_mut(path, visitor);
+    }
+
+    /// Mutable twin of [`output_head`].
+    #[inline]
+    pub fn output_head_mut<'a, T, V>(field: &'a mut T, segment: &str, path: &mut ModulePath, visitor: &mut V)
+    where
+        T: OutputHead + ?Sized,
+        V: VisitorMut<'a> + ?Sized,
+    {
+        path.push(segment);
+        visitor.enter_module(path);
+        field.visit_head_mut(path, visitor);
+        visitor.exit_module(path);
+        path.pop();
+    }
+}

@@ -1,0 +1,388 @@
+//! [`Linear`]: the drop-in for `candle_nn::Linear` that can hold adapters.
+//!
+//! ```
+//! use candle_core::{Device, Module, Tensor};
+//! use peft_core::Linear;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let device = Device::Cpu;
+//! // weight [out = 2, in = 3], bias [2]: y = x Wᵀ + b
+//! let weight = Tensor::new(&[[1f32, 0., 2.], [0., 1., -1.]], &device)?;
+//! let bias = Tensor::new(&[0.5f32, -0.5], &device)?;
+//! let layer = Linear::new(weight, Some(bias));
+//! let x = Tensor::new(&[[1f32, 2., 3.]], &device)?;
+//! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[7.5, -1.5]]);
+//! # Ok(())
+//! # }
+//! ```
+
+use candle_core::{Module, Result as CandleResult, Tensor, Var};
+
+use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
+use crate::error::{PeftError, Result};
+
+/// A linear layer `y = x Wᵀ + b` (weight stored `[out, in]`) that adapters can
+/// be attached to.
+///
+/// With no adapter, its forward pass is exactly `candle_nn::Linear`'s. Adapters
+/// are held by name; attaching the first one detaches the base weights from
+/// any autograd graph, so the base never receives a gradient.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    base: candle_nn::Linear,
+    adapters: Vec<AttachedAdapter>,
+    adapters_enabled: bool,
+    training: bool,
+}
+
+#[derive(Debug, Clone)]
+struct AttachedAdapter {
+    name: String,
+    adapter: Box<dyn LinearAdapter>,
+    active: bool,
+    merged: bool,
+}
+
+/// A new base for the layer, and which adapters are merged into it.
+pub(crate) struct MergePlan {
+    weights: LinearWeights,
+    merged: Vec<bool>,
+}
+
+impl Linear {
+    /// A layer with `weight` `[out, in]` and an optional `bias` `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        candle_nn::Linear::new(weight, bias).into()
+    }
+
+    /// The base weight `[out, in]` (with merged adapters folded in).
+    pub fn weight(&self) -> &Tensor {
+        self.base.weight()
+    }
+
+    /// The base bias `[out]`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.base.bias()
+    }
+
+    /// Input features (`in`).
+    pub fn in_features(&self) -> usize {
+        self.weight().dims().get(1).copied().unwrap_or(0)
+    }
+
+    /// Output features (`out`).
+    pub fn out_features(&self) -> usize {
+        self.weight().dims().first().copied().unwrap_or(0)
+    }
+
+    /// The base weights as one value.
+    pub fn base_weights(&self) -> LinearWeights {
+        LinearWeights {
+            weight: self.base.weight().clone(),
+            bias: self.base.bias().cloned(),
+        }
+    }
+
+    /// Forward pass with an explicit training flag (dropout in adapters is
+    /// active only when `train` is true); [`Module::forward`] uses the flag set
+    /// by [`set_training`](Self::set_training).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> CandleResult<Tensor> {
+        let mut y = self.base.forward(x)?;
+        if !self.adapters_enabled {
+            // Disabling unmerges first, so the base is the plain base here.
+            return Ok(y);
+        }
+        let cx = ForwardContext {
+            base: &self.base,
+            training: train,
+        };
+        for attached in &self.adapters {
+            if attached.active && !attached.merged {
+                y = attached.adapter.forward(x, y, cx)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// Sets the training flag used by [`Module::forward`].
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Whether [`Module::forward`] runs in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    // ---- adapters ------------------------------------------------------------
+
+    /// Names of the attached adapters, in the order they were added.
+    pub fn adapter_names(&self) -> impl Iterator<Item = &str> {
+        self.adapters.iter().map(|a| a.name.as_str())
+    }
+
+    /// Whether an adapter of this name is attached.
+    pub fn has_adapter(&self, name: &str) -> bool {
+        self.position(name).is_some()
+    }
+
+    /// The adapter of this name.
+    pub fn adapter(&self, name: &str) -> Option<&dyn LinearAdapter> {
+        self.position(name).map(|i| &*self.adapters[i].adapter)
+    }
+
+    /// Whether the adapter of this name is active (applied in forward/merge).
+    pub fn is_active(&self, name: &str) -> bool {
+        self.position(name).is_some_and(|i| self.adapters[i].active)
+    }
+
+    /// Whether any adapter is merged into the base weight.
+    pub fn is_merged(&self) -> bool {
+        self.adapters.iter().any(|a| a.merged)
+    }
+
+    /// Whether adapters take part in the forward pass.
+    pub fn adapters_enabled(&self) -> bool {
+        self.adapters_enabled
+    }
+
+    /// Attaches `adapter` under `name`, active. The base weights are detached
+    /// from autograd so that only adapters train.
+    pub fn add_adapter(&mut self, name: &str, adapter: Box<dyn LinearAdapter>) -> Result<()> {
+        if self.has_adapter(name) {
+            return Err(PeftError::AdapterExists {
+                module: String::new(),
+                adapter: name.to_owned(),
+            });
+        }
+        self.insert_adapter(name, adapter);
+        Ok(())
+    }
+
+    /// Infallible part of [`add_adapter`](Self::add_adapter), for callers that
+    /// checked the name already.
+    pub(crate) fn insert_adapter(&mut self, name: &str, adapter: Box<dyn LinearAdapter>) {
+        if self.adapters.is_empty() {
+            let weight = self.base.weight().detach();
+            let bias = self.base.bias().map(Tensor::detach);
+            self.base = candle_nn::Linear::new(weight, bias);
+        }
+        self.adapters.push(AttachedAdapter {
+            name: name.to_owned(),
+            adapter,
+            active: true,
+            merged: false,
+        });
+    }
+
+    /// Detaches and returns the adapter `name`; refused while it is merged.
+    pub fn remove_adapter(&mut self, name: &str) -> Result<Option<Box<dyn LinearAdapter>>> {
+        let Some(index) = self.position(name) else {
+            return Ok(None);
+        };
+        if self.adapters[index].merged {
+            return Err(PeftError::MergeState {
+                module: String::new(),
+                reason: "cannot delete an adapter while it is merged; unmerge first",
+            });
+        }
+        Ok(Some(self.adapters.remove(index).adapter))
+    }
+
+    /// Activates exactly the adapters named in `names` (others stay attached
+    /// but are skipped). Returns how many of `names` this layer holds.
+    pub(crate) fn set_active(&mut self, names: &[&str]) -> usize {
+        let mut found = 0;
+        for attached in &mut self.adapters {
+            attached.active = names.contains(&attached.name.as_str());
+            found += usize::from(attached.active);
+        }
+        found
+    }
+
+    /// Trainable tensors of the active adapters, keyed like PEFT's state dict
+    /// relative to this module (`lora_A.<adapter>.weight`).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut vars = Vec::new();
+        for attached in self.adapters.iter().filter(|a| a.active) {
+            for (key, var) in attached.adapter.trainable_vars() {
+                vars.push((insert_adapter_name(key, &attached.name), var));
+            }
+        }
+        vars
+    }
+
+    /// Number of elements in the base weight and bias.
+    pub fn num_base_parameters(&self) -> usize {
+        self.weight().elem_count() + self.bias().map_or(0, Tensor::elem_count)
+    }
+
+    /// Number of elements in all attached adapters' trainable tensors, and in
+    /// the active ones.
+    pub(crate) fn num_adapter_parameters(&self) -> (usize, usize) {
+        let mut all = 0;
+        let mut active = 0;
+        for attached in &self.adapters {
+            let count: usize = attached
+                .adapter
+                .trainable_vars()
+                .iter()
+                .map(|(_, var)| var.elem_count())
+                .sum();
+            all += count;
+            if attached.active {
+                active += count;
+            }
+        }
+        (all, active)
+    }
+
+    // ---- merging -------------------------------------------------------------
+
+    /// Folds the active, unmerged adapters into the base weight.
+    pub fn merge(&mut self) -> Result<()> {
+        if let Some(plan) = self.plan_merge()? {
+            self.commit(plan);
+        }
+        Ok(())
+    }
+
+    /// Takes every merged adapter back out of the base weight.
+    pub fn unmerge(&mut self) -> Result<()> {
+        if let Some(plan) = self.plan_unmerge()? {
+            self.commit(plan);
+        }
+        Ok(())
+    }
+
+    /// Turns adapters off, unmerging first as PEFT's `disable_adapter()`
+    /// does, so the output is the base layer's.
+    pub fn disable_adapters(&mut self) -> Result<()> {
+        self.unmerge()?;
+        self.disable_adapters_unmerged();
+        Ok(())
+    }
+
+    /// Turns adapters back on.
+    pub fn enable_adapters(&mut self) {
+        self.adapters_enabled = true;
+    }
+
+    /// Turns adapters off; the caller has unmerged them.
+    pub(crate) fn disable_adapters_unmerged(&mut self) {
+        debug_assert!(!self.is_merged());
+        self.adapters_enabled = false;
+    }
+
+    /// Computes the merged weights without changing the layer.
+    pub(crate) fn plan_merge(&self) -> CandleResult<Option<MergePlan>> {
+        let pending = |a: &AttachedAdapter| a.active && !a.merged;
+        if !self.adapters_enabled || !self.adapters.iter().any(pending) {
+            return Ok(None);
+        }
+        let mut weights = self.base_weights();
+        let mut merged = Vec::with_capacity(self.adapters.len());
+        for attached in &self.adapters {
+            if pending(attached) {
+                weights = attached.adapter.merge(&weights)?;
+            }
+            merged.push(attached.merged || pending(attached));
+        }
+        Ok(Some(MergePlan { weights, merged }))
+    }
+
+    /// Computes the unmerged weights without changing the layer.
+    pub(crate) fn plan_unmerge(&self) -> CandleResult<Option<MergePlan>> {
+        if !self.is_merged() {
+            return Ok(None);
+        }
+        let mut weights = self.base_weights();
+        // Undo in reverse order of merging.
+        for attached in self.adapters.iter().rev().filter(|a| a.merged) {
+            weights = attached.adapter.unmerge(&weights)?;
+        }
+        Ok(Some(MergePlan {
+            weights,
+            merged: vec![false; self.adapters.len()],
+        }))
+    }
+
+    /// Installs a plan made by `plan_merge`/`plan_unmerge` on this same layer.
+    pub(crate) fn commit(&mut self, plan: MergePlan) {
+        debug_assert_eq!(plan.merged.len(), self.adapters.len());
+        self.base = candle_nn::Linear::new(plan.weights.weight, plan.weights.bias);
+        for (attached, merged) in self.adapters.iter_mut().zip(plan.merged) {
+            attached.merged = merged;
+        }
+    }
+
+    /// Installs a merge plan and drops every adapter: a plain layer remains.
+    pub(crate) fn commit_and_unload(&mut self, plan: Option<MergePlan>) {
+        if let Some(plan) = plan {
+            self.base = candle_nn::Linear::new(plan.weights.weight, plan.weights.bias);
+        }
+        self.adapters.clear();
+        self.adapters_enabled = true;
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        self.adapters.iter().position(|a| a.name == name)
+    }
+}
+
+/// `lora_A.weight` + `default` -> `lora_A.default.weight`, PEFT's in-memory key.
+fn insert_adapter_name(key: &str, adapter: &str) -> String {
+    match key.rsplit_once('.') {
+        Some((head, tail)) => format!("{head}.{adapter}.{tail}"),
+        None => format!("{key}.{adapter}"),
+    }
+}
+
+impl From<candle_nn::Linear> for Linear {
+    fn from(base: candle_nn::Linear) -> Self {
+        Self {
+            base,
+            adapters: Vec::new(),
+            adapters_enabled: true,
+            training: false,
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
+        self.forward_t(x, self.training)
+    }
+}
+
+/// Creates or loads a linear layer with bias, as [`candle_nn::linear`] does
+/// (tensors `weight` `[out, in]` and `bias` `[out]`).
+pub fn linear(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> CandleResult<Linear> {
+    candle_nn::linear(in_dim, out_dim, vb).map(Linear::from)
+}
+
+/// Creates or loads a linear layer without bias, as [`candle_nn::linear_no_bias`] does.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> CandleResult<Linear> {
+    candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear::from)
+}
+
+/// [`linear`] or [`linear_no_bias`] depending on `bias`, as [`candle_nn::linear_b`] does.
+pub fn linear_b(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: candle_nn::VarBuilder,
+) -> CandleResult<Linear> {
+    candle_nn::linear_b(in_dim, out_dim, bias, vb).map(Linear::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::insert_adapter_name;
+
+    #[test]
+    fn adapter_name_goes_before_the_last_segment() {
+        assert_eq!(insert_adapter_name("lora_A.weight", "default"), "lora_A.default.weight");
+        assert_eq!(insert_adapter_name("ia3_l", "x"), "ia3_l.x");
+    }
+}

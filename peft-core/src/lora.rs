@@ -1,0 +1,266 @@
+//! LoRA: `y = base(x) + s · B(A(dropout(x)))`, as PEFT's `lora.Linear`.
+//!
+//! `A` is `[r, in]`, `B` is `[out, r]` and `s = lora_alpha / r`
+//! (`lora_alpha / √r` with rsLoRA).
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor, Var};
+//! use peft_core::{LoraAdapter, Linear};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dev = Device::Cpu;
+//! let mut layer = Linear::new(Tensor::eye(2, DType::F32, &dev)?, None);
+//! // r = 1: A = [[1, 1]], B = [[1], [0]], scale 0.5
+//! let a = Var::from_tensor(&Tensor::new(&[[1f32, 1.]], &dev)?)?;
+//! let b = Var::from_tensor(&Tensor::new(&[[1f32], [0.]], &dev)?)?;
+//! layer.add_adapter("default", Box::new(LoraAdapter::new(a, b, 0.5, 0.0)?))?;
+//! let y = layer.forward(&Tensor::new(&[[2f32, 4.]], &dev)?)?;
+//! // x + 0.5 · B A x = [2, 4] + 0.5 · [6, 0]
+//! assert_eq!(y.to_vec2::<f32>()?, [[5.0, 4.0]]);
+//! # Ok(())
+//! # }
+//! ```
+
+use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, Var};
+
+use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
+use crate::config::AdapterConfig;
+use crate::error::{PeftError, Result};
+use crate::linear::Linear;
+use crate::targets::{all_linear, Targets};
+
+/// How LoRA's `A` and `B` start (PEFT's `init_lora_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LoraInit {
+    /// PEFT's `True`: `A` Kaiming-uniform (a = √5, i.e. U(±1/√in)), `B` zeros,
+    /// so a fresh adapter leaves the output unchanged.
+    #[default]
+    Default,
+    /// PEFT's `"gaussian"`: `A` ~ N(0, (1/r)²), `B` zeros.
+    Gaussian,
+    /// PEFT's `False`: `A` and `B` both U(±1/√fan_in), so a fresh adapter
+    /// changes the output. For tests only.
+    Random,
+}
+
+/// LoRA's hyper-parameters and targets, with PEFT's field names and defaults.
+///
+/// ```
+/// use peft_core::{all_linear, LoraConfig};
+/// let config = LoraConfig::from(all_linear()).rank(16).alpha(32.0).dropout(0.05);
+/// assert_eq!((config.r, config.lora_alpha, config.scaling()), (16, 32.0, 2.0));
+/// ```
+#[derive(Debug, Clone)]
+pub struct LoraConfig {
+    /// Which layers to adapt (PEFT's `target_modules`, `exclude_modules`,
+    /// `layers_to_transform`). Default: [`all_linear()`].
+    pub target_modules: Targets,
+    /// Rank `r` (default 8).
+    pub r: usize,
+    /// `lora_alpha` (default 8).
+    pub lora_alpha: f64,
+    /// Dropout on the adapter's input during training (default 0).
+    pub lora_dropout: f32,
+    /// Scale by `alpha / √r` instead of `alpha / r` (default false).
+    pub use_rslora: bool,
+    /// How `A` and `B` start.
+    pub init_lora_weights: LoraInit,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        all_linear().into()
+    }
+}
+
+impl From<Targets> for LoraConfig {
+    fn from(target_modules: Targets) -> Self {
+        Self {
+            target_modules,
+            r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            use_rslora: false,
+            init_lora_weights: LoraInit::Default,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Sets the rank `r`.
+    pub fn rank(mut self, r: usize) -> Self {
+        self.r = r;
+        self
+    }
+    /// Sets `lora_alpha`.
+    pub fn alpha(mut self, lora_alpha: f64) -> Self {
+        self.lora_alpha = lora_alpha;
+        self
+    }
+    /// Sets `lora_dropout`.
+    pub fn dropout(mut self, p: f32) -> Self {
+        self.lora_dropout = p;
+        self
+    }
+    /// Sets `use_rslora`.
+    pub fn rslora(mut self, on: bool) -> Self {
+        self.use_rslora = on;
+        self
+    }
+    /// Sets `init_lora_weights`.
+    pub fn init(mut self, init: LoraInit) -> Self {
+        self.init_lora_weights = init;
+        self
+    }
+    /// Sets the targets.
+    pub fn targets(mut self, targets: Targets) -> Self {
+        self.target_modules = targets;
+        self
+    }
+
+    /// The factor `s` applied to `B(A(x))`.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    /// Fresh `A` `[r, in]` and `B` `[out, r]` for a layer, per `init_lora_weights`.
+    fn init_vars(&self, in_features: usize, out_features: usize, dtype: DType, device: &Device) -> CandleResult<(Var, Var)> {
+        let r = self.r;
+        let uniform = |fan_in: usize, shape: (usize, usize)| {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            Var::rand_f64(-bound, bound, shape, dtype, device)
+        };
+        let zeros = || Var::zeros((out_features, r), dtype, device);
+        Ok(match self.init_lora_weights {
+            LoraInit::Default => (uniform(in_features, (r, in_features))?, zeros()?),
+            LoraInit::Gaussian => (
+                Var::randn_f64(0.0, 1.0 / r as f64, (r, in_features), dtype, device)?,
+                zeros()?,
+            ),
+            LoraInit::Random => (uniform(in_features, (r, in_features))?, uniform(r, (out_features, r))?),
+        })
+    }
+}
+
+impl AdapterConfig for LoraConfig {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn targets(&self) -> &Targets {
+        &self.target_modules
+    }
+
+    fn validate(&self) -> Result<()> {
+        let invalid = |field, value: String, reason| Err(PeftError::InvalidConfig { field, value, reason });
+        if self.r == 0 {
+            return invalid("r", "0".into(), "the rank must be at least 1");
+        }
+        if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
+            return invalid("lora_alpha", self.lora_alpha.to_string(), "must be a finite number > 0");
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return invalid("lora_dropout", self.lora_dropout.to_string(), "must lie in [0, 1)");
+        }
+        self.target_modules.validate()
+    }
+
+    fn linear_adapter(&self, _module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
+        let weight = layer.weight();
+        let (a, b) = self.init_vars(layer.in_features(), layer.out_features(), weight.dtype(), weight.device())?;
+        Ok(Box::new(LoraAdapter::new(a, b, self.scaling(), self.lora_dropout)?))
+    }
+}
+
+/// A LoRA adapter on one linear layer: trainable `A` `[r, in]` and `B` `[out, r]`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    a: Var,
+    b: Var,
+    scale: f64,
+    dropout: f32,
+}
+
+impl LoraAdapter {
+    /// An adapter from its tensors; `a` is `[r, in]`, `b` is `[out, r]`.
+    pub fn new(a: Var, b: Var, scale: f64, dropout: f32) -> CandleResult<Self> {
+        let (r, _) = a.dims2()?;
+        let (_, r_b) = b.dims2()?;
+        if r != r_b {
+            candle_core::bail!(
+                "LoRA rank mismatch: lora_A is {:?} and lora_B is {:?}",
+                a.dims(),
+                b.dims()
+            );
+        }
+        Ok(Self { a, b, scale, dropout })
+    }
+
+    /// `A`, `[r, in]`.
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+    /// `B`, `[out, r]`.
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+    /// The scaling `s`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// `s · B A`, `[out, in]`, in `dtype`.
+    pub fn delta_weight(&self, dtype: DType) -> CandleResult<Tensor> {
+        (self.b.matmul(self.a.as_tensor())? * self.scale)?.to_dtype(dtype)
+    }
+}
+
+impl LinearAdapter for LoraAdapter {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> CandleResult<Tensor> {
+        let x = if cx.training() && self.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.dropout)?
+        } else {
+            x.clone()
+        };
+        // candle_nn::Linear keeps its fast reshape-to-2D matmul path; the
+        // scale is applied on the narrow [.., r] activation.
+        let down = candle_nn::Linear::new(self.a.as_tensor().clone(), None).forward(&x)?;
+        let up = candle_nn::Linear::new(self.b.as_tensor().clone(), None).forward(&(down * self.scale)?)?;
+        base_output + up
+    }
+
+    fn merge(&self, base: &LinearWeights) -> CandleResult<LinearWeights> {
+        Ok(LinearWeights {
+            weight: (&base.weight + self.delta_weight(base.weight.dtype())?)?,
+            bias: base.bias.clone(),
+        })
+    }
+
+    fn unmerge(&self, merged: &LinearWeights) -> CandleResult<LinearWeights> {
+        Ok(LinearWeights {
+            weight: (&merged.weight - self.delta_weight(merged.weight.dtype())?)?,
+            bias: merged.bias.clone(),
+        })
+    }
+
+    fn trainable_vars(&self) -> Vec<(&'static str, Var)> {
+        vec![("lora_A.weight", self.a.clone()), ("lora_B.weight", self.b.clone())]
+    }
+
+    fn clone_box(&self) -> Box<dyn LinearAdapter> {
+        Box::new(self.clone())
+    }
+}

@@ -1,0 +1,395 @@
+//! [`PeftModel`]: the model-level API every [`Adaptable`] model gets.
+//!
+//! Each operation that changes the model first computes everything that can
+//! fail (targets, new adapters, merged weights) and only then changes the
+//! layers, so an error leaves the model exactly as it was.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+
+use candle_core::{Tensor, Var};
+
+use crate::adaptable::{Adaptable, Role, Visitor, VisitorMut};
+use crate::config::AdapterConfig;
+use crate::error::{InModule, PeftError, Result};
+use crate::linear::{Linear, MergePlan};
+use crate::lora::LoraConfig;
+use crate::path::ModulePath;
+use crate::targets::Targets;
+
+/// The adapter name [`PeftModel::apply_lora`] uses, as PEFT does.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+/// A linear layer of a model, with its path and role.
+#[derive(Debug)]
+pub struct LayerRef<'a> {
+    /// Dotted module path (`layers.0.self_attn.q_proj`).
+    pub path: String,
+    /// Hidden layer or output head.
+    pub role: Role,
+    /// The layer.
+    pub layer: &'a Linear,
+}
+
+/// A linear layer of a model, mutably, with its path and role.
+#[derive(Debug)]
+pub struct LayerMut<'a> {
+    /// Dotted module path (`layers.0.self_attn.q_proj`).
+    pub path: String,
+    /// Hidden layer or output head.
+    pub role: Role,
+    /// The layer.
+    pub layer: &'a mut Linear,
+}
+
+/// Trainable and total parameter counts; displays as PEFT's
+/// `print_trainable_parameters()` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParameterCount {
+    /// Elements in the active adapters' trainable tensors.
+    pub trainable: usize,
+    /// Elements in every tensor of the model (tied tensors counted once),
+    /// adapters included.
+    pub total: usize,
+}
+
+impl ParameterCount {
+    /// `trainable / total`, in percent.
+    pub fn trainable_percent(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            100.0 * self.trainable as f64 / self.total as f64
+        }
+    }
+}
+
+impl fmt::Display for ParameterCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            Thousands(self.trainable),
+            Thousands(self.total),
+            self.trainable_percent()
+        )
+    }
+}
+
+/// `1234567` -> `1,234,567`, as Python's `{:,}`.
+struct Thousands(usize);
+
+impl fmt::Display for Thousands {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digits = self.0.to_string();
+        for (i, digit) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{digit}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Adapter management for any [`Adaptable`] model: implemented for every one.
+pub trait PeftModel: Adaptable {
+    /// Every linear layer, in the order of the struct's fields.
+    fn linear_layers(&self) -> Vec<LayerRef<'_>> {
+        struct Collect<'a>(Vec<LayerRef<'a>>);
+        impl<'a> Visitor<'a> for Collect<'a> {
+            fn visit_linear(&mut self, path: &ModulePath, role: Role, layer: &'a Linear) {
+                self.0.push(LayerRef {
+                    path: path.as_str().to_owned(),
+                    role,
+                    layer,
+                });
+            }
+        }
+        let mut collect = Collect(Vec::new());
+        self.visit(&mut ModulePath::new(), &mut collect);
+        collect.0
+    }
+
+    /// Every linear layer, mutably, in the order of the struct's fields.
+    fn linear_layers_mut(&mut self) -> Vec<LayerMut<'_>> {
+        struct Collect<'a>(Vec<LayerMut<'a>>);
+        impl<'a> VisitorMut<'a> for Collect<'a> {
+            fn visit_linear_mut(&mut self, path: &ModulePath, role: Role, layer: &'a mut Linear) {
+                self.0.push(LayerMut {
+                    path: path.as_str().to_owned(),
+                    role,
+                    layer,
+                });
+            }
+        }
+        let mut collect = Collect(Vec::new());
+        self.visit_mut(&mut ModulePath::new(), &mut collect);
+        collect.0
+    }
+
+    /// The full paths of the layers `targets` selects, sorted.
+    fn targeted_modules(&self, targets: &Targets) -> Result<Vec<String>> {
+        let layers = self.linear_layers();
+        let chosen = targets.resolve(layers.iter().map(|l| (l.path.as_str(), l.role)))?;
+        let mut paths: Vec<String> = chosen.into_iter().map(|i| layers[i].path.clone()).collect();
+        paths.sort();
+        Ok(paths)
+    }
+
+    /// Adds LoRA under the name `"default"` on the layers `config` targets.
+    ///
+    /// `config` is a [`LoraConfig`] or anything that converts into one, such
+    /// as [`all_linear()`](crate::all_linear).
+    fn apply_lora(&mut self, config: impl Into<LoraConfig>) -> Result<()> {
+        self.add_adapter(DEFAULT_ADAPTER, &config.into())
+    }
+
+    /// Adds an adapter named `name`, active, on the layers `config` targets.
+    ///
+    /// Targets are resolved over the model's own layers only: adapters are
+    /// not layers, so a second adapter never wraps the first one's weights.
+    fn add_adapter<C: AdapterConfig>(&mut self, name: &str, config: &C) -> Result<()> {
+        config.validate()?;
+        let chosen = {
+            let layers = self.linear_layers();
+            let chosen = config.targets().resolve(layers.iter().map(|l| (l.path.as_str(), l.role)))?;
+            let mut adapters = Vec::with_capacity(chosen.len());
+            for &i in &chosen {
+                let LayerRef { path, layer, .. } = &layers[i];
+                if layer.has_adapter(name) {
+                    return Err(PeftError::AdapterExists {
+                        module: path.clone(),
+                        adapter: name.to_owned(),
+                    });
+                }
+                adapters.push(config.linear_adapter(path, layer).in_module(path)?);
+            }
+            chosen.into_iter().zip(adapters).collect::<Vec<_>>()
+        };
+        let mut layers = self.linear_layers_mut();
+        for (i, adapter) in chosen {
+            layers[i].layer.insert_adapter(name, adapter);
+        }
+        Ok(())
+    }
+
+    /// Paths of the layers that hold at least one adapter, sorted.
+    fn adapted_modules(&self) -> Vec<String> {
+        let mut paths: Vec<String> = self
+            .linear_layers()
+            .into_iter()
+            .filter(|l| l.layer.adapter_names().next().is_some())
+            .map(|l| l.path)
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    /// Names of the adapters in the model, sorted.
+    fn adapter_names(&self) -> Vec<String> {
+        let names: BTreeSet<String> = self
+            .linear_layers()
+            .iter()
+            .flat_map(|l| l.layer.adapter_names().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        names.into_iter().collect()
+    }
+
+    /// Makes exactly the adapters in `names` active; their outputs add up, as
+    /// with PEFT's `set_adapter([...])`. Refused while any adapter is merged.
+    fn set_active_adapters(&mut self, names: &[&str]) -> Result<()> {
+        let known = self.adapter_names();
+        check_known(names, &known)?;
+        if let Some(merged) = self.linear_layers().iter().find(|l| l.layer.is_merged()) {
+            return Err(PeftError::MergeState {
+                module: merged.path.clone(),
+                reason: "cannot change the active adapters while merged; unmerge first",
+            });
+        }
+        for layer in self.linear_layers_mut() {
+            layer.layer.set_active(names);
+        }
+        Ok(())
+    }
+
+    /// Removes the adapter `name` from every layer. Refused while it is merged.
+    fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        check_known(&[name], &self.adapter_names())?;
+        if let Some(merged) = self
+            .linear_layers()
+            .iter()
+            .find(|l| l.layer.is_merged() && l.layer.has_adapter(name))
+        {
+            return Err(PeftError::MergeState {
+                module: merged.path.clone(),
+                reason: "cannot delete an adapter while it is merged; unmerge first",
+            });
+        }
+        for layer in self.linear_layers_mut() {
+            // Checked above: no merged adapter is removed here.
+            layer.layer.remove_adapter(name).map_err(|e| relocate(e, &layer.path))?;
+        }
+        Ok(())
+    }
+
+    /// The trainable tensors of the active adapters, for an optimizer, in a
+    /// fixed order (layers in field order, then each adapter's own order).
+    fn trainable_vars(&self) -> Vec<Var> {
+        self.named_trainable_vars().into_iter().map(|(_, var)| var).collect()
+    }
+
+    /// [`trainable_vars`](Self::trainable_vars) with PEFT's state-dict names
+    /// (`layers.0.self_attn.q_proj.lora_A.default.weight`).
+    fn named_trainable_vars(&self) -> Vec<(String, Var)> {
+        self.linear_layers()
+            .iter()
+            .flat_map(|l| {
+                l.layer
+                    .trainable_vars()
+                    .into_iter()
+                    .map(|(key, var)| (format!("{}.{key}", l.path), var))
+            })
+            .collect()
+    }
+
+    /// Trainable (active adapters) and total parameter counts.
+    fn num_parameters(&self) -> ParameterCount {
+        struct Count<'a> {
+            seen: HashSet<candle_core::TensorId>,
+            total: usize,
+            trainable: usize,
+            _tensors: std::marker::PhantomData<&'a Tensor>,
+        }
+        impl Count<'_> {
+            fn add(&mut self, tensor: &Tensor) {
+                // Tied weights (one tensor in two places) count once.
+                if self.seen.insert(tensor.id()) {
+                    self.total += tensor.elem_count();
+                }
+            }
+        }
+        impl<'a> Visitor<'a> for Count<'a> {
+            fn visit_linear(&mut self, _: &ModulePath, _: Role, layer: &'a Linear) {
+                self.add(layer.weight());
+                if let Some(bias) = layer.bias() {
+                    self.add(bias);
+                }
+                let (all, active) = layer.num_adapter_parameters();
+                self.total += all;
+                self.trainable += active;
+            }
+            fn visit_tensor(&mut self, _: &ModulePath, tensor: &'a Tensor) {
+                self.add(tensor);
+            }
+        }
+        let mut count = Count {
+            seen: HashSet::new(),
+            total: 0,
+            trainable: 0,
+            _tensors: std::marker::PhantomData,
+        };
+        self.visit(&mut ModulePath::new(), &mut count);
+        ParameterCount {
+            trainable: count.trainable,
+            total: count.total,
+        }
+    }
+
+    /// Folds the active adapters into the base weights: the forward pass then
+    /// costs what the base model costs.
+    fn merge(&mut self) -> Result<()> {
+        commit_all(self, Linear::plan_merge, |layer, plan| {
+            if let Some(plan) = plan {
+                layer.commit(plan);
+            }
+        })
+    }
+
+    /// Takes merged adapters back out of the base weights (PEFT subtracts the
+    /// delta too, so the base comes back up to float rounding).
+    fn unmerge(&mut self) -> Result<()> {
+        commit_all(self, Linear::plan_unmerge, |layer, plan| {
+            if let Some(plan) = plan {
+                layer.commit(plan);
+            }
+        })
+    }
+
+    /// Merges the active adapters and removes every adapter: plain layers
+    /// with the adapted weights remain.
+    fn merge_and_unload(&mut self) -> Result<()> {
+        commit_all(self, Linear::plan_merge, Linear::commit_and_unload)
+    }
+
+    /// Turns all adapters off (unmerging first), so the model computes the
+    /// base model's output, as PEFT's `disable_adapter()`.
+    fn disable_adapters(&mut self) -> Result<()> {
+        commit_all(self, Linear::plan_unmerge, |layer, plan| {
+            if let Some(plan) = plan {
+                layer.commit(plan);
+            }
+            layer.disable_adapters_unmerged();
+        })
+    }
+
+    /// Turns adapters back on after [`disable_adapters`](Self::disable_adapters).
+    fn enable_adapters(&mut self) {
+        for layer in self.linear_layers_mut() {
+            layer.layer.enable_adapters();
+        }
+    }
+
+    /// Training mode turns adapter dropout on; inference mode (the default)
+    /// turns it off.
+    fn set_training(&mut self, training: bool) {
+        for layer in self.linear_layers_mut() {
+            layer.layer.set_training(training);
+        }
+    }
+}
+
+impl<M: Adaptable + ?Sized> PeftModel for M {}
+
+/// Plans a change on every layer, then commits all plans; nothing changes if
+/// any plan fails.
+fn commit_all<M: PeftModel + ?Sized>(
+    model: &mut M,
+    plan: impl Fn(&Linear) -> candle_core::Result<Option<MergePlan>>,
+    commit: impl Fn(&mut Linear, Option<MergePlan>),
+) -> Result<()> {
+    let layers = model.linear_layers_mut();
+    let plans = layers
+        .iter()
+        .map(|l| plan(l.layer).in_module(&l.path))
+        .collect::<Result<Vec<_>>>()?;
+    for (layer, plan) in layers.into_iter().zip(plans) {
+        commit(layer.layer, plan);
+    }
+    Ok(())
+}
+
+fn check_known(names: &[&str], known: &[String]) -> Result<()> {
+    match names.iter().find(|name| !known.iter().any(|k| k == *name)) {
+        None => Ok(()),
+        Some(missing) => Err(PeftError::UnknownAdapter {
+            adapter: (*missing).to_owned(),
+            known: known.join(", "),
+        }),
+    }
+}
+
+/// Fills in the module path of an error raised by a layer that does not know it.
+fn relocate(error: PeftError, path: &str) -> PeftError {
+    match error {
+        PeftError::MergeState { reason, .. } => PeftError::MergeState {
+            module: path.to_owned(),
+            reason,
+        },
+        PeftError::AdapterExists { adapter, .. } => PeftError::AdapterExists {
+            module: path.to_owned(),
+            adapter,
+        },
+        other => other,
+    }
+}

@@ -1,0 +1,273 @@
+//! Which layers an adapter goes on: PEFT's `target_modules`,
+//! `exclude_modules` and `layers_to_transform` as one composable value.
+//!
+//! ```
+//! use peft_core::{all_linear, modules, Role};
+//! let t = all_linear().exclude(["k_proj"]).layers([0]);
+//! assert!(t.matches("layers.0.self_attn.q_proj", Role::Hidden));
+//! assert!(!t.matches("layers.0.self_attn.k_proj", Role::Hidden)); // excluded
+//! assert!(!t.matches("layers.1.self_attn.q_proj", Role::Hidden)); // other layer
+//! assert!(!t.matches("lm_head", Role::OutputHead));               // the head
+//! assert!(modules(["lm_head"]).matches("lm_head", Role::OutputHead)); // unless named
+//! ```
+
+use std::fmt;
+
+use regex::Regex;
+
+use crate::adaptable::Role;
+use crate::error::{PeftError, Result};
+
+/// A set of target layers. Build it with [`all_linear`], [`modules`] or
+/// [`regex`], then narrow it with [`exclude`](Self::exclude),
+/// [`exclude_regex`](Self::exclude_regex) and [`layers`](Self::layers).
+#[derive(Debug, Clone)]
+pub struct Targets {
+    include: Vec<Selector>,
+    exclude: Vec<Selector>,
+    layers: Option<Vec<usize>>,
+}
+
+#[derive(Debug, Clone)]
+enum Selector {
+    /// Every linear layer that is not the output head.
+    AllLinear,
+    /// PEFT's list rule: the path equals a name or ends with `.name`.
+    Names(Vec<String>),
+    /// PEFT's string rule: the regex matches the whole path.
+    Regex(Pattern),
+}
+
+/// A regex kept with its source; a pattern that does not compile is reported
+/// when the targets are used, so that building targets never fails.
+#[derive(Debug, Clone)]
+struct Pattern {
+    source: String,
+    compiled: ::core::result::Result<Regex, regex::Error>,
+}
+
+impl Pattern {
+    fn new(source: &str) -> Self {
+        Self {
+            source: source.to_owned(),
+            compiled: Regex::new(&format!("^(?:{source})$")),
+        }
+    }
+}
+
+/// Every linear layer except the one marked `#[output_head]`: PEFT's
+/// `target_modules="all-linear"`.
+pub fn all_linear() -> Targets {
+    Targets::including(Selector::AllLinear)
+}
+
+/// Layers named by PEFT's list rule: a path matches a name when it equals it
+/// or ends with `.` + name (`q_proj` matches `layers.0.self_attn.q_proj`).
+/// A name selects any layer, the output head included.
+pub fn modules<I, S>(names: I) -> Targets
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    Targets::including(Selector::Names(names.into_iter().map(Into::into).collect()))
+}
+
+/// Layers whose whole path matches `pattern` (PEFT's string rule, `re.fullmatch`).
+/// A pattern that does not compile is reported when the targets are used.
+pub fn regex(pattern: &str) -> Targets {
+    Targets::including(Selector::Regex(Pattern::new(pattern)))
+}
+
+impl Targets {
+    fn including(selector: Selector) -> Self {
+        Self {
+            include: vec![selector],
+            exclude: Vec::new(),
+            layers: None,
+        }
+    }
+
+    /// Also targets what `other` targets; the exclusions and layer filters of
+    /// both apply.
+    pub fn or(mut self, other: Targets) -> Self {
+        self.include.extend(other.include);
+        self.exclude.extend(other.exclude);
+        self.layers = match (self.layers, other.layers) {
+            (Some(mut a), Some(b)) => {
+                a.retain(|i| b.contains(i));
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        };
+        self
+    }
+
+    /// Leaves out layers matching these names (PEFT's `exclude_modules` as a list).
+    pub fn exclude<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.exclude.push(Selector::Names(names.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// Leaves out layers whose whole path matches `pattern` (PEFT's
+    /// `exclude_modules` as a string).
+    pub fn exclude_regex(mut self, pattern: &str) -> Self {
+        self.exclude.push(Selector::Regex(Pattern::new(pattern)));
+        self
+    }
+
+    /// Keeps only layers whose layer index is in `indices` (PEFT's
+    /// `layers_to_transform`). The layer index is the first numeric segment
+    /// of the path (`3` in `layers.3.mlp.up_proj`); a path without one is
+    /// left out.
+    pub fn layers<I: IntoIterator<Item = usize>>(mut self, indices: I) -> Self {
+        self.layers = Some(indices.into_iter().collect());
+        self
+    }
+
+    /// Whether the layer at `path` with `role` is targeted.
+    ///
+    /// A regex that does not compile matches nothing here; [`validate`](Self::validate)
+    /// reports it.
+    pub fn matches(&self, path: &str, role: Role) -> bool {
+        self.include.iter().any(|s| s.matches(path, role))
+            && !self.exclude.iter().any(|s| s.matches(path, role))
+            && self.in_layers(path)
+    }
+
+    /// Reports the first regex that does not compile.
+    pub fn validate(&self) -> Result<()> {
+        for selector in self.include.iter().chain(&self.exclude) {
+            if let Selector::Regex(Pattern {
+                source,
+                compiled: Err(error),
+            }) = selector
+            {
+                return Err(PeftError::InvalidRegex {
+                    pattern: source.clone(),
+                    source: error.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Indices into `candidates` (each a layer's path and role) of the
+    /// targeted layers, in the order given.
+    ///
+    /// Errors when nothing matches the includes, or when the exclusions or
+    /// the layer filter remove every match.
+    pub fn resolve<'p>(&self, candidates: impl IntoIterator<Item = (&'p str, Role)>) -> Result<Vec<usize>> {
+        self.validate()?;
+        let candidates: Vec<(&str, Role)> = candidates.into_iter().collect();
+        let matched: Vec<usize> = (0..candidates.len())
+            .filter(|&i| {
+                let (path, role) = candidates[i];
+                self.include.iter().any(|s| s.matches(path, role))
+            })
+            .collect();
+        if matched.is_empty() {
+            return Err(PeftError::NoTargetMatched {
+                requested: self.describe_include(),
+                candidates: candidates.len(),
+            });
+        }
+        let kept: Vec<usize> = matched
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let (path, role) = candidates[i];
+                !self.exclude.iter().any(|s| s.matches(path, role))
+            })
+            .collect();
+        if kept.is_empty() {
+            return Err(PeftError::AllTargetsExcluded {
+                requested: self.describe_include(),
+                matched: matched.len(),
+                removed_by: format!("exclude {}", List(&self.exclude)),
+            });
+        }
+        let in_layers: Vec<usize> = kept.iter().copied().filter(|&i| self.in_layers(candidates[i].0)).collect();
+        if in_layers.is_empty() {
+            return Err(PeftError::AllTargetsExcluded {
+                requested: self.describe_include(),
+                matched: kept.len(),
+                removed_by: format!("layers_to_transform {:?}", self.layers.as_deref().unwrap_or_default()),
+            });
+        }
+        Ok(in_layers)
+    }
+
+    fn in_layers(&self, path: &str) -> bool {
+        match &self.layers {
+            None => true,
+            Some(indices) => layer_index(path).is_some_and(|i| indices.contains(&i)),
+        }
+    }
+
+    fn describe_include(&self) -> String {
+        List(&self.include).to_string()
+    }
+}
+
+/// The first numeric segment of a dotted path.
+pub fn layer_index(path: &str) -> Option<usize> {
+    path.split('.').find_map(|segment| segment.parse().ok())
+}
+
+impl Selector {
+    fn matches(&self, path: &str, role: Role) -> bool {
+        match self {
+            Selector::AllLinear => role == Role::Hidden,
+            Selector::Names(names) => names.iter().any(|name| name_matches(path, name)),
+            Selector::Regex(pattern) => pattern.compiled.as_ref().is_ok_and(|re| re.is_match(path)),
+        }
+    }
+}
+
+/// PEFT's list rule: `path == name` or `path` ends with `.name`.
+pub fn name_matches(path: &str, name: &str) -> bool {
+    path.strip_suffix(name)
+        .is_some_and(|head| head.is_empty() || head.ends_with('.'))
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::AllLinear => f.write_str("all_linear()"),
+            Selector::Names(names) => write!(f, "{names:?}"),
+            Selector::Regex(pattern) => write!(f, "regex({:?})", pattern.source),
+        }
+    }
+}
+
+/// Selectors joined with ` or `.
+struct List<'a>(&'a [Selector]);
+
+impl fmt::Display for List<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, selector) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" or ")?;
+            }
+            write!(f, "{selector}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Targets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", List(&self.include))?;
+        if !self.exclude.is_empty() {
+            write!(f, " excluding {}", List(&self.exclude))?;
+        }
+        if let Some(layers) = &self.layers {
+            write!(f, " in layers {layers:?}")?;
+        }
+        Ok(())
+    }
+}
