@@ -425,3 +425,37 @@ fn without_adapters_the_slot_is_candle_nn_linear() {
     let last: Vec<f32> = ours.max(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(last.len(), 8);
 }
+
+/// candle-nn's fused RmsNorm has no backward pass: `missing_gradients` names
+/// the adapters it cuts off, and `forward_diff` restores them.
+#[test]
+fn missing_gradients_finds_adapters_cut_off_by_a_non_differentiable_op() {
+    #[derive(Adaptable)]
+    struct Normed {
+        first: Linear,
+        norm: candle_nn::RmsNorm,
+        #[output_head]
+        head: Linear,
+    }
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &DEV);
+    let mut model = Normed {
+        first: linear(4, 4, vb.pp("first")).unwrap(),
+        norm: candle_nn::rms_norm(4, 1e-6, vb.pp("norm")).unwrap(),
+        head: linear(4, 3, vb.pp("head")).unwrap(),
+    };
+    model.apply_lora(random_lora(all_linear())).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 4), &DEV).unwrap();
+    let loss_with = |differentiable: bool| {
+        let h = model.first.forward(&x).unwrap();
+        let h = if differentiable { model.norm.forward_diff(&h) } else { model.norm.forward(&h) }.unwrap();
+        model.head.forward(&h).unwrap().sqr().unwrap().sum_all().unwrap()
+    };
+    let grads = loss_with(false).backward().unwrap();
+    assert_eq!(
+        model.missing_gradients(&grads).unwrap(),
+        ["first.lora_A.default.weight", "first.lora_B.default.weight"]
+    );
+    let grads = loss_with(true).backward().unwrap();
+    assert!(model.missing_gradients(&grads).unwrap().is_empty());
+}

@@ -253,6 +253,29 @@ pub trait PeftModel: Adaptable {
             .collect()
     }
 
+    /// Names of the trainable tensors that got no gradient, or an all-zero
+    /// one, in `grads` (from `loss.backward()`).
+    ///
+    /// An adapter whose `B` is still zero (LoRA's default init) leaves `A`
+    /// with a zero gradient on the first step; `B` itself always gets one
+    /// when the graph is intact. A `B` listed here means something between
+    /// the layer and the loss stopped the gradient: in candle-nn 0.11 the
+    /// fused `RmsNorm::forward`, `LayerNorm::forward` (with bias) and
+    /// `ops::softmax_last_dim` have no backward pass and drop it silently.
+    fn missing_gradients(&self, grads: &candle_core::backprop::GradStore) -> Result<Vec<String>> {
+        let mut missing = Vec::new();
+        for (name, var) in self.named_trainable_vars() {
+            let reached = match grads.get(&var) {
+                None => false,
+                Some(grad) => grad.abs()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? > 0.0,
+            };
+            if !reached {
+                missing.push(name);
+            }
+        }
+        Ok(missing)
+    }
+
     /// Trainable (active adapters) and total parameter counts.
     fn num_parameters(&self) -> ParameterCount {
         struct Count<'a> {
