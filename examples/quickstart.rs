@@ -130,7 +130,10 @@ impl Model {
         let mask = Tensor::from_vec(mask, (t, t), ids.device())?;
         let mut x = self.embed_tokens.forward(ids)?;
         for block in &self.layers {
-            x = (&x + block.self_attn.forward(&block.input_layernorm.forward_diff(&x)?, &mask)?)?;
+            x = (&x
+                + block
+                    .self_attn
+                    .forward(&block.input_layernorm.forward_diff(&x)?, &mask)?)?;
             x = (&x + block.mlp.forward(&block.post_attention_layernorm.forward_diff(&x)?)?)?;
         }
         self.lm_head.forward(&self.norm.forward_diff(&x)?)
@@ -168,7 +171,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = LoraConfig::from(all_linear()).rank(8).alpha(16.0);
     let started = Instant::now();
     model.apply_lora(config)?;
-    println!("applied LoRA in {:.2?} to {} modules:", started.elapsed(), model.adapted_modules().len());
+    println!(
+        "applied LoRA in {:.2?} to {} modules:",
+        started.elapsed(),
+        model.adapted_modules().len()
+    );
     for path in model.adapted_modules() {
         println!("  {path}");
     }
@@ -214,7 +221,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     model.set_training(false);
     let first_loss = first_loss.unwrap_or(last_loss);
-    println!("trained in {:.2?}: loss {first_loss:.4} -> {last_loss:.4}", started.elapsed());
+    println!(
+        "trained in {:.2?}: loss {first_loss:.4} -> {last_loss:.4}",
+        started.elapsed()
+    );
 
     // Held-out batch: accuracy of the next-token prediction.
     let ids = batch(STEPS + 1000, &device)?;
@@ -229,13 +239,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     model.merge()?;
     let merged = model.forward(&ids.narrow(1, 0, SEQ - 1)?)?;
-    let diff = (&merged - &unmerged)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = (&merged - &unmerged)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     let scale = unmerged.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     println!("merged vs unmerged logits: max abs diff {diff:.2e} (logits up to {scale:.1})");
     if diff > 1e-5 * scale.max(1.0) {
         return Err(format!("merged logits differ from unmerged ones by {diff}").into());
     }
     model.unmerge()?;
-    println!("unmerged again; {} adapter(s): {:?}", model.adapter_names().len(), model.adapter_names());
+    println!(
+        "unmerged again; {} adapter(s): {:?}",
+        model.adapter_names().len(),
+        model.adapter_names()
+    );
     Ok(())
 }

@@ -5,8 +5,7 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use peft_core::prelude::*;
 use peft_core::{
-    AdapterConfig, ForwardContext, LinearAdapter, LinearWeights, LoraAdapter, ParameterCount, PeftError, Role,
-    Targets,
+    AdapterConfig, ForwardContext, LinearAdapter, LinearWeights, LoraAdapter, ParameterCount, PeftError, Role, Targets,
 };
 
 const DEV: Device = Device::Cpu;
@@ -67,12 +66,30 @@ fn ids() -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Merging reassociates float sums: compare relative to the output's scale.
 fn assert_close(a: &Tensor, b: &Tensor, tolerance: f32) {
-    let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    let scale = a
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
     let diff = max_abs_diff(a, b);
     assert!(diff <= tolerance * scale, "max abs diff {diff} > {tolerance} x {scale}");
 }
@@ -109,7 +126,11 @@ fn lora_forward_matches_a_hand_computation() {
     )
     .unwrap();
     layer.add_adapter("default", Box::new(adapter)).unwrap();
-    let y = layer.forward(&Tensor::new(&x, &DEV).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+    let y = layer
+        .forward(&Tensor::new(&x, &DEV).unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     for t in 0..2 {
         for o in 0..2 {
             assert!((y[t][o] - expected[t][o]).abs() < 1e-5, "{y:?} vs {expected:?}");
@@ -143,13 +164,17 @@ fn default_init_gives_exactly_the_base_output() {
     assert_eq!(vars[1].0, "blocks.0.up.lora_B.default.weight");
     assert_eq!(vars[1].1.dims(), [6, 8]);
     assert!(vars[0].1.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
-    assert_eq!(vars[1].1.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(
+        vars[1].1.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+        0.0
+    );
 }
 
 #[test]
 fn gaussian_init_has_std_one_over_r() {
     let (mut net, _) = net();
-    net.apply_lora(LoraConfig::from(modules(["up"])).rank(4).init(LoraInit::Gaussian)).unwrap();
+    net.apply_lora(LoraConfig::from(modules(["up"])).rank(4).init(LoraInit::Gaussian))
+        .unwrap();
     let a = &net.named_trainable_vars()[0].1;
     let values: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
     let mean = values.iter().sum::<f32>() / values.len() as f32;
@@ -173,14 +198,18 @@ fn gradients_reach_a_and_b_and_never_the_base_weight() {
     }
     let base = varmap.data().lock().unwrap();
     for name in ["blocks.0.up.weight", "blocks.0.up.bias", "blocks.1.down.weight"] {
-        assert!(grads.get(&base[name]).is_none(), "the frozen {name} received a gradient");
+        assert!(
+            grads.get(&base[name]).is_none(),
+            "the frozen {name} received a gradient"
+        );
     }
 }
 
 #[test]
 fn training_lowers_the_loss_and_leaves_the_base_unchanged() {
     let (mut net, varmap) = net();
-    net.apply_lora(LoraConfig::from(all_linear()).rank(4).alpha(8.0)).unwrap();
+    net.apply_lora(LoraConfig::from(all_linear()).rank(4).alpha(8.0))
+        .unwrap();
     let before: Vec<(String, Vec<f32>)> = {
         let data = varmap.data().lock().unwrap();
         let mut v: Vec<_> = data
@@ -192,7 +221,14 @@ fn training_lowers_the_loss_and_leaves_the_base_unchanged() {
     };
     let ids = ids();
     let (inputs, targets) = (ids.narrow(1, 0, 4).unwrap(), ids.narrow(1, 1, 4).unwrap());
-    let mut opt = AdamW::new(net.trainable_vars(), ParamsAdamW { lr: 0.05, ..Default::default() }).unwrap();
+    let mut opt = AdamW::new(
+        net.trainable_vars(),
+        ParamsAdamW {
+            lr: 0.05,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let loss_of = |net: &Net| {
         let logits = net.forward(&inputs).unwrap();
         candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &targets.flatten_all().unwrap()).unwrap()
@@ -217,7 +253,11 @@ fn merge_matches_unmerged_and_unmerge_restores_the_weights() {
     net.apply_lora(random_lora(all_linear())).unwrap();
     let adapted = net.forward(&ids()).unwrap();
     net.merge().unwrap();
-    assert!(net.linear_layers().iter().filter(|l| l.role == Role::Hidden).all(|l| l.layer.is_merged()));
+    assert!(net
+        .linear_layers()
+        .iter()
+        .filter(|l| l.role == Role::Hidden)
+        .all(|l| l.layer.is_merged()));
     let merged = net.forward(&ids()).unwrap();
     assert_close(&adapted, &merged, 1e-5);
     // The merged weights really differ from the base.
@@ -277,11 +317,16 @@ fn a_second_adapter_never_wraps_the_first() {
     net.apply_lora(random_lora(all_linear())).unwrap();
     let first = net.forward(&ids()).unwrap();
     net.add_adapter("other", &random_lora(all_linear())).unwrap();
-    assert_eq!(net.adapted_modules(), ["blocks.0.down", "blocks.0.up", "blocks.1.down", "blocks.1.up"]);
+    assert_eq!(
+        net.adapted_modules(),
+        ["blocks.0.down", "blocks.0.up", "blocks.1.down", "blocks.1.up"]
+    );
     assert_eq!(net.adapter_names(), ["default", "other"]);
     let names: Vec<String> = net.named_trainable_vars().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names.len(), 16);
-    assert!(names.iter().all(|n| !n.contains("lora_A.default.lora") && !n.contains("weight.lora")));
+    assert!(names
+        .iter()
+        .all(|n| !n.contains("lora_A.default.lora") && !n.contains("weight.lora")));
     assert_eq!(names[2], "blocks.0.up.lora_A.other.weight");
     // Both active: outputs add up, then each alone.
     let both = net.forward(&ids()).unwrap();
@@ -297,18 +342,38 @@ fn parameter_summary_reads_like_peft() {
     let (mut net, _) = net();
     // embed 44, blocks 2 x (up 24 + 6, down 24, norm 4 + 4), head 44 + 11
     let base = 44 + 2 * (30 + 24 + 8) + 55;
-    assert_eq!(net.num_parameters(), ParameterCount { trainable: 0, total: base });
+    assert_eq!(
+        net.num_parameters(),
+        ParameterCount {
+            trainable: 0,
+            total: base
+        }
+    );
     net.apply_lora(LoraConfig::from(all_linear()).rank(2)).unwrap();
     // per block: up A 2x4 + B 6x2, down A 2x6 + B 4x2
     let lora = 2 * (8 + 12 + 12 + 8);
     let count = net.num_parameters();
-    assert_eq!(count, ParameterCount { trainable: lora, total: base + lora });
     assert_eq!(
-        count.to_string(),
-        format!("trainable params: {lora} || all params: {} || trainable%: {:.4}", base + lora, 100.0 * lora as f64 / (base + lora) as f64)
+        count,
+        ParameterCount {
+            trainable: lora,
+            total: base + lora
+        }
     );
     assert_eq!(
-        ParameterCount { trainable: 1_234_567, total: 1_000_000_000 }.to_string(),
+        count.to_string(),
+        format!(
+            "trainable params: {lora} || all params: {} || trainable%: {:.4}",
+            base + lora,
+            100.0 * lora as f64 / (base + lora) as f64
+        )
+    );
+    assert_eq!(
+        ParameterCount {
+            trainable: 1_234_567,
+            total: 1_000_000_000
+        }
+        .to_string(),
         "trainable params: 1,234,567 || all params: 1,000,000,000 || trainable%: 0.1235"
     );
 }
@@ -335,7 +400,10 @@ fn invalid_configs_are_refused_before_touching_the_model() {
 #[test]
 fn failed_applications_leave_the_model_unchanged() {
     let (mut net, _) = net();
-    assert!(matches!(net.apply_lora(modules(["nope"])), Err(PeftError::NoTargetMatched { .. })));
+    assert!(matches!(
+        net.apply_lora(modules(["nope"])),
+        Err(PeftError::NoTargetMatched { .. })
+    ));
     assert!(net.adapted_modules().is_empty());
 
     net.apply_lora(modules(["up"])).unwrap();
@@ -348,8 +416,14 @@ fn failed_applications_leave_the_model_unchanged() {
         other => panic!("expected AdapterExists, got {other:?}"),
     }
     assert_eq!(net.adapted_modules(), ["blocks.0.up", "blocks.1.up"]);
-    assert!(matches!(net.delete_adapter("nope"), Err(PeftError::UnknownAdapter { .. })));
-    assert!(matches!(net.set_active_adapters(&["nope"]), Err(PeftError::UnknownAdapter { .. })));
+    assert!(matches!(
+        net.delete_adapter("nope"),
+        Err(PeftError::UnknownAdapter { .. })
+    ));
+    assert!(matches!(
+        net.set_active_adapters(&["nope"]),
+        Err(PeftError::UnknownAdapter { .. })
+    ));
 }
 
 /// An adapter whose merge fails, to show that a failed merge changes no layer.
@@ -398,7 +472,8 @@ impl AdapterConfig for UnmergeableConfig {
 fn a_failed_merge_changes_no_layer() {
     let (mut net, _) = net();
     net.apply_lora(random_lora(all_linear())).unwrap();
-    net.add_adapter("broken", &UnmergeableConfig(modules(["blocks.1.down"]))).unwrap();
+    net.add_adapter("broken", &UnmergeableConfig(modules(["blocks.1.down"])))
+        .unwrap();
     let before: Vec<Tensor> = net.linear_layers().iter().map(|l| l.layer.weight().clone()).collect();
     match net.merge() {
         Err(PeftError::Module { module, source }) => {
@@ -448,7 +523,12 @@ fn missing_gradients_finds_adapters_cut_off_by_a_non_differentiable_op() {
     let x = Tensor::randn(0f32, 1.0, (2, 4), &DEV).unwrap();
     let loss_with = |differentiable: bool| {
         let h = model.first.forward(&x).unwrap();
-        let h = if differentiable { model.norm.forward_diff(&h) } else { model.norm.forward(&h) }.unwrap();
+        let h = if differentiable {
+            model.norm.forward_diff(&h)
+        } else {
+            model.norm.forward(&h)
+        }
+        .unwrap();
         model.head.forward(&h).unwrap().sqr().unwrap().sum_all().unwrap()
     };
     let grads = loss_with(false).backward().unwrap();

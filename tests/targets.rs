@@ -28,14 +28,26 @@ fn regex_must_match_the_whole_path() {
     let cases = [
         (r".*q_proj", "layers.0.self_attn.q_proj", true),
         (r"q_proj", "layers.0.self_attn.q_proj", false),
-        (r"layers\.\d+\.self_attn\.(q|v)_proj", "layers.11.self_attn.v_proj", true),
-        (r"layers\.\d+\.self_attn\.(q|v)_proj", "layers.11.self_attn.k_proj", false),
+        (
+            r"layers\.\d+\.self_attn\.(q|v)_proj",
+            "layers.11.self_attn.v_proj",
+            true,
+        ),
+        (
+            r"layers\.\d+\.self_attn\.(q|v)_proj",
+            "layers.11.self_attn.k_proj",
+            false,
+        ),
         // Alternation binds inside the anchors: `a|b` must not mean `^a|b$`.
         (r"up|down", "mlp.down_extra", false),
         (r"up|down", "down", true),
     ];
     for (pattern, path, expected) in cases {
-        assert_eq!(regex(pattern).matches(path, Role::Hidden), expected, "{pattern:?} against {path:?}");
+        assert_eq!(
+            regex(pattern).matches(path, Role::Hidden),
+            expected,
+            "{pattern:?} against {path:?}"
+        );
     }
 }
 
@@ -62,11 +74,23 @@ fn exclusions_and_layer_filter() {
         (all_linear().layers([7]), "layers.1.experts.7.w1", false),
         // A path without a layer index is left out by a layer filter.
         (all_linear().layers([0]), "proj", false),
-        (modules(["q_proj"]).or(modules(["v_proj"])), "layers.0.attn.v_proj", true),
-        (modules(["q_proj"]).or(modules(["v_proj"])), "layers.0.attn.k_proj", false),
+        (
+            modules(["q_proj"]).or(modules(["v_proj"])),
+            "layers.0.attn.v_proj",
+            true,
+        ),
+        (
+            modules(["q_proj"]).or(modules(["v_proj"])),
+            "layers.0.attn.k_proj",
+            false,
+        ),
     ];
     for (targets, path, expected) in cases {
-        assert_eq!(targets.matches(path, Role::Hidden), expected, "{targets} against {path:?}");
+        assert_eq!(
+            targets.matches(path, Role::Hidden),
+            expected,
+            "{targets} against {path:?}"
+        );
     }
 }
 
@@ -86,7 +110,12 @@ struct Model {
 fn model() -> Model {
     let layer = || Linear::new(Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(), None);
     Model {
-        layers: (0..3).map(|_| Block { q_proj: layer(), v_proj: layer() }).collect(),
+        layers: (0..3)
+            .map(|_| Block {
+                q_proj: layer(),
+                v_proj: layer(),
+            })
+            .collect(),
         lm_head: layer(),
     }
 }
@@ -115,16 +144,23 @@ fn targeted_modules_are_full_paths_sorted() {
 #[test]
 fn nothing_matched_names_what_was_asked() {
     let err = model().targeted_modules(&modules(["o_proj", "gate"])).unwrap_err();
-    assert!(matches!(err, PeftError::NoTargetMatched { candidates: 7, .. }), "{err:?}");
+    assert!(
+        matches!(err, PeftError::NoTargetMatched { candidates: 7, .. }),
+        "{err:?}"
+    );
     let message = err.to_string();
     assert!(message.contains(r#"["o_proj", "gate"]"#), "{message}");
 }
 
 #[test]
 fn everything_excluded_is_its_own_error() {
-    let err = model().targeted_modules(&all_linear().exclude(["q_proj", "v_proj"])).unwrap_err();
+    let err = model()
+        .targeted_modules(&all_linear().exclude(["q_proj", "v_proj"]))
+        .unwrap_err();
     match &err {
-        PeftError::AllTargetsExcluded { matched, removed_by, .. } => {
+        PeftError::AllTargetsExcluded {
+            matched, removed_by, ..
+        } => {
             assert_eq!(*matched, 6);
             assert!(removed_by.contains("q_proj"), "{removed_by}");
         }

@@ -262,7 +262,11 @@ fn mutable_visit_reaches_the_same_layers() {
         cache: vec![],
     };
     let shared = paths(&model);
-    let mutable: Vec<(String, Role)> = model.linear_layers_mut().into_iter().map(|l| (l.path, l.role)).collect();
+    let mutable: Vec<(String, Role)> = model
+        .linear_layers_mut()
+        .into_iter()
+        .map(|l| (l.path, l.role))
+        .collect();
     assert_eq!(shared, mutable);
 }
 
@@ -271,4 +275,26 @@ fn models_are_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Model>();
     assert_send_sync::<Linear>();
+}
+
+#[test]
+fn an_optional_or_boxed_head_keeps_its_role() {
+    #[derive(Adaptable)]
+    struct Tied {
+        body: Linear,
+        #[output_head]
+        head: Option<Box<Linear>>,
+    }
+    let model = Tied {
+        body: layer(1, 1),
+        head: Some(Box::new(layer(1, 1))),
+    };
+    let mut expected = hidden(&["body"]);
+    expected.push(("head".into(), Role::OutputHead));
+    assert_eq!(paths(&model), expected);
+    let tied = Tied {
+        body: layer(1, 1),
+        head: None,
+    };
+    assert_eq!(paths(&tied), hidden(&["body"]));
 }

@@ -269,12 +269,7 @@ impl<T: ?Sized> Adaptable for core::marker::PhantomData<T> {
 }
 
 /// Reports `tensor` as `<path>.<name>`.
-fn report_tensor<'a, V: Visitor<'a> + ?Sized>(
-    tensor: &'a Tensor,
-    name: &str,
-    path: &mut ModulePath,
-    visitor: &mut V,
-) {
+fn report_tensor<'a, V: Visitor<'a> + ?Sized>(tensor: &'a Tensor, name: &str, path: &mut ModulePath, visitor: &mut V) {
     path.push(name);
     visitor.visit_tensor(path, tensor);
     path.pop();
@@ -343,5 +338,28 @@ impl OutputHead for Linear {
     }
     fn visit_head_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
         visitor.visit_linear_mut(path, Role::OutputHead, self);
+    }
+}
+
+/// An optional head (absent when tied to the embedding, say).
+impl<T: OutputHead> OutputHead for Option<T> {
+    fn visit_head<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        if let Some(head) = self {
+            head.visit_head(path, visitor);
+        }
+    }
+    fn visit_head_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        if let Some(head) = self {
+            head.visit_head_mut(path, visitor);
+        }
+    }
+}
+
+impl<T: OutputHead + ?Sized> OutputHead for Box<T> {
+    fn visit_head<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        (**self).visit_head(path, visitor);
+    }
+    fn visit_head_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        (**self).visit_head_mut(path, visitor);
     }
 }

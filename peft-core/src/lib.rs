@@ -67,8 +67,7 @@ pub mod prelude {
     #[cfg(feature = "derive")]
     pub use crate::Adaptable;
     pub use crate::{
-        all_linear, linear, linear_b, linear_no_bias, modules, regex, Linear, LoraConfig, LoraInit,
-        PeftModel, Targets,
+        all_linear, linear, linear_b, linear_no_bias, modules, regex, Linear, LoraConfig, LoraInit, PeftModel, Targets,
     };
 }
 

@@ -367,12 +367,7 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) 
 }
 
 /// [`linear`] or [`linear_no_bias`] depending on `bias`, as [`candle_nn::linear_b`] does.
-pub fn linear_b(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: candle_nn::VarBuilder,
-) -> CandleResult<Linear> {
+pub fn linear_b(in_dim: usize, out_dim: usize, bias: bool, vb: candle_nn::VarBuilder) -> CandleResult<Linear> {
     candle_nn::linear_b(in_dim, out_dim, bias, vb).map(Linear::from)
 }
 

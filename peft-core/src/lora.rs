@@ -129,7 +129,13 @@ impl LoraConfig {
     }
 
     /// Fresh `A` `[r, in]` and `B` `[out, r]` for a layer, per `init_lora_weights`.
-    fn init_vars(&self, in_features: usize, out_features: usize, dtype: DType, device: &Device) -> CandleResult<(Var, Var)> {
+    fn init_vars(
+        &self,
+        in_features: usize,
+        out_features: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> CandleResult<(Var, Var)> {
         let r = self.r;
         let uniform = |fan_in: usize, shape: (usize, usize)| {
             let bound = 1.0 / (fan_in as f64).sqrt();
@@ -172,7 +178,12 @@ impl AdapterConfig for LoraConfig {
 
     fn linear_adapter(&self, _module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
         let weight = layer.weight();
-        let (a, b) = self.init_vars(layer.in_features(), layer.out_features(), weight.dtype(), weight.device())?;
+        let (a, b) = self.init_vars(
+            layer.in_features(),
+            layer.out_features(),
+            weight.dtype(),
+            weight.device(),
+        )?;
         Ok(Box::new(LoraAdapter::new(a, b, self.scaling(), self.lora_dropout)?))
     }
 }

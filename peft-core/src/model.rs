@@ -83,7 +83,7 @@ impl fmt::Display for Thousands {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let digits = self.0.to_string();
         for (i, digit) in digits.chars().enumerate() {
-            if i > 0 && (digits.len() - i) % 3 == 0 {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
                 f.write_str(",")?;
             }
             write!(f, "{digit}")?;
@@ -153,7 +153,9 @@ pub trait PeftModel: Adaptable {
         config.validate()?;
         let chosen = {
             let layers = self.linear_layers();
-            let chosen = config.targets().resolve(layers.iter().map(|l| (l.path.as_str(), l.role)))?;
+            let chosen = config
+                .targets()
+                .resolve(layers.iter().map(|l| (l.path.as_str(), l.role)))?;
             let mut adapters = Vec::with_capacity(chosen.len());
             for &i in &chosen {
                 let LayerRef { path, layer, .. } = &layers[i];
@@ -267,7 +269,13 @@ pub trait PeftModel: Adaptable {
         for (name, var) in self.named_trainable_vars() {
             let reached = match grads.get(&var) {
                 None => false,
-                Some(grad) => grad.abs()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? > 0.0,
+                Some(grad) => {
+                    grad.abs()?
+                        .sum_all()?
+                        .to_dtype(candle_core::DType::F64)?
+                        .to_scalar::<f64>()?
+                        > 0.0
+                }
             };
             if !reached {
                 missing.push(name);

@@ -108,7 +108,8 @@ impl Targets {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.exclude.push(Selector::Names(names.into_iter().map(Into::into).collect()));
+        self.exclude
+            .push(Selector::Names(names.into_iter().map(Into::into).collect()));
         self
     }
 
@@ -190,7 +191,11 @@ impl Targets {
                 removed_by: format!("exclude {}", List(&self.exclude)),
             });
         }
-        let in_layers: Vec<usize> = kept.iter().copied().filter(|&i| self.in_layers(candidates[i].0)).collect();
+        let in_layers: Vec<usize> = kept
+            .iter()
+            .copied()
+            .filter(|&i| self.in_layers(candidates[i].0))
+            .collect();
         if in_layers.is_empty() {
             return Err(PeftError::AllTargetsExcluded {
                 requested: self.describe_include(),

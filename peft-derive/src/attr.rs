@@ -95,7 +95,10 @@ impl ContainerAttrs {
                     }
                     Ok(())
                 } else {
-                    let name = meta.path.get_ident().map_or_else(|| "?".to_owned(), ToString::to_string);
+                    let name = meta
+                        .path
+                        .get_ident()
+                        .map_or_else(|| "?".to_owned(), ToString::to_string);
                     Err(meta.error(format_args!(
                         "unknown `adapt` attribute key `{name}` on a type; expected `crate = \"...\"`"
                     )))
@@ -111,7 +114,10 @@ impl ContainerAttrs {
 
 fn set_flag(cx: &mut Ctxt, flag: &mut Flag, span: Span, name: &str) {
     if flag.is_some() {
-        cx.push(syn::Error::new(span, format_args!("duplicate attribute `{name}` on this field")));
+        cx.push(syn::Error::new(
+            span,
+            format_args!("duplicate attribute `{name}` on this field"),
+        ));
     } else {
         *flag = Some(span);
     }

@@ -69,10 +69,8 @@ pub fn collect_params(ty: &Type, params: &[&Ident], used: &mut BTreeSet<String>)
 fn scan_tokens(tokens: TokenStream, params: &[&Ident], used: &mut BTreeSet<String>) {
     for tree in tokens {
         match tree {
-            TokenTree::Ident(ident) => {
-                if params.iter().any(|p| ident == **p) {
-                    used.insert(ident.to_string());
-                }
+            TokenTree::Ident(ident) if params.iter().any(|p| ident == **p) => {
+                used.insert(ident.to_string());
             }
             TokenTree::Group(group) => scan_tokens(group.stream(), params, used),
             _ => {}

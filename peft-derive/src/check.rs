@@ -29,7 +29,10 @@ fn check_fields(cx: &mut Ctxt, fields: &[Field], scope: &str) {
         }
         if let Some(skip) = attrs.skip {
             if attrs.output_head.is_some() {
-                cx.push(syn::Error::new(skip, "`skip` cannot be combined with `output_head`: the head must be visited"));
+                cx.push(syn::Error::new(
+                    skip,
+                    "`skip` cannot be combined with `output_head`: the head must be visited",
+                ));
             }
             if let Some(rename) = &attrs.rename {
                 cx.error_spanned_by(rename, "`rename` has no effect on a field marked `skip`");

@@ -110,10 +110,17 @@ fn struct_body(fields: &[Field], krate: &Path, mode: Mode) -> TokenStream {
 
 /// `{ a: __field0, 2: __field2, .. }` and one visiting call per bound field.
 fn destructure(fields: &[Field], krate: &Path, mode: Mode) -> (TokenStream, TokenStream) {
-    let visited: Vec<(usize, &Field)> = fields.iter().enumerate().filter(|(_, f)| f.attrs.skip.is_none()).collect();
+    let visited: Vec<(usize, &Field)> = fields
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.attrs.skip.is_none())
+        .collect();
     let bindings: Vec<Ident> = visited.iter().map(|(i, _)| format_ident!("__field{}", i)).collect();
     let members = visited.iter().map(|(_, f)| &f.member);
-    let calls = visited.iter().zip(&bindings).map(|((_, field), binding)| visit_call(field, binding, krate, mode));
+    let calls = visited
+        .iter()
+        .zip(&bindings)
+        .map(|((_, field), binding)| visit_call(field, binding, krate, mode));
     (quote!({ #(#members: #bindings,)* .. }), quote!(#(#calls)*))
 }
 
@@ -155,7 +162,11 @@ fn with_bounds(container: &Container, krate: &Path) -> Generics {
     let mut visited = BTreeSet::new();
     let mut heads = BTreeSet::new();
     for field in container.all_fields().filter(|f| f.attrs.skip.is_none()) {
-        let used = if field.attrs.output_head.is_some() { &mut heads } else { &mut visited };
+        let used = if field.attrs.output_head.is_some() {
+            &mut heads
+        } else {
+            &mut visited
+        };
         collect_params(field.ty, &params, used);
     }
     let predicates = generics.make_where_clause();
