@@ -298,3 +298,15 @@ fn an_optional_or_boxed_head_keeps_its_role() {
     };
     assert_eq!(paths(&tied), hidden(&["body"]));
 }
+
+#[test]
+fn unit_structs_and_empty_enums_derive() {
+    #[derive(Adaptable)]
+    struct Unit;
+    #[derive(Adaptable)]
+    #[allow(dead_code)]
+    enum Never {}
+    assert!(paths(&Unit).is_empty());
+    fn assert_adaptable<T: peft_core::Adaptable>() {}
+    assert_adaptable::<Never>();
+}

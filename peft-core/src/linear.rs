@@ -151,7 +151,7 @@ impl Linear {
     pub fn add_adapter(&mut self, name: &str, adapter: Box<dyn LinearAdapter>) -> Result<()> {
         if self.has_adapter(name) {
             return Err(PeftError::AdapterExists {
-                module: String::new(),
+                module: self.describe(),
                 adapter: name.to_owned(),
             });
         }
@@ -182,7 +182,7 @@ impl Linear {
         };
         if self.adapters[index].merged {
             return Err(PeftError::MergeState {
-                module: String::new(),
+                module: self.describe(),
                 reason: "cannot delete an adapter while it is merged; unmerge first",
             });
         }
@@ -323,6 +323,11 @@ impl Linear {
         }
         self.adapters.clear();
         self.adapters_enabled = true;
+    }
+
+    /// How a layer that does not know its path names itself in errors.
+    fn describe(&self) -> String {
+        format!("Linear({} -> {})", self.in_features(), self.out_features())
     }
 
     fn position(&self, name: &str) -> Option<usize> {

@@ -48,11 +48,16 @@ fn expand(container: &Container, krate: &Path) -> TokenStream {
                     quote!(Self::#ident #pattern => { #calls })
                 })
             };
-            let (shared, mutable) = (arms(Mode::Shared), arms(Mode::Mut));
-            (
-                quote!(match self { #(#shared,)* }),
-                quote!(match self { #(#mutable,)* }),
-            )
+            if variants.is_empty() {
+                // An uninhabited enum: `self` cannot exist.
+                (quote!(match *self {}), quote!(match *self {}))
+            } else {
+                let (shared, mutable) = (arms(Mode::Shared), arms(Mode::Mut));
+                (
+                    quote!(match self { #(#shared,)* }),
+                    quote!(match self { #(#mutable,)* }),
+                )
+            }
         }
     };
     impl_block(container.original, &generics, krate, body, body_mut)
