@@ -81,17 +81,61 @@ pub trait OutputHead {
     fn visit_head_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V);
 }
 
+/// One step down the module tree: a field name or an element index.
+#[derive(Clone, Copy)]
+enum Segment<'s> {
+    Name(&'s str),
+    Index(usize),
+}
+
+impl Segment<'_> {
+    fn push_onto(self, path: &mut ModulePath) {
+        match self {
+            Segment::Name(name) => path.push(name),
+            Segment::Index(index) => path.push_index(index),
+        }
+    }
+}
+
+/// Runs `body` with `segment` pushed on `path`, between the visitor's
+/// enter and exit hooks.
+fn scope<'a, V>(segment: Segment, path: &mut ModulePath, visitor: &mut V, body: impl FnOnce(&mut ModulePath, &mut V))
+where
+    V: Visitor<'a> + ?Sized,
+{
+    segment.push_onto(path);
+    visitor.enter_module(path);
+    body(path, visitor);
+    visitor.exit_module(path);
+    path.pop();
+}
+
+/// Mutable twin of [`scope`].
+fn scope_mut<'a, V>(
+    segment: Segment,
+    path: &mut ModulePath,
+    visitor: &mut V,
+    body: impl FnOnce(&mut ModulePath, &mut V),
+) where
+    V: VisitorMut<'a> + ?Sized,
+{
+    segment.push_onto(path);
+    visitor.enter_module(path);
+    body(path, visitor);
+    visitor.exit_module(path);
+    path.pop();
+}
+
 /// Visits `child` under the segment `segment`, calling the enter/exit hooks.
+/// Use it to implement [`Adaptable`] for a container of your own.
 pub fn visit_child<'a, T, V>(child: &'a T, segment: &str, path: &mut ModulePath, visitor: &mut V)
 where
     T: Adaptable + ?Sized,
     V: Visitor<'a> + ?Sized,
 {
-    path.push(segment);
-    visitor.enter_module(path);
-    child.visit(path, visitor);
-    visitor.exit_module(path);
-    path.pop();
+    scope(Segment::Name(segment), path, visitor, |path, visitor| {
+        child.visit(path, visitor)
+    });
 }
 
 /// Mutable twin of [`visit_child`].
@@ -100,11 +144,31 @@ where
     T: Adaptable + ?Sized,
     V: VisitorMut<'a> + ?Sized,
 {
-    path.push(segment);
-    visitor.enter_module(path);
-    child.visit_mut(path, visitor);
-    visitor.exit_module(path);
-    path.pop();
+    scope_mut(Segment::Name(segment), path, visitor, |path, visitor| {
+        child.visit_mut(path, visitor)
+    });
+}
+
+/// Visits the `#[output_head]` field `head` under `segment`.
+pub fn visit_head_child<'a, T, V>(head: &'a T, segment: &str, path: &mut ModulePath, visitor: &mut V)
+where
+    T: OutputHead + ?Sized,
+    V: Visitor<'a> + ?Sized,
+{
+    scope(Segment::Name(segment), path, visitor, |path, visitor| {
+        head.visit_head(path, visitor)
+    });
+}
+
+/// Mutable twin of [`visit_head_child`].
+pub fn visit_head_child_mut<'a, T, V>(head: &'a mut T, segment: &str, path: &mut ModulePath, visitor: &mut V)
+where
+    T: OutputHead + ?Sized,
+    V: VisitorMut<'a> + ?Sized,
+{
+    scope_mut(Segment::Name(segment), path, visitor, |path, visitor| {
+        head.visit_head_mut(path, visitor)
+    });
 }
 
 fn visit_elements<'a, T, V>(items: &'a [T], path: &mut ModulePath, visitor: &mut V)
@@ -113,11 +177,9 @@ where
     V: Visitor<'a> + ?Sized,
 {
     for (index, item) in items.iter().enumerate() {
-        path.push_index(index);
-        visitor.enter_module(path);
-        item.visit(path, visitor);
-        visitor.exit_module(path);
-        path.pop();
+        scope(Segment::Index(index), path, visitor, |path, visitor| {
+            item.visit(path, visitor)
+        });
     }
 }
 
@@ -127,43 +189,35 @@ where
     V: VisitorMut<'a> + ?Sized,
 {
     for (index, item) in items.iter_mut().enumerate() {
-        path.push_index(index);
-        visitor.enter_module(path);
-        item.visit_mut(path, visitor);
-        visitor.exit_module(path);
-        path.pop();
+        scope_mut(Segment::Index(index), path, visitor, |path, visitor| {
+            item.visit_mut(path, visitor)
+        });
     }
 }
 
 // ---- containers -----------------------------------------------------------
 
-/// Elements are numbered like `nn.ModuleList`: `layers.0`, `layers.1`, ...
-impl<T: Adaptable> Adaptable for Vec<T> {
-    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
-        visit_elements(self, path, visitor);
-    }
-    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
-        visit_elements_mut(self, path, visitor);
-    }
+macro_rules! impl_sequence {
+    ($([$($generics:tt)*] $ty:ty),* $(,)?) => {
+        $(
+            /// Elements are numbered like `nn.ModuleList`: `layers.0`, `layers.1`, ...
+            impl<$($generics)*> Adaptable for $ty {
+                fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+                    visit_elements(self, path, visitor);
+                }
+                fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+                    visit_elements_mut(self, path, visitor);
+                }
+            }
+        )*
+    };
 }
 
-impl<T: Adaptable> Adaptable for [T] {
-    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
-        visit_elements(self, path, visitor);
-    }
-    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
-        visit_elements_mut(self, path, visitor);
-    }
-}
-
-impl<T: Adaptable, const N: usize> Adaptable for [T; N] {
-    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
-        visit_elements(self, path, visitor);
-    }
-    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
-        visit_elements_mut(self, path, visitor);
-    }
-}
+impl_sequence!(
+    [T: Adaptable] Vec<T>,
+    [T: Adaptable] [T],
+    [T: Adaptable, const N: usize] [T; N],
+);
 
 /// `None` holds nothing; `Some` adds no path segment.
 impl<T: Adaptable> Adaptable for Option<T> {

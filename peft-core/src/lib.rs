@@ -74,95 +74,9 @@ pub mod prelude {
 /// Used by the code `#[derive(Adaptable)]` generates; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::adaptable::{Adaptable, OutputHead, Visitor, VisitorMut};
+    pub use crate::adaptable::{
+        visit_child, visit_child_mut, visit_head_child, visit_head_child_mut, Adaptable, OutputHead, Visitor,
+        VisitorMut,
+    };
     pub use crate::path::ModulePath;
-
-    /// Visits a field under its segment; called at the field's span so that
-    /// a missing `Adaptable` impl is reported on the field.
-    #[inline]
-    pub fn field<'a, T, V>(field: &'a T, segment: &str, path: &mut ModulePath, visitor: &mut V)
-    where
-        T: Adaptable + ?Sized,
-        V: Visitor<'a> + ?Sized,
-    {
-        crate::adaptable::visit_child(field, segment, path, visitor);
-    }
-
-    /// Mutable twin of [`field`].
-    #[inline]
-    pub fn field_mut<'a, T, V>(field: &'a mut T, segment: &str, path: &mut ModulePath, visitor: &mut V)
-    where
-        T: Adaptable + ?Sized,
-        V: VisitorMut<'a> + ?Sized,
-    {
-        crate::adaptable::visit_child_mut(field, segment, path, visitor);
-    }
-
-    /// Visits a field that adds no segment (a newtype enum variant).
-    #[inline]
-    pub fn inline<'a, T, V>(field: &'a T, path: &mut ModulePath, visitor: &mut V)
-    where
-        T: Adaptable + ?Sized,
-        V: Visitor<'a> + ?Sized,
-    {
-        field.visit(path, visitor);
-    }
-
-    /// Mutable twin of [`inline`].
-    #[inline]
-    pub fn inline_mut<'a, T, V>(field: &'a mut T, path: &mut ModulePath, visitor: &mut V)
-    where
-        T: Adaptable + ?Sized,
-        V: VisitorMut<'a> + ?Sized,
-    {
-        field.visit_mut(path, visitor);
-    }
-
-    /// Visits the `#[output_head]` field.
-    #[inline]
-    pub fn output_head<'a, T, V>(field: &'a T, segment: &str, path: &mut ModulePath, visitor: &mut V)
-    where
-        T: OutputHead + ?Sized,
-        V: Visitor<'a> + ?Sized,
-    {
-        path.push(segment);
-        visitor.enter_module(path);
-        field.visit_head(path, visitor);
-        visitor.exit_module(path);
-        path.pop();
-    }
-
-    /// Visits an `#[output_head]` field that adds no segment.
-    #[inline]
-    pub fn output_head_inline<'a, T, V>(field: &'a T, path: &mut ModulePath, visitor: &mut V)
-    where
-        T: OutputHead + ?Sized,
-        V: Visitor<'a> + ?Sized,
-    {
-        field.visit_head(path, visitor);
-    }
-
-    /// Mutable twin of [`output_head_inline`].
-    #[inline]
-    pub fn output_head_inline_mut<'a, T, V>(field: &'a mut T, path: &mut ModulePath, visitor: &mut V)
-    where
-        T: OutputHead + ?Sized,
-        V: VisitorMut<'a> + ?Sized,
-    {
-        field.visit_head_mut(path, visitor);
-    }
-
-    /// Mutable twin of [`output_head`].
-    #[inline]
-    pub fn output_head_mut<'a, T, V>(field: &'a mut T, segment: &str, path: &mut ModulePath, visitor: &mut V)
-    where
-        T: OutputHead + ?Sized,
-        V: VisitorMut<'a> + ?Sized,
-    {
-        path.push(segment);
-        visitor.enter_module(path);
-        field.visit_head_mut(path, visitor);
-        visitor.exit_module(path);
-        path.pop();
-    }
 }

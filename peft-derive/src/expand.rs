@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use proc_macro2::{Ident, Span, TokenStream};
+use proc_macro2::{Ident, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::{parse_quote, spanned::Spanned, DeriveInput, Generics, Path, WherePredicate};
 
@@ -133,26 +133,31 @@ fn destructure(fields: &[Field], krate: &Path, mode: Mode) -> (TokenStream, Toke
 /// missing `Adaptable` (or `OutputHead`) impl is reported on the field.
 fn visit_call(field: &Field, binding: &Ident, krate: &Path, mode: Mode) -> TokenStream {
     let ty = field.ty;
-    let span = ty.span();
+    let private = quote!(#krate::__private);
     let head = field.attrs.output_head.is_some();
-    let helper = match (head, &field.segment, mode) {
-        (false, Segment::Named(_), Mode::Shared) => "field",
-        (false, Segment::Named(_), Mode::Mut) => "field_mut",
-        (false, Segment::Inline, Mode::Shared) => "inline",
-        (false, Segment::Inline, Mode::Mut) => "inline_mut",
-        (true, Segment::Named(_), Mode::Shared) => "output_head",
-        (true, Segment::Named(_), Mode::Mut) => "output_head_mut",
-        (true, Segment::Inline, Mode::Shared) => "output_head_inline",
-        (true, Segment::Inline, Mode::Mut) => "output_head_inline_mut",
-    };
-    let helper = Ident::new(helper, Span::call_site());
     match &field.segment {
-        Segment::Named(segment) => quote_spanned! {span=>
-            #krate::__private::#helper::<#ty, __V>(#binding, #segment, __path, __visitor);
-        },
-        Segment::Inline => quote_spanned! {span=>
-            #krate::__private::#helper::<#ty, __V>(#binding, __path, __visitor);
-        },
+        Segment::Named(segment) => {
+            let helper = match (head, mode) {
+                (false, Mode::Shared) => quote!(visit_child),
+                (false, Mode::Mut) => quote!(visit_child_mut),
+                (true, Mode::Shared) => quote!(visit_head_child),
+                (true, Mode::Mut) => quote!(visit_head_child_mut),
+            };
+            quote_spanned! {ty.span()=>
+                #private::#helper::<#ty, __V>(#binding, #segment, __path, __visitor);
+            }
+        }
+        Segment::Inline => {
+            let (trait_, method) = match (head, mode) {
+                (false, Mode::Shared) => (quote!(Adaptable), quote!(visit)),
+                (false, Mode::Mut) => (quote!(Adaptable), quote!(visit_mut)),
+                (true, Mode::Shared) => (quote!(OutputHead), quote!(visit_head)),
+                (true, Mode::Mut) => (quote!(OutputHead), quote!(visit_head_mut)),
+            };
+            quote_spanned! {ty.span()=>
+                <#ty as #private::#trait_>::#method(#binding, __path, __visitor);
+            }
+        }
     }
 }
 
