@@ -56,8 +56,8 @@ pub trait VisitorMut<'a> {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an adaptable module",
     label = "`{Self}` does not implement `Adaptable`",
-    note = "add `#[derive(Adaptable)]` to `{Self}`, or mark this field `#[adapt(skip)]` if it holds no layer to adapt",
-    note = "a `candle_nn::Linear` field must become `peft_core::Linear` (a drop-in) to be adapted"
+    note = "if `{Self}` is your type, add `#[derive(Adaptable)]` to it; otherwise mark this field `#[adapt(skip)]` if it holds no layer to adapt",
+    note = "a `candle_nn::Linear` cannot be adapted: use `peft_core::Linear`, its drop-in"
 )]
 pub trait Adaptable {
     /// Reports every layer and frozen tensor under `self` to `visitor`, with
@@ -133,9 +133,7 @@ where
     T: Adaptable + ?Sized,
     V: Visitor<'a> + ?Sized,
 {
-    scope(Segment::Name(segment), path, visitor, |path, visitor| {
-        child.visit(path, visitor)
-    });
+    visit_child_with(child, segment, path, visitor, T::visit);
 }
 
 /// Mutable twin of [`visit_child`].
@@ -144,30 +142,40 @@ where
     T: Adaptable + ?Sized,
     V: VisitorMut<'a> + ?Sized,
 {
-    scope_mut(Segment::Name(segment), path, visitor, |path, visitor| {
-        child.visit_mut(path, visitor)
-    });
+    visit_child_with_mut(child, segment, path, visitor, T::visit_mut);
 }
 
-/// Visits the `#[output_head]` field `head` under `segment`.
-pub fn visit_head_child<'a, T, V>(head: &'a T, segment: &str, path: &mut ModulePath, visitor: &mut V)
-where
-    T: OutputHead + ?Sized,
+/// [`visit_child`] with the visiting function given: `Adaptable::visit`, or
+/// `OutputHead::visit_head` for the head. The derive names the trait method
+/// at the field's span, so a missing impl is reported once, on the field.
+pub fn visit_child_with<'a, T, V>(
+    child: &'a T,
+    segment: &str,
+    path: &mut ModulePath,
+    visitor: &mut V,
+    visit: impl FnOnce(&'a T, &mut ModulePath, &mut V),
+) where
+    T: ?Sized,
     V: Visitor<'a> + ?Sized,
 {
     scope(Segment::Name(segment), path, visitor, |path, visitor| {
-        head.visit_head(path, visitor)
+        visit(child, path, visitor)
     });
 }
 
-/// Mutable twin of [`visit_head_child`].
-pub fn visit_head_child_mut<'a, T, V>(head: &'a mut T, segment: &str, path: &mut ModulePath, visitor: &mut V)
-where
-    T: OutputHead + ?Sized,
+/// Mutable twin of [`visit_child_with`].
+pub fn visit_child_with_mut<'a, T, V>(
+    child: &'a mut T,
+    segment: &str,
+    path: &mut ModulePath,
+    visitor: &mut V,
+    visit: impl FnOnce(&'a mut T, &mut ModulePath, &mut V),
+) where
+    T: ?Sized,
     V: VisitorMut<'a> + ?Sized,
 {
     scope_mut(Segment::Name(segment), path, visitor, |path, visitor| {
-        head.visit_head_mut(path, visitor)
+        visit(child, path, visitor)
     });
 }
 

@@ -47,7 +47,10 @@ mod model;
 mod path;
 mod targets;
 
-pub use adaptable::{visit_child, visit_child_mut, Adaptable, OutputHead, Role, Visitor, VisitorMut};
+pub use adaptable::{
+    visit_child, visit_child_mut, visit_child_with, visit_child_with_mut, Adaptable, OutputHead, Role, Visitor,
+    VisitorMut,
+};
 pub use adapter::{ForwardContext, LinearAdapter, LinearWeights};
 pub use config::AdapterConfig;
 pub use error::{PeftError, Result};
@@ -74,9 +77,6 @@ pub mod prelude {
 /// Used by the code `#[derive(Adaptable)]` generates; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::adaptable::{
-        visit_child, visit_child_mut, visit_head_child, visit_head_child_mut, Adaptable, OutputHead, Visitor,
-        VisitorMut,
-    };
+    pub use crate::adaptable::{visit_child_with, visit_child_with_mut, Adaptable, OutputHead, Visitor, VisitorMut};
     pub use crate::path::ModulePath;
 }

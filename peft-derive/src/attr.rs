@@ -1,7 +1,7 @@
 //! Parsing of `#[adapt(...)]` and `#[output_head]`.
 
 use proc_macro2::Span;
-use syn::{spanned::Spanned, Attribute, LitStr, Meta};
+use syn::{meta::ParseNestedMeta, spanned::Spanned, Attribute, LitStr, Meta, Token};
 
 use crate::ctxt::Ctxt;
 
@@ -44,23 +44,28 @@ impl FieldAttrs {
             let result = attr.parse_nested_meta(|meta| {
                 let key = meta.path.clone();
                 if key.is_ident("output_head") {
+                    no_value(&meta, "output_head")?;
                     set_flag(cx, &mut out.output_head, key.span(), "output_head");
                 } else if key.is_ident("skip") {
+                    no_value(&meta, "skip")?;
                     set_flag(cx, &mut out.skip, key.span(), "skip");
                 } else if key.is_ident("rename") {
+                    if !meta.input.peek(Token![=]) {
+                        return Err(meta.error("expected `rename = \"...\"`"));
+                    }
                     let value: LitStr = meta.value()?.parse()?;
                     if value.value().is_empty() {
                         cx.error_spanned_by(&value, "`rename` needs a non-empty path segment");
                     }
                     if out.rename.is_some() {
-                        cx.error_spanned_by(&key, "duplicate `adapt` attribute key `rename`");
+                        cx.error_spanned_by(&key, "duplicate attribute `rename` on this field");
                     } else {
                         out.rename = Some(value);
                     }
                 } else {
-                    let name = key.get_ident().map_or_else(|| "?".to_owned(), ToString::to_string);
                     return Err(meta.error(format_args!(
-                        "unknown `adapt` attribute key `{name}` on a field; expected `output_head`, `skip` or `rename = \"...\"`"
+                        "unknown `adapt` attribute key `{}` on a field; expected `output_head`, `skip` or `rename = \"...\"`",
+                        path_text(&key)
                     )));
                 }
                 Ok(())
@@ -89,18 +94,15 @@ impl ContainerAttrs {
                     let value: LitStr = meta.value()?.parse()?;
                     let path: syn::Path = value.parse()?;
                     if out.krate.is_some() {
-                        cx.error_spanned_by(&meta.path, "duplicate `adapt` attribute key `crate`");
+                        cx.error_spanned_by(&meta.path, "duplicate attribute `crate` on this type");
                     } else {
                         out.krate = Some(path);
                     }
                     Ok(())
                 } else {
-                    let name = meta
-                        .path
-                        .get_ident()
-                        .map_or_else(|| "?".to_owned(), ToString::to_string);
                     Err(meta.error(format_args!(
-                        "unknown `adapt` attribute key `{name}` on a type; expected `crate = \"...\"`"
+                        "unknown `adapt` attribute key `{}` on a type; expected `crate = \"...\"`",
+                        path_text(&meta.path)
                     )))
                 }
             });
@@ -110,6 +112,23 @@ impl ContainerAttrs {
         }
         out
     }
+}
+
+/// A flag is written bare: `skip`, not `skip = true` or `skip(...)`.
+fn no_value(meta: &ParseNestedMeta, name: &str) -> syn::Result<()> {
+    if meta.input.peek(Token![=]) || meta.input.peek(syn::token::Paren) {
+        return Err(meta.error(format_args!("`{name}` takes no value; write `#[adapt({name})]`")));
+    }
+    Ok(())
+}
+
+/// `serde::skip` as written, for error messages.
+fn path_text(path: &syn::Path) -> String {
+    path.segments
+        .iter()
+        .map(|s| s.ident.to_string())
+        .collect::<Vec<_>>()
+        .join("::")
 }
 
 fn set_flag(cx: &mut Ctxt, flag: &mut Flag, span: Span, name: &str) {

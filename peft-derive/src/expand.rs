@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use proc_macro2::{Ident, TokenStream};
+use proc_macro2::{Group, Ident, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 use syn::{parse_quote, spanned::Spanned, DeriveInput, Generics, Path, WherePredicate};
 
@@ -129,36 +129,55 @@ fn destructure(fields: &[Field], krate: &Path, mode: Mode) -> (TokenStream, Toke
     (quote!({ #(#members: #bindings,)* .. }), quote!(#(#calls)*))
 }
 
-/// The call that visits one field, at the span of the field's type so that a
-/// missing `Adaptable` (or `OutputHead`) impl is reported on the field.
+/// The call that visits one field. The trait method is named as
+/// `<Type as Trait>::method` at the span of the field's type, so a missing
+/// `Adaptable` (or `OutputHead`) impl is reported once, on the field.
 fn visit_call(field: &Field, binding: &Ident, krate: &Path, mode: Mode) -> TokenStream {
     let ty = field.ty;
-    let private = quote!(#krate::__private);
+    let span = ty.span();
+    // Every token at the field's span: an obligation whose tokens mix spans
+    // would be reported a second time at the derive attribute.
+    let private = respan(quote!(#krate::__private), span);
     let head = field.attrs.output_head.is_some();
-    match &field.segment {
-        Segment::Named(segment) => {
-            let helper = match (head, mode) {
-                (false, Mode::Shared) => quote!(visit_child),
-                (false, Mode::Mut) => quote!(visit_child_mut),
-                (true, Mode::Shared) => quote!(visit_head_child),
-                (true, Mode::Mut) => quote!(visit_head_child_mut),
-            };
-            quote_spanned! {ty.span()=>
-                #private::#helper::<#ty, __V>(#binding, #segment, __path, __visitor);
-            }
+    let (trait_, method) = match (head, mode) {
+        (false, Mode::Shared) => (quote!(Adaptable), quote!(visit)),
+        (false, Mode::Mut) => (quote!(Adaptable), quote!(visit_mut)),
+        (true, Mode::Shared) => (quote!(OutputHead), quote!(visit_head)),
+        (true, Mode::Mut) => (quote!(OutputHead), quote!(visit_head_mut)),
+    };
+    // A closure rather than the method as a fn item: passing the fn item
+    // would raise the same obligation a second time.
+    let visit = quote_spanned! {span=>
+        |__child, __path, __visitor| <#ty as #private::#trait_>::#method(__child, __path, __visitor)
+    };
+    match (&field.segment, mode) {
+        (Segment::Named(segment), Mode::Shared) => {
+            quote_spanned!(span=> #private::visit_child_with(#binding, #segment, __path, __visitor, #visit);)
         }
-        Segment::Inline => {
-            let (trait_, method) = match (head, mode) {
-                (false, Mode::Shared) => (quote!(Adaptable), quote!(visit)),
-                (false, Mode::Mut) => (quote!(Adaptable), quote!(visit_mut)),
-                (true, Mode::Shared) => (quote!(OutputHead), quote!(visit_head)),
-                (true, Mode::Mut) => (quote!(OutputHead), quote!(visit_head_mut)),
-            };
-            quote_spanned! {ty.span()=>
-                <#ty as #private::#trait_>::#method(#binding, __path, __visitor);
-            }
+        (Segment::Named(segment), Mode::Mut) => {
+            quote_spanned!(span=> #private::visit_child_with_mut(#binding, #segment, __path, __visitor, #visit);)
+        }
+        (Segment::Inline, _) => {
+            quote_spanned!(span=> <#ty as #private::#trait_>::#method(#binding, __path, __visitor);)
         }
     }
+}
+
+/// `tokens` with every span, nested groups included, set to `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tree| {
+            if let TokenTree::Group(group) = &tree {
+                let mut respanned = Group::new(group.delimiter(), respan(group.stream(), span));
+                respanned.set_span(span);
+                tree = TokenTree::Group(respanned);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }
 
 /// The input's generics plus `T: Adaptable` for each type parameter used by a
