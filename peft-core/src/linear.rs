@@ -360,7 +360,7 @@ impl Module for Linear {
     }
 }
 
-/// Creates or loads a linear layer with bias, as [`candle_nn::linear`] does
+/// Creates or loads a linear layer with bias, as [`candle_nn::linear()`] does
 /// (tensors `weight` `[out, in]` and `bias` `[out]`).
 pub fn linear(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> CandleResult<Linear> {
     candle_nn::linear(in_dim, out_dim, vb).map(Linear::from)

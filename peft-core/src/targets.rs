@@ -19,7 +19,7 @@ use crate::adaptable::Role;
 use crate::error::{PeftError, Result};
 
 /// A set of target layers. Build it with [`all_linear`], [`modules`] or
-/// [`regex`], then narrow it with [`exclude`](Self::exclude),
+/// [`regex()`], then narrow it with [`exclude`](Self::exclude),
 /// [`exclude_regex`](Self::exclude_regex) and [`layers`](Self::layers).
 #[derive(Debug, Clone)]
 pub struct Targets {

@@ -2,10 +2,10 @@
 //! re-exports it.
 //!
 //! The derive runs in stages, as serde_derive does:
-//! [`attr`] parses `#[adapt(...)]` and `#[output_head]`, [`ast`] builds a model
-//! of the input that borrows from it, [`check`] applies the rules that span
-//! several fields, and [`expand`] writes the impl. Errors from every stage are
-//! collected in a [`ctxt::Ctxt`] and reported together, beside a stub impl so
+//! `attr` parses `#[adapt(...)]` and `#[output_head]`, `ast` builds a model
+//! of the input that borrows from it, `check` applies the rules that span
+//! several fields, and `expand` writes the impl. Errors from every stage are
+//! collected in a `ctxt::Ctxt` and reported together, beside a stub impl so
 //! that one mistake gives one message.
 
 extern crate proc_macro;
