@@ -24,4 +24,12 @@ pub trait AdapterConfig {
 
     /// A fresh adapter for the linear layer at `module`, on its device and dtype.
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>>;
+
+    /// The fields of PEFT's `adapter_config.json` for this config, except
+    /// `target_modules`, which saving fills with the adapted modules.
+    fn to_peft_config(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut fields = serde_json::Map::new();
+        fields.insert("peft_type".into(), self.peft_type().into());
+        fields
+    }
 }

@@ -69,6 +69,75 @@ pub enum PeftError {
         /// Why the operation was refused.
         reason: &'static str,
     },
+    /// A file or folder could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `adapter_config.json` is not valid JSON or has a field of the wrong type.
+    #[error("{path}: malformed adapter config: {source}")]
+    Json {
+        /// The config file.
+        path: std::path::PathBuf,
+        /// serde_json's diagnosis, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `adapter_model.safetensors` could not be parsed or written.
+    #[error("{path}: {message}")]
+    Safetensors {
+        /// The tensor file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The config names an adapter kind this crate does not implement.
+    #[error("unsupported peft_type `{found}` (supported: {supported})")]
+    UnsupportedPeftType {
+        /// `peft_type` as found in the config.
+        found: String,
+        /// The kinds this crate can load, comma separated.
+        supported: String,
+    },
+    /// The config sets an option this crate does not implement yet; loading
+    /// it anyway would give different outputs than PEFT.
+    #[error("unsupported adapter option `{field}` = {value}: {reason}")]
+    UnsupportedOption {
+        /// The config field.
+        field: String,
+        /// Its value, as JSON.
+        value: String,
+        /// Why it cannot be honoured.
+        reason: &'static str,
+    },
+    /// A targeted module has no tensor in the adapter file.
+    #[error("module `{module}` is targeted but the adapter file has no tensor `{key}`")]
+    MissingTensor {
+        /// Dotted path of the module.
+        module: String,
+        /// The key that was looked for.
+        key: String,
+    },
+    /// The adapter file holds tensors that belong to no targeted module.
+    #[error("the adapter file has {} tensor(s) that match no targeted module: {}", keys.len(), keys.join(", "))]
+    UnexpectedTensors {
+        /// Their keys, sorted.
+        keys: Vec<String>,
+    },
+    /// A tensor in the adapter file has the wrong shape for its module.
+    #[error("tensor `{key}`: expected shape {expected:?}, found {found:?}")]
+    ShapeMismatch {
+        /// The tensor's key in the file.
+        key: String,
+        /// The shape the module needs.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
     /// A tensor operation failed inside a module.
     #[error("module `{module}`: {source}")]
     Module {

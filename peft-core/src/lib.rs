@@ -41,6 +41,7 @@ mod adaptable;
 mod adapter;
 mod config;
 mod error;
+mod io;
 mod linear;
 mod lora;
 mod model;
@@ -54,7 +55,8 @@ pub use adaptable::{
 pub use adapter::{ForwardContext, LinearAdapter, LinearWeights};
 pub use config::AdapterConfig;
 pub use error::{PeftError, Result};
-pub use linear::{linear, linear_b, linear_no_bias, Linear};
+pub use io::{adapter_dir, CONFIG_FILE, WEIGHTS_FILE};
+pub use linear::{linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Linear};
 pub use lora::{LoraAdapter, LoraConfig, LoraInit};
 pub use model::{LayerMut, LayerRef, ParameterCount, PeftModel, DEFAULT_ADAPTER};
 pub use path::ModulePath;

@@ -16,6 +16,8 @@
 //! # }
 //! ```
 
+use std::sync::Arc;
+
 use candle_core::{Module, Result as CandleResult, Tensor, Var};
 
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
@@ -33,7 +35,13 @@ pub struct Linear {
     adapters: Vec<AttachedAdapter>,
     adapters_enabled: bool,
     training: bool,
+    /// The checkpoint stored this weight `[in, out]` (GPT-2's `Conv1D`).
+    fan_in_fan_out: bool,
 }
+
+/// PEFT's `adapter_config.json` fields of the config an adapter was made
+/// from, shared by every layer that adapter sits on.
+pub(crate) type SavedConfig = Arc<serde_json::Map<String, serde_json::Value>>;
 
 #[derive(Debug, Clone)]
 struct AttachedAdapter {
@@ -41,6 +49,7 @@ struct AttachedAdapter {
     adapter: Box<dyn LinearAdapter>,
     active: bool,
     merged: bool,
+    config: Option<SavedConfig>,
 }
 
 /// A new base for the layer, and which adapters are merged into it.
@@ -53,6 +62,22 @@ impl Linear {
     /// A layer with `weight` `[out, in]` and an optional `bias` `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         candle_nn::Linear::new(weight, bias).into()
+    }
+
+    /// A layer from a checkpoint that stores the weight `[in, out]`, as
+    /// GPT-2's `Conv1D` does (PEFT's `fan_in_fan_out`). The weight is
+    /// transposed once, here, so the forward pass and every adapter work as
+    /// for any linear layer; the layer remembers the layout so that a saved
+    /// adapter config says `fan_in_fan_out: true`, as PEFT's does.
+    pub fn from_fan_in_fan_out(weight_in_out: Tensor, bias: Option<Tensor>) -> CandleResult<Self> {
+        let mut layer = Self::new(weight_in_out.t()?.contiguous()?, bias);
+        layer.fan_in_fan_out = true;
+        Ok(layer)
+    }
+
+    /// Whether the checkpoint stored this weight `[in, out]`.
+    pub fn is_fan_in_fan_out(&self) -> bool {
+        self.fan_in_fan_out
     }
 
     /// The base weight `[out, in]` (with merged adapters folded in).
@@ -155,13 +180,13 @@ impl Linear {
                 adapter: name.to_owned(),
             });
         }
-        self.insert_adapter(name, adapter);
+        self.insert_adapter(name, adapter, None);
         Ok(())
     }
 
     /// Infallible part of [`add_adapter`](Self::add_adapter), for callers that
     /// checked the name already.
-    pub(crate) fn insert_adapter(&mut self, name: &str, adapter: Box<dyn LinearAdapter>) {
+    pub(crate) fn insert_adapter(&mut self, name: &str, adapter: Box<dyn LinearAdapter>, config: Option<SavedConfig>) {
         if self.adapters.is_empty() {
             let weight = self.base.weight().detach();
             let bias = self.base.bias().map(Tensor::detach);
@@ -172,7 +197,13 @@ impl Linear {
             adapter,
             active: true,
             merged: false,
+            config,
         });
+    }
+
+    /// The saved-config fields of the adapter `name`, if it was added from a config.
+    pub(crate) fn adapter_config(&self, name: &str) -> Option<&SavedConfig> {
+        self.position(name).and_then(|i| self.adapters[i].config.as_ref())
     }
 
     /// Detaches and returns the adapter `name`; refused while it is merged.
@@ -350,6 +381,7 @@ impl From<candle_nn::Linear> for Linear {
             adapters: Vec::new(),
             adapters_enabled: true,
             training: false,
+            fan_in_fan_out: false,
         }
     }
 }
@@ -369,6 +401,15 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Candl
 /// Creates or loads a linear layer without bias, as [`candle_nn::linear_no_bias`] does.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> CandleResult<Linear> {
     candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear::from)
+}
+
+/// Loads a layer whose checkpoint stores the weight `[in, out]` (GPT-2's
+/// `Conv1D`: tensors `weight` `[in, out]` and `bias` `[out]`); see
+/// [`Linear::from_fan_in_fan_out`].
+pub fn linear_fan_in_fan_out(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> CandleResult<Linear> {
+    let weight = vb.get((in_dim, out_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    Linear::from_fan_in_fan_out(weight, Some(bias))
 }
 
 /// [`linear`] or [`linear_no_bias`] depending on `bias`, as [`candle_nn::linear_b`] does.

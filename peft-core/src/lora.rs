@@ -22,6 +22,7 @@
 //! ```
 
 use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, Var};
+use regex::Regex;
 
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
@@ -54,7 +55,7 @@ pub enum LoraInit {
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
     /// Which layers to adapt (PEFT's `target_modules`, `exclude_modules`,
-    /// `layers_to_transform`). Default: [`all_linear()`].
+    /// `layers_to_transform`, `layers_pattern`). Default: [`all_linear()`].
     pub target_modules: Targets,
     /// Rank `r` (default 8).
     pub r: usize,
@@ -66,6 +67,22 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// How `A` and `B` start.
     pub init_lora_weights: LoraInit,
+    /// Per-module ranks: the first entry whose regex matches a dotted suffix
+    /// of the module path gives its `r` (PEFT's `rank_pattern`, in order).
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Per-module alphas, matched as `rank_pattern` (PEFT's `alpha_pattern`).
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// PEFT's `fan_in_fan_out`: the targeted layers came from checkpoints that
+    /// store weights `[in, out]` (GPT-2's `Conv1D`). The `Linear` slot always
+    /// holds `[out, in]` (transpose at load, see [`Linear::from_fan_in_fan_out`]),
+    /// so this only records the layout for the saved config.
+    pub fan_in_fan_out: bool,
+    /// PEFT's `task_type` (`"CAUSAL_LM"`, ...), saved as given.
+    pub task_type: Option<String>,
+    /// PEFT's `base_model_name_or_path`, saved as given.
+    pub base_model_name_or_path: Option<String>,
+    /// PEFT's `revision`, saved as given.
+    pub revision: Option<String>,
 }
 
 impl Default for LoraConfig {
@@ -83,6 +100,12 @@ impl From<Targets> for LoraConfig {
             lora_dropout: 0.0,
             use_rslora: false,
             init_lora_weights: LoraInit::Default,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            fan_in_fan_out: false,
+            task_type: None,
+            base_model_name_or_path: None,
+            revision: None,
         }
     }
 }
@@ -113,30 +136,59 @@ impl LoraConfig {
         self.init_lora_weights = init;
         self
     }
-    /// Sets the targets.
-    pub fn targets(mut self, targets: Targets) -> Self {
+    /// Sets the targets (`target_modules` and the filters that go with it).
+    pub fn target_modules(mut self, targets: Targets) -> Self {
         self.target_modules = targets;
         self
     }
+    /// Adds a `rank_pattern` entry: modules matching `pattern` get rank `r`.
+    pub fn rank_for(mut self, pattern: &str, r: usize) -> Self {
+        self.rank_pattern.push((pattern.to_owned(), r));
+        self
+    }
+    /// Adds an `alpha_pattern` entry: modules matching `pattern` get `alpha`.
+    pub fn alpha_for(mut self, pattern: &str, alpha: f64) -> Self {
+        self.alpha_pattern.push((pattern.to_owned(), alpha));
+        self
+    }
+    /// Sets `fan_in_fan_out`.
+    pub fn fan_in_fan_out(mut self, on: bool) -> Self {
+        self.fan_in_fan_out = on;
+        self
+    }
+    /// Sets `task_type`.
+    pub fn task_type(mut self, task_type: &str) -> Self {
+        self.task_type = Some(task_type.to_owned());
+        self
+    }
+    /// Sets `base_model_name_or_path`.
+    pub fn base_model(mut self, name_or_path: &str) -> Self {
+        self.base_model_name_or_path = Some(name_or_path.to_owned());
+        self
+    }
 
-    /// The factor `s` applied to `B(A(x))`.
+    /// The factor `s` applied to `B(A(x))`, for the global `r` and `lora_alpha`.
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
-        } else {
-            self.lora_alpha / self.r as f64
-        }
+        scaling(self.lora_alpha, self.r, self.use_rslora)
+    }
+
+    /// `r` and `lora_alpha` for the module at `path`, after `rank_pattern`
+    /// and `alpha_pattern`.
+    pub fn rank_and_alpha(&self, path: &str) -> Result<(usize, f64)> {
+        let r = pattern_value(&self.rank_pattern, path)?.unwrap_or(self.r);
+        let alpha = pattern_value(&self.alpha_pattern, path)?.unwrap_or(self.lora_alpha);
+        Ok((r, alpha))
     }
 
     /// Fresh `A` `[r, in]` and `B` `[out, r]` for a layer, per `init_lora_weights`.
     fn init_vars(
         &self,
+        r: usize,
         in_features: usize,
         out_features: usize,
         dtype: DType,
         device: &Device,
     ) -> CandleResult<(Var, Var)> {
-        let r = self.r;
         let uniform = |fan_in: usize, shape: (usize, usize)| {
             let bound = 1.0 / (fan_in as f64).sqrt();
             Var::rand_f64(-bound, bound, shape, dtype, device)
@@ -153,6 +205,30 @@ impl LoraConfig {
     }
 }
 
+/// `alpha / r`, or `alpha / √r` with rsLoRA.
+fn scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
+}
+
+/// The value of the first `(pattern, value)` whose regex matches a dotted
+/// suffix of `path`, as PEFT's `get_pattern_key` picks it.
+fn pattern_value<T: Copy>(patterns: &[(String, T)], path: &str) -> Result<Option<T>> {
+    for (pattern, value) in patterns {
+        let regex = Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|source| PeftError::InvalidRegex {
+            pattern: pattern.clone(),
+            source,
+        })?;
+        if regex.is_match(path) {
+            return Ok(Some(*value));
+        }
+    }
+    Ok(None)
+}
+
 impl AdapterConfig for LoraConfig {
     fn peft_type(&self) -> &'static str {
         "LORA"
@@ -164,27 +240,43 @@ impl AdapterConfig for LoraConfig {
 
     fn validate(&self) -> Result<()> {
         let invalid = |field, value: String, reason| Err(PeftError::InvalidConfig { field, value, reason });
-        if self.r == 0 {
-            return invalid("r", "0".into(), "the rank must be at least 1");
+        let ranks = std::iter::once(self.r).chain(self.rank_pattern.iter().map(|(_, r)| *r));
+        if let Some(r) = ranks.into_iter().find(|&r| r == 0) {
+            return invalid("r", r.to_string(), "the rank must be at least 1");
         }
-        if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
-            return invalid("lora_alpha", self.lora_alpha.to_string(), "must be a finite number > 0");
+        let alphas = std::iter::once(self.lora_alpha).chain(self.alpha_pattern.iter().map(|(_, a)| *a));
+        if let Some(alpha) = alphas.into_iter().find(|a| !(*a > 0.0 && a.is_finite())) {
+            return invalid("lora_alpha", alpha.to_string(), "must be a finite number > 0");
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return invalid("lora_dropout", self.lora_dropout.to_string(), "must lie in [0, 1)");
         }
+        // Compile every pattern once, so a bad one is reported before any layer changes.
+        pattern_value(&self.rank_pattern, "")?;
+        pattern_value(&self.alpha_pattern, "")?;
         self.target_modules.validate()
     }
 
-    fn linear_adapter(&self, _module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
+    fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
+        let (r, alpha) = self.rank_and_alpha(module).map_err(candle_core::Error::wrap)?;
         let weight = layer.weight();
         let (a, b) = self.init_vars(
+            r,
             layer.in_features(),
             layer.out_features(),
             weight.dtype(),
             weight.device(),
         )?;
-        Ok(Box::new(LoraAdapter::new(a, b, self.scaling(), self.lora_dropout)?))
+        Ok(Box::new(LoraAdapter::new(
+            a,
+            b,
+            scaling(alpha, r, self.use_rslora),
+            self.lora_dropout,
+        )?))
+    }
+
+    fn to_peft_config(&self) -> serde_json::Map<String, serde_json::Value> {
+        crate::io::lora_config_json(self)
     }
 }
 

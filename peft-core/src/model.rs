@@ -145,6 +145,36 @@ pub trait PeftModel: Adaptable {
         self.add_adapter(DEFAULT_ADAPTER, &config.into())
     }
 
+    /// Saves adapter `name` in PEFT's format (`adapter_config.json` and
+    /// `adapter_model.safetensors`), as `PeftModel.save_pretrained` does: in
+    /// `dir` for `"default"`, in `dir/<name>` for any other name. Each file is
+    /// written to a temporary file and renamed into place.
+    fn save_adapter(&self, dir: impl AsRef<std::path::Path>, name: &str) -> Result<()> {
+        crate::io::save_adapter(self, dir.as_ref(), name)
+    }
+
+    /// Saves every adapter of the model as [`save_adapter`](Self::save_adapter)
+    /// does: `"default"` in `dir`, the others in subfolders.
+    fn save_adapters(&self, dir: impl AsRef<std::path::Path>) -> Result<()> {
+        for name in self.adapter_names() {
+            crate::io::save_adapter(self, dir.as_ref(), &name)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the PEFT adapter in `dir` (as `PeftModel.from_pretrained` or
+    /// `load_adapter` read it) and adds it under `name`, active.
+    ///
+    /// Targets are resolved from the config as PEFT does (`target_modules`
+    /// as a list, a regex or `"all-linear"`, `exclude_modules`,
+    /// `layers_to_transform` with `layers_pattern`, `rank_pattern`,
+    /// `alpha_pattern`); tensors in f16/bf16 are converted to the model's
+    /// dtype. Every check is made before the model changes: on error it is
+    /// as it was.
+    fn load_adapter(&mut self, dir: impl AsRef<std::path::Path>, name: &str) -> Result<()> {
+        crate::io::load_adapter(self, dir.as_ref(), name)
+    }
+
     /// Adds an adapter named `name`, active, on the layers `config` targets.
     ///
     /// Targets are resolved over the model's own layers only: adapters are
@@ -169,9 +199,10 @@ pub trait PeftModel: Adaptable {
             }
             chosen.into_iter().zip(adapters).collect::<Vec<_>>()
         };
+        let saved = std::sync::Arc::new(config.to_peft_config());
         let mut layers = self.linear_layers_mut();
         for (i, adapter) in chosen {
-            layers[i].layer.insert_adapter(name, adapter);
+            layers[i].layer.insert_adapter(name, adapter, Some(saved.clone()));
         }
         Ok(())
     }

@@ -26,6 +26,9 @@ pub struct Targets {
     include: Vec<Selector>,
     exclude: Vec<Selector>,
     layers: Option<Vec<usize>>,
+    /// PEFT's `layers_pattern`: the segment names after which the layer index
+    /// stands; `None` takes the first numeric segment.
+    layers_pattern: Option<Vec<Pattern>>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +87,7 @@ impl Targets {
             include: vec![selector],
             exclude: Vec::new(),
             layers: None,
+            layers_pattern: None,
         }
     }
 
@@ -92,6 +96,7 @@ impl Targets {
     pub fn or(mut self, other: Targets) -> Self {
         self.include.extend(other.include);
         self.exclude.extend(other.exclude);
+        self.layers_pattern = self.layers_pattern.or(other.layers_pattern);
         self.layers = match (self.layers, other.layers) {
             (Some(mut a), Some(b)) => {
                 a.retain(|i| b.contains(i));
@@ -129,6 +134,24 @@ impl Targets {
         self
     }
 
+    /// Takes the layer index for [`layers`](Self::layers) from the numeric
+    /// segment that follows a segment matching one of `patterns` (PEFT's
+    /// `layers_pattern`, e.g. `"layers"` or `"h"`); each pattern is a regex
+    /// that must match the whole segment.
+    pub fn layers_pattern<I, S>(mut self, patterns: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.layers_pattern = Some(
+            patterns
+                .into_iter()
+                .map(|p| Pattern::new(&format!(r"(?:.*\.)?(?:{})\.(\d+)(?:\..*)?", p.as_ref())))
+                .collect(),
+        );
+        self
+    }
+
     /// Whether the layer at `path` with `role` is targeted.
     ///
     /// A regex that does not compile matches nothing here; [`validate`](Self::validate)
@@ -141,19 +164,48 @@ impl Targets {
 
     /// Reports the first regex that does not compile.
     pub fn validate(&self) -> Result<()> {
-        for selector in self.include.iter().chain(&self.exclude) {
-            if let Selector::Regex(Pattern {
-                source,
-                compiled: Err(error),
-            }) = selector
-            {
+        let selectors = self.include.iter().chain(&self.exclude).filter_map(|s| match s {
+            Selector::Regex(pattern) => Some(pattern),
+            _ => None,
+        });
+        for pattern in selectors.chain(self.layers_pattern.iter().flatten()) {
+            if let Err(error) = &pattern.compiled {
                 return Err(PeftError::InvalidRegex {
-                    pattern: source.clone(),
+                    pattern: pattern.source.clone(),
                     source: error.clone(),
                 });
             }
         }
         Ok(())
+    }
+
+    /// The exclusions as PEFT's `exclude_modules`: a list of names, a regex
+    /// string, or null. A mix of both kinds is written as one regex.
+    pub(crate) fn exclude_modules_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        let names = |s: &Selector| match s {
+            Selector::Names(names) => Some(names.clone()),
+            _ => None,
+        };
+        match self.exclude.as_slice() {
+            [] => Value::Null,
+            all if all.iter().all(|s| names(s).is_some()) => {
+                Value::from(all.iter().filter_map(names).flatten().collect::<Vec<_>>())
+            }
+            all => Value::from(
+                all.iter()
+                    .map(|s| match s {
+                        Selector::Regex(p) => format!("(?:{})", p.source),
+                        Selector::Names(names) => {
+                            let alternatives: Vec<String> = names.iter().map(|n| regex::escape(n)).collect();
+                            format!("(?:.*\\.)?(?:{})", alternatives.join("|"))
+                        }
+                        Selector::AllLinear => ".*".to_owned(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            ),
+        }
     }
 
     /// Indices into `candidates` (each a layer's path and role) of the
@@ -207,10 +259,17 @@ impl Targets {
     }
 
     fn in_layers(&self, path: &str) -> bool {
-        match &self.layers {
-            None => true,
-            Some(indices) => layer_index(path).is_some_and(|i| indices.contains(&i)),
-        }
+        let Some(indices) = &self.layers else {
+            return true;
+        };
+        let index = match &self.layers_pattern {
+            None => layer_index(path),
+            Some(patterns) => patterns.iter().find_map(|p| {
+                let captures = p.compiled.as_ref().ok()?.captures(path)?;
+                captures.get(1)?.as_str().parse().ok()
+            }),
+        };
+        index.is_some_and(|i| indices.contains(&i))
     }
 
     fn describe_include(&self) -> String {
