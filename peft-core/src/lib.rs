@@ -72,7 +72,8 @@ pub mod prelude {
     #[cfg(feature = "derive")]
     pub use crate::Adaptable;
     pub use crate::{
-        all_linear, linear, linear_b, linear_no_bias, modules, regex, Linear, LoraConfig, LoraInit, PeftModel, Targets,
+        all_linear, linear, linear_b, linear_fan_in_fan_out, linear_no_bias, modules, regex, Linear, LoraConfig,
+        LoraInit, PeftModel, Targets,
     };
 }
 

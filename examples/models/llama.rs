@@ -1,0 +1,285 @@
+//! transformers' `LlamaForCausalLM`, written with `#[derive(Adaptable)]`.
+//!
+//! The field names follow the checkpoint, so the linear layers' paths are
+//! transformers' module names and PEFT's: `model.layers.0.self_attn.q_proj`,
+//! ..., `model.layers.0.mlp.down_proj`. `lm_head` is marked `#[output_head]`,
+//! so `all_linear()` leaves it alone, as PEFT's `target_modules="all-linear"`
+//! does (PEFT finds it with `get_output_embeddings()`).
+//!
+//! Architecture (what transformers computes with `attn_implementation="eager"`
+//! and no attention mask):
+//!
+//! ```text
+//! x = embed_tokens[input_ids]
+//! for each layer:
+//!     h = input_layernorm(x)                      RMSNorm: w * x / sqrt(mean(x^2) + eps)
+//!     q, k, v = q_proj(h), k_proj(h), v_proj(h)   k, v have num_key_value_heads heads (GQA)
+//!     q, k = rope(q), rope(k)                     rotate_half convention
+//!     a = softmax(q k^T / sqrt(head_dim) + causal) v, each kv head shared by num_heads / num_kv_heads query heads
+//!     x = x + o_proj(a)
+//!     x = x + down_proj(silu(gate_proj(h)) * up_proj(h)),  h = post_attention_layernorm(x)
+//! logits = lm_head(norm(x))
+//! ```
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use peft_core::prelude::*;
+use serde::Deserialize;
+
+use super::{causal_mask, masked_attention, merge_heads, split_heads};
+
+/// RoPE settings, transformers 5 layout (`rope_parameters` in `config.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeParameters {
+    /// The base of the rotary frequencies.
+    pub rope_theta: f64,
+    /// Only `"default"` is implemented here.
+    #[serde(default = "default_rope_type")]
+    pub rope_type: String,
+}
+
+fn default_rope_type() -> String {
+    "default".to_owned()
+}
+
+/// The fields of transformers' `config.json` this model uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// GQA: each key/value head serves `num_attention_heads / num_key_value_heads` query heads.
+    pub num_key_value_heads: Option<usize>,
+    /// Defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    /// transformers 5 keeps `rope_theta` here...
+    pub rope_parameters: Option<RopeParameters>,
+    /// ...transformers 4 at the top level.
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+impl Config {
+    /// Reads a transformers `config.json`.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> std::result::Result<Self, Box<dyn std::error::Error>> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn num_key_value_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// `rope_theta`, wherever the config keeps it (default 10000).
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .map(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0)
+    }
+}
+
+#[derive(Adaptable)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    // Numbers are leaves with nothing in them: no `#[adapt(skip)]` needed.
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Adaptable)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Adaptable)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// transformers' `LlamaModel`: the `model.` prefix of every checkpoint name.
+#[derive(Adaptable)]
+pub struct LlamaModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+}
+
+/// transformers' `LlamaForCausalLM`.
+#[derive(Adaptable)]
+pub struct LlamaForCausalLM {
+    model: LlamaModel,
+    #[output_head]
+    lm_head: Linear,
+    rope_theta: f64,
+}
+
+/// The rotary tables `cos`, `sin` `[t, head_dim]` for positions `0..t`, as
+/// transformers' default RoPE computes them in float32:
+/// `inv_freq[i] = 1 / theta^(2i / d)`, `emb = cat(pos * inv_freq, pos * inv_freq)`.
+fn rope_tables(t: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv_freq: Vec<f32> = (0..head_dim / 2)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
+    let positions = Tensor::arange(0u32, t as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((t, 1))?;
+    let freqs = positions.broadcast_mul(&inv_freq)?;
+    let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+    Ok((emb.cos()?, emb.sin()?))
+}
+
+/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)`
+/// (the two halves of each head). `x` is `[batch, heads, t, head_dim]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// `[batch, kv_heads, t, d]` -> `[batch, kv_heads * n_rep, t, d]`, each kv head
+/// repeated `n_rep` times in a row (transformers' `repeat_kv`).
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, kv * n_rep, t, d))
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (hidden, head_dim) = (cfg.hidden_size, cfg.head_dim());
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads());
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: linear_b(hidden, heads * head_dim, bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(hidden, kv_heads * head_dim, bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(hidden, kv_heads * head_dim, bias, vb.pp("v_proj"))?,
+            o_proj: linear_b(heads * head_dim, hidden, bias, vb.pp("o_proj"))?,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let q = split_heads(&self.q_proj.forward(x)?, self.num_heads, self.head_dim)?;
+        let k = split_heads(&self.k_proj.forward(x)?, self.num_kv_heads, self.head_dim)?;
+        let v = split_heads(&self.v_proj.forward(x)?, self.num_kv_heads, self.head_dim)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        let scores = (q.matmul(&k.t()?)? * (self.head_dim as f64).powf(-0.5))?;
+        let out = masked_attention(&scores, mask, &v)?;
+        self.o_proj.forward(&merge_heads(&out)?)
+    }
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (hidden, inter, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: linear_b(hidden, inter, bias, vb.pp("gate_proj"))?,
+            up_proj: linear_b(hidden, inter, bias, vb.pp("up_proj"))?,
+            down_proj: linear_b(inter, hidden, bias, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+impl DecoderLayer {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (hidden, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: candle_nn::rms_norm(hidden, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: candle_nn::rms_norm(hidden, eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        // forward_diff, not forward: the fused RMSNorm kernel has no backward pass.
+        let h = self.input_layernorm.forward_diff(x)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin, mask)?)?;
+        let h = self.post_attention_layernorm.forward_diff(&x)?;
+        &x + self.mlp.forward(&h)?
+    }
+}
+
+impl LlamaForCausalLM {
+    /// Loads the model from transformers' checkpoint names
+    /// (`model.embed_tokens.weight`, `model.layers.0.self_attn.q_proj.weight`, ...,
+    /// `lm_head.weight`; with `tie_word_embeddings` the head is the embedding).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        if let Some(rope) = &cfg.rope_parameters {
+            if rope.rope_type != "default" {
+                candle_core::bail!("rope_type {:?} is not implemented in this example", rope.rope_type);
+            }
+        }
+        let vb_m = vb.pp("model");
+        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(vb_m.pp(format!("layers.{i}")), cfg))
+            .collect::<Result<_>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            model: LlamaModel {
+                embed_tokens,
+                layers,
+                norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
+            },
+            lm_head,
+            rope_theta: cfg.rope_theta(),
+        })
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32 or i64).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let head_dim = self.model.layers.first().map_or(0, |l| l.self_attn.head_dim);
+        let (cos, sin) = rope_tables(t, head_dim, self.rope_theta, device)?;
+        let mask = causal_mask(t, device)?;
+        let mut x = self.model.embed_tokens.forward(input_ids)?;
+        for layer in &self.model.layers {
+            x = layer.forward(&x, &cos, &sin, &mask)?;
+        }
+        self.lm_head.forward(&self.model.norm.forward_diff(&x)?)
+    }
+}
