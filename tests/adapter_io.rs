@@ -220,14 +220,30 @@ fn f16_and_bf16_tensors_load_into_the_model_dtype() {
         let (varmap, dir, adapted) = saved(&format!("{dtype:?}"), random_lora(all_linear()));
         let path = dir.join(WEIGHTS_FILE);
         let tensors = candle_core::safetensors::load(&path, &DEV).unwrap();
-        let narrow: Vec<(String, Tensor)> = tensors.into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
+        let narrow: Vec<(String, Tensor)> = tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.to_dtype(dtype).unwrap()))
+            .collect();
         candle_core::safetensors::save(&narrow.into_iter().collect(), &path).unwrap();
         let mut twin = Net::twin(&varmap);
         twin.load_adapter(&dir, "default").unwrap();
         assert!(twin.named_trainable_vars().iter().all(|(_, v)| v.dtype() == DType::F32));
-        // Only the rounding of the adapter weights to 16 bits differs.
+        // Only the rounding of the adapter weights to 16 bits differs
+        // (bf16 keeps 8 bits of mantissa).
         let diff = max_abs_diff(&twin.forward(&input()), &adapted);
-        assert!(diff > 0.0 && diff < 5e-2, "{dtype:?}: {diff}");
+        let scale = adapted
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff > 0.0 && diff < 2e-2 * scale,
+            "{dtype:?}: {diff} (outputs up to {scale})"
+        );
     }
 }
 
@@ -367,7 +383,7 @@ fn unsupported_types_and_options_are_refused() {
     let (varmap, dir, _) = saved("unsupported", random_lora(all_linear()));
     let original = read_json(&dir.join(CONFIG_FILE));
     let cases = [
-        ("peft_type", json!("IA3"), "peft_type"),
+        ("peft_type", json!("VERA"), "peft_type"),
         ("use_dora", json!(true), "use_dora"),
         ("bias", json!("all"), "bias"),
         ("modules_to_save", json!(["head"]), "modules_to_save"),
@@ -381,10 +397,8 @@ fn unsupported_types_and_options_are_refused() {
         write_json(&dir.join(CONFIG_FILE), &config);
         match failing_load(&dir, &varmap) {
             PeftError::UnsupportedPeftType { found, supported } => {
-                assert_eq!(
-                    (expected, found.as_str(), supported.as_str()),
-                    ("peft_type", "IA3", "LORA")
-                );
+                assert_eq!((expected, found.as_str()), ("peft_type", "VERA"));
+                assert!(supported.split(", ").any(|kind| kind == "LORA"), "{supported}");
             }
             PeftError::UnsupportedOption { field, .. } => assert_eq!(field, expected),
             other => panic!("{field}: expected an unsupported error, got {other:?}"),

@@ -49,6 +49,13 @@ pub trait LinearAdapter: fmt::Debug + Send + Sync {
     /// PEFT's name for the kind (`"LORA"`).
     fn peft_type(&self) -> &'static str;
 
+    /// Changes the input the base weight sees (IA³ scales the input of
+    /// feed-forward layers); `None` leaves it as it is. Every adapter's
+    /// [`forward`](Self::forward) still receives the original input.
+    fn transform_input(&self, _x: &Tensor, _cx: ForwardContext<'_>) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Turns the base output `base_output = base(x)` into the adapted output.
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor>;
 

@@ -103,6 +103,12 @@ pub enum PeftError {
         /// The kinds this crate can load, comma separated.
         supported: String,
     },
+    /// Two adapter kinds were registered under the same `peft_type`.
+    #[error("adapter kind `{peft_type}` is registered twice")]
+    DuplicateAdapterKind {
+        /// The `peft_type` registered twice.
+        peft_type: String,
+    },
     /// The config sets an option this crate does not implement yet; loading
     /// it anyway would give different outputs than PEFT.
     #[error("unsupported adapter option `{field}` = {value}: {reason}")]

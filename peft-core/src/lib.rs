@@ -40,12 +40,17 @@ extern crate self as peft_core;
 mod adaptable;
 mod adapter;
 mod config;
+pub mod config_file;
 mod error;
+pub mod ia3;
 mod io;
 mod linear;
+pub mod loha;
+pub mod lokr;
 mod lora;
 mod model;
 mod path;
+mod registry;
 mod targets;
 
 pub use adaptable::{
@@ -60,6 +65,7 @@ pub use linear::{linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Linear
 pub use lora::{LoraAdapter, LoraConfig, LoraInit};
 pub use model::{LayerMut, LayerRef, ParameterCount, PeftModel, DEFAULT_ADAPTER};
 pub use path::ModulePath;
+pub use registry::{adapter_kind, adapter_kinds, AdapterKind, ParseConfig};
 pub use targets::{all_linear, layer_index, modules, name_matches, regex, Targets};
 
 /// `#[derive(Adaptable)]`: see the crate's README for the attributes.
@@ -82,4 +88,5 @@ pub mod prelude {
 pub mod __private {
     pub use crate::adaptable::{visit_child_with, visit_child_with_mut, Adaptable, OutputHead, Visitor, VisitorMut};
     pub use crate::path::ModulePath;
+    pub use inventory;
 }

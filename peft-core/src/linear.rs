@@ -112,19 +112,24 @@ impl Linear {
     /// active only when `train` is true); [`Module::forward`] uses the flag set
     /// by [`set_training`](Self::set_training).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> CandleResult<Tensor> {
-        let mut y = self.base.forward(x)?;
-        if !self.adapters_enabled {
+        if !self.adapters_enabled || self.adapters.is_empty() {
             // Disabling unmerges first, so the base is the plain base here.
-            return Ok(y);
+            return self.base.forward(x);
         }
         let cx = ForwardContext {
             base: &self.base,
             training: train,
         };
-        for attached in &self.adapters {
-            if attached.active && !attached.merged {
-                y = attached.adapter.forward(x, y, cx)?;
+        let applied = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        let mut base_input = std::borrow::Cow::Borrowed(x);
+        for attached in applied() {
+            if let Some(transformed) = attached.adapter.transform_input(&base_input, cx)? {
+                base_input = std::borrow::Cow::Owned(transformed);
             }
+        }
+        let mut y = self.base.forward(&base_input)?;
+        for attached in applied() {
+            y = attached.adapter.forward(x, y, cx)?;
         }
         Ok(y)
     }
@@ -307,7 +312,17 @@ impl Linear {
 
     /// Computes the merged weights without changing the layer.
     pub(crate) fn plan_merge(&self) -> CandleResult<Option<MergePlan>> {
-        let pending = |a: &AttachedAdapter| a.active && !a.merged;
+        self.plan_merge_of(None)
+    }
+
+    /// Computes the weights with the adapters in `names` (all active ones
+    /// when `None`) merged, without changing the layer.
+    pub(crate) fn plan_merge_of(&self, names: Option<&[&str]>) -> CandleResult<Option<MergePlan>> {
+        let chosen = |a: &AttachedAdapter| match names {
+            None => a.active,
+            Some(names) => names.contains(&a.name.as_str()),
+        };
+        let pending = |a: &AttachedAdapter| chosen(a) && !a.merged;
         if !self.adapters_enabled || !self.adapters.iter().any(pending) {
             return Ok(None);
         }

@@ -21,11 +21,19 @@
 //! # }
 //! ```
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, Var};
 use regex::Regex;
+use serde::Deserialize;
+use serde_json::Value;
 
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
+use crate::config_file::{
+    float, number, optional, ordered_map, parse_json, refuse_set_options, unsupported, TargetFields,
+};
 use crate::error::{PeftError, Result};
 use crate::linear::Linear;
 use crate::targets::{all_linear, Targets};
@@ -276,7 +284,151 @@ impl AdapterConfig for LoraConfig {
     }
 
     fn to_peft_config(&self) -> serde_json::Map<String, serde_json::Value> {
-        crate::io::lora_config_json(self)
+        let init = match self.init_lora_weights {
+            LoraInit::Default => Value::Bool(true),
+            LoraInit::Random => Value::Bool(false),
+            LoraInit::Gaussian => Value::from("gaussian"),
+        };
+        let fields = [
+            ("peft_type", Value::from("LORA")),
+            ("r", Value::from(self.r)),
+            ("lora_alpha", number(self.lora_alpha)),
+            ("lora_dropout", float(f64::from(self.lora_dropout))),
+            ("use_rslora", Value::Bool(self.use_rslora)),
+            ("use_dora", Value::Bool(false)),
+            ("fan_in_fan_out", Value::Bool(self.fan_in_fan_out)),
+            ("bias", Value::from("none")),
+            ("init_lora_weights", init),
+            ("exclude_modules", self.target_modules.exclude_modules_json()),
+            // target_modules is saved as the exact list of adapted modules, so
+            // a layer filter has nothing left to do (and PEFT's own index rule
+            // differs from ours): these are saved as null.
+            ("layers_to_transform", Value::Null),
+            ("layers_pattern", Value::Null),
+            (
+                "rank_pattern",
+                self.rank_pattern
+                    .iter()
+                    .map(|(k, r)| (k.clone(), Value::from(*r)))
+                    .collect(),
+            ),
+            (
+                "alpha_pattern",
+                self.alpha_pattern
+                    .iter()
+                    .map(|(k, a)| (k.clone(), number(*a)))
+                    .collect(),
+            ),
+            ("modules_to_save", Value::Null),
+            ("task_type", optional(&self.task_type)),
+            ("base_model_name_or_path", optional(&self.base_model_name_or_path)),
+            ("revision", optional(&self.revision)),
+            ("inference_mode", Value::Bool(true)),
+        ];
+        fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
+// ---- adapter_config.json ------------------------------------------------------
+
+crate::register_adapter_kind!("LORA", parse_lora_config);
+
+/// Parses a LoRA `adapter_config.json`, refusing what it cannot honour.
+fn parse_lora_config(text: &str, path: &Path) -> Result<Box<dyn AdapterConfig>> {
+    let file: LoraConfigFile = parse_json(text, path)?;
+    Ok(Box::new(file.into_config()?))
+}
+
+/// `adapter_config.json` of a LoRA adapter, as PEFT writes it.
+#[derive(Deserialize)]
+struct LoraConfigFile {
+    #[serde(flatten)]
+    targets: TargetFields,
+    #[serde(default = "default_rank")]
+    r: usize,
+    #[serde(default = "default_alpha")]
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f32,
+    #[serde(default, deserialize_with = "ordered_map")]
+    rank_pattern: Vec<(String, usize)>,
+    #[serde(default, deserialize_with = "ordered_map")]
+    alpha_pattern: Vec<(String, f64)>,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    init_lora_weights: Option<Value>,
+    #[serde(default)]
+    modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    task_type: Option<String>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    revision: Option<String>,
+    /// Every other field, for [`refuse_set_options`].
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+fn default_rank() -> usize {
+    8
+}
+
+fn default_alpha() -> f64 {
+    8.0
+}
+
+impl LoraConfigFile {
+    fn into_config(self) -> Result<LoraConfig> {
+        if self.use_dora {
+            return Err(unsupported("use_dora", "true".into(), "DoRA is not implemented yet"));
+        }
+        if let Some(bias) = self.bias.as_deref().filter(|b| *b != "none") {
+            return Err(unsupported(
+                "bias",
+                format!("{bias:?}"),
+                "only bias = \"none\" is implemented",
+            ));
+        }
+        if let Some(modules) = self.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
+            return Err(unsupported(
+                "modules_to_save",
+                format!("{modules:?}"),
+                "modules_to_save is not implemented yet",
+            ));
+        }
+        let init =
+            match &self.init_lora_weights {
+                None | Some(Value::Bool(true)) => LoraInit::Default,
+                Some(Value::Bool(false)) => LoraInit::Random,
+                Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
+                Some(other) => return Err(unsupported(
+                    "init_lora_weights",
+                    other.to_string(),
+                    "this initialisation changes the base weights (PiSSA, OLoRA, LoftQ, ...) and is not implemented",
+                )),
+            };
+        refuse_set_options(&self.other)?;
+        let mut config = LoraConfig::from(self.targets.into_targets()?)
+            .rank(self.r)
+            .alpha(self.lora_alpha)
+            .dropout(self.lora_dropout)
+            .rslora(self.use_rslora)
+            .init(init)
+            .fan_in_fan_out(self.fan_in_fan_out);
+        config.rank_pattern = self.rank_pattern;
+        config.alpha_pattern = self.alpha_pattern;
+        config.task_type = self.task_type;
+        config.base_model_name_or_path = self.base_model_name_or_path;
+        config.revision = self.revision;
+        Ok(config)
     }
 }
 

@@ -179,7 +179,7 @@ pub trait PeftModel: Adaptable {
     ///
     /// Targets are resolved over the model's own layers only: adapters are
     /// not layers, so a second adapter never wraps the first one's weights.
-    fn add_adapter<C: AdapterConfig>(&mut self, name: &str, config: &C) -> Result<()> {
+    fn add_adapter<C: AdapterConfig + ?Sized>(&mut self, name: &str, config: &C) -> Result<()> {
         config.validate()?;
         let chosen = {
             let layers = self.linear_layers();
@@ -368,6 +368,21 @@ pub trait PeftModel: Adaptable {
         })
     }
 
+    /// Merges exactly the adapters in `names` (active or not), as PEFT's
+    /// `merge_adapter(adapter_names=[...])`; the others stay unmerged.
+    fn merge_adapters(&mut self, names: &[&str]) -> Result<()> {
+        check_known(names, &self.adapter_names())?;
+        commit_all(
+            self,
+            |layer| layer.plan_merge_of(Some(names)),
+            |layer, plan| {
+                if let Some(plan) = plan {
+                    layer.commit(plan);
+                }
+            },
+        )
+    }
+
     /// Takes merged adapters back out of the base weights (PEFT subtracts the
     /// delta too, so the base comes back up to float rounding).
     fn unmerge(&mut self) -> Result<()> {
@@ -400,6 +415,19 @@ pub trait PeftModel: Adaptable {
         for layer in self.linear_layers_mut() {
             layer.layer.enable_adapters();
         }
+    }
+
+    /// Runs `f` with every adapter turned off (the base model's outputs), then
+    /// turns them back on, as PEFT's `with model.disable_adapter():` block.
+    /// Merged adapters are unmerged first and stay unmerged afterwards.
+    fn with_adapters_disabled<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> Result<R>
+    where
+        Self: Sized,
+    {
+        self.disable_adapters()?;
+        let result = f(self);
+        self.enable_adapters();
+        Ok(result)
     }
 
     /// Training mode turns adapter dropout on; inference mode (the default)

@@ -1,0 +1,222 @@
+//! Reading and writing the parts of PEFT's `adapter_config.json` that every
+//! adapter kind shares: which modules to adapt, the "is this option set?"
+//! check, and JSON numbers written as Python writes them.
+//!
+//! An adapter kind's own parser (see [`register_adapter_kind!`](crate::register_adapter_kind))
+//! deserializes a struct that flattens [`TargetFields`] and collects the
+//! remaining fields for [`refuse_set_options`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::Path;
+
+use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, Visitor as SerdeVisitor};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::AdapterConfig;
+use crate::error::{PeftError, Result};
+use crate::targets::{all_linear, modules, regex, Targets};
+
+/// Parses `adapter_config.json` by dispatching on its `peft_type` to the
+/// registered adapter kind.
+pub fn parse_config(text: &str, path: &Path) -> Result<Box<dyn AdapterConfig>> {
+    #[derive(Deserialize)]
+    struct PeftType {
+        peft_type: Option<String>,
+    }
+    let kind: PeftType = parse_json(text, path)?;
+    crate::registry::adapter_kind(kind.peft_type.as_deref().unwrap_or_default())?.parse(text, path)
+}
+
+/// Deserializes JSON text, reporting errors against `path`.
+pub fn parse_json<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    serde_json::from_str(text).map_err(|source| PeftError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `target_modules`, `exclude_modules`, `layers_to_transform` and
+/// `layers_pattern`, as PEFT writes them.
+#[derive(Debug, Default, Deserialize)]
+pub struct TargetFields {
+    /// A list of names, a regex, or `"all-linear"`.
+    #[serde(default)]
+    pub target_modules: Option<OneOrMany<String>>,
+    /// A list of names or a regex.
+    #[serde(default)]
+    pub exclude_modules: Option<OneOrMany<String>>,
+    /// Layer indices to keep.
+    #[serde(default)]
+    pub layers_to_transform: Option<OneOrMany<usize>>,
+    /// Segment names the layer index follows.
+    #[serde(default)]
+    pub layers_pattern: Option<OneOrMany<String>>,
+}
+
+impl TargetFields {
+    /// The targets these fields describe, with PEFT's rules: a list is exact
+    /// paths or dotted suffixes, a string is a whole-path regex, and
+    /// `"all-linear"` is [`all_linear()`].
+    pub fn into_targets(self) -> Result<Targets> {
+        let mut targets = match self.target_modules {
+            None => {
+                return Err(unsupported(
+                    "target_modules",
+                    "null".into(),
+                    "PEFT's per-architecture default targets are not known here; list the modules",
+                ))
+            }
+            Some(OneOrMany::One(s)) if s == "all-linear" => all_linear(),
+            Some(OneOrMany::One(pattern)) => regex(&pattern),
+            Some(OneOrMany::Many(names)) => modules(names),
+        };
+        match self.exclude_modules {
+            None => {}
+            Some(OneOrMany::One(pattern)) => targets = targets.exclude_regex(&pattern),
+            Some(OneOrMany::Many(names)) => targets = targets.exclude(names),
+        }
+        if let Some(layers) = self.layers_to_transform {
+            targets = targets.layers(layers.into_vec());
+            if let Some(patterns) = self.layers_pattern {
+                targets = targets.layers_pattern(patterns.into_vec());
+            }
+        }
+        Ok(targets)
+    }
+}
+
+/// A value PEFT accepts as one item or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    /// A single item.
+    One(T),
+    /// A list.
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    /// The items as a list.
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(item) => vec![item],
+            OneOrMany::Many(items) => items,
+        }
+    }
+}
+
+/// Fields that describe the file rather than the computation.
+pub const METADATA_FIELDS: &[&str] = &[
+    "peft_type",
+    "peft_version",
+    "auto_mapping",
+    "inference_mode",
+    "megatron_core",
+    "qalora_group_size",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+];
+
+/// Refuses any field of `other` (the fields a kind does not read) that is set
+/// to something other than its "off" value (null, false, `{}`, `[]`) and is
+/// not metadata: PEFT has many options, and ignoring one that is on would
+/// compute something else than PEFT does.
+pub fn refuse_set_options(other: &BTreeMap<String, Value>) -> Result<()> {
+    for (field, value) in other {
+        let off = match value {
+            Value::Null | Value::Bool(false) => true,
+            Value::Array(items) => items.is_empty(),
+            Value::Object(fields) => fields.is_empty(),
+            _ => false,
+        };
+        if !off && !METADATA_FIELDS.contains(&field.as_str()) {
+            return Err(unsupported(
+                field,
+                value.to_string(),
+                "this PEFT option is not implemented",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// [`PeftError::UnsupportedOption`].
+pub fn unsupported(field: &str, value: String, reason: &'static str) -> PeftError {
+    PeftError::UnsupportedOption {
+        field: field.to_owned(),
+        value,
+        reason,
+    }
+}
+
+/// `deserialize_with` for a JSON object (or null) read as a list of entries
+/// in file order: PEFT picks the first matching `rank_pattern` key in that order.
+pub fn ordered_map<'de, D, V>(deserializer: D) -> ::core::result::Result<Vec<(String, V)>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Entries<V>(PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> SerdeVisitor<'de> for Entries<V> {
+        type Value = Vec<(String, V)>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object or null")
+        }
+        fn visit_unit<E: de::Error>(self) -> ::core::result::Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> ::core::result::Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    deserializer.deserialize_any(Entries(PhantomData))
+}
+
+/// An integral value as a JSON integer (PEFT writes `lora_alpha: 8`), any
+/// other as a float.
+pub fn number(value: f64) -> Value {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        Value::from(value as i64)
+    } else {
+        float(value)
+    }
+}
+
+/// A float as JSON; values that came from an `f32` (dropout) print as their
+/// shortest decimal, `0.05`, not `0.05000000074505806`.
+pub fn float(value: f64) -> Value {
+    let single = value as f32;
+    let value = if f64::from(single) == value {
+        single.to_string().parse().unwrap_or(value)
+    } else {
+        value
+    };
+    serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number)
+}
+
+/// `Some(text)` as a JSON string, `None` as null.
+pub fn optional(value: &Option<String>) -> Value {
+    value.as_deref().map_or(Value::Null, Value::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{float, number};
+
+    #[test]
+    fn numbers_print_as_python_does() {
+        assert_eq!(number(8.0).to_string(), "8");
+        assert_eq!(number(2.5).to_string(), "2.5");
+        assert_eq!(float(f64::from(0.05f32)).to_string(), "0.05");
+        assert_eq!(float(0.0).to_string(), "0.0");
+        assert_eq!(float(0.1).to_string(), "0.1");
+    }
+}
