@@ -40,6 +40,7 @@ extern crate self as peft_core;
 mod adaptable;
 mod adapter;
 mod config;
+pub mod dora;
 pub mod config_file;
 mod error;
 pub mod ia3;
