@@ -1,0 +1,179 @@
+//! An adapter kind defined outside peft-core, through the public API only:
+//! registered with `register_adapter_kind!`, applied, trained a step, saved
+//! in PEFT's layout and loaded back by `load_adapter`'s dispatch on
+//! `peft_type`.
+//!
+//! The kind, `BIAS_SHIFT`, learns one vector per layer added to the output:
+//! `y = base(x) + shift`; merging adds it to the bias.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use peft_core::config_file::{parse_json, refuse_set_options, TargetFields};
+use peft_core::prelude::*;
+use peft_core::{AdapterConfig, ForwardContext, LinearAdapter, LinearWeights, CONFIG_FILE};
+use serde_json::{Map, Value};
+
+/// The adapter on one layer.
+#[derive(Debug, Clone)]
+struct BiasShift {
+    shift: Var,
+}
+
+impl LinearAdapter for BiasShift {
+    fn peft_type(&self) -> &'static str {
+        "BIAS_SHIFT"
+    }
+    fn forward(&self, _x: &Tensor, base_output: Tensor, _: ForwardContext<'_>) -> candle_core::Result<Tensor> {
+        base_output.broadcast_add(self.shift.as_tensor())
+    }
+    fn merge(&self, base: &LinearWeights) -> candle_core::Result<LinearWeights> {
+        let bias = match &base.bias {
+            Some(bias) => (bias + self.shift.as_tensor())?,
+            None => self.shift.as_tensor().clone(),
+        };
+        Ok(LinearWeights {
+            weight: base.weight.clone(),
+            bias: Some(bias),
+        })
+    }
+    fn unmerge(&self, merged: &LinearWeights) -> candle_core::Result<LinearWeights> {
+        let bias = match &merged.bias {
+            Some(bias) => Some((bias - self.shift.as_tensor())?),
+            None => None,
+        };
+        Ok(LinearWeights {
+            weight: merged.weight.clone(),
+            bias,
+        })
+    }
+    fn trainable_vars(&self) -> Vec<(&'static str, Var)> {
+        vec![("shift", self.shift.clone())]
+    }
+    fn clone_box(&self) -> Box<dyn LinearAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// Its config: just the targets.
+struct BiasShiftConfig {
+    targets: Targets,
+}
+
+impl AdapterConfig for BiasShiftConfig {
+    fn peft_type(&self) -> &'static str {
+        "BIAS_SHIFT"
+    }
+    fn targets(&self) -> &Targets {
+        &self.targets
+    }
+    fn validate(&self) -> peft_core::Result<()> {
+        self.targets.validate()
+    }
+    fn linear_adapter(&self, _: &str, layer: &Linear) -> candle_core::Result<Box<dyn LinearAdapter>> {
+        let shift = Var::zeros(layer.out_features(), layer.weight().dtype(), layer.weight().device())?;
+        Ok(Box::new(BiasShift { shift }))
+    }
+    fn to_peft_config(&self) -> Map<String, Value> {
+        let mut fields = Map::new();
+        fields.insert("peft_type".into(), "BIAS_SHIFT".into());
+        fields.insert("inference_mode".into(), true.into());
+        fields
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct BiasShiftFile {
+    #[serde(flatten)]
+    targets: TargetFields,
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+fn parse_bias_shift(text: &str, path: &Path) -> peft_core::Result<Box<dyn AdapterConfig>> {
+    let file: BiasShiftFile = parse_json(text, path)?;
+    refuse_set_options(&file.other)?;
+    Ok(Box::new(BiasShiftConfig {
+        targets: file.targets.into_targets()?,
+    }))
+}
+
+peft_core::register_adapter_kind!("BIAS_SHIFT", parse_bias_shift);
+
+#[derive(Adaptable)]
+struct Net {
+    hidden: Linear,
+    #[output_head]
+    head: Linear,
+}
+
+impl Net {
+    fn new(varmap: &VarMap) -> Net {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+        Net {
+            hidden: linear_no_bias(3, 4, vb.pp("hidden")).unwrap(),
+            head: linear(4, 2, vb.pp("head")).unwrap(),
+        }
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.head
+            .forward(&self.hidden.forward(x).unwrap().tanh().unwrap())
+            .unwrap()
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn a_kind_from_another_crate_trains_saves_and_loads() {
+    let kinds: Vec<&str> = peft_core::adapter_kinds()
+        .unwrap()
+        .iter()
+        .map(|k| k.peft_type())
+        .collect();
+    assert!(kinds.contains(&"BIAS_SHIFT") && kinds.contains(&"LORA"), "{kinds:?}");
+    assert!(kinds.is_sorted(), "{kinds:?}");
+
+    let varmap = VarMap::new();
+    let mut net = Net::new(&varmap);
+    let x = Tensor::new(&[[0.5f32, -1.0, 2.0], [1.0, 0.0, -0.5]], &Device::Cpu).unwrap();
+    let base = net.forward(&x);
+    net.add_adapter("shift", &BiasShiftConfig { targets: all_linear() })
+        .unwrap();
+    assert_eq!(net.adapted_modules(), ["hidden"]);
+    assert_eq!(max_abs_diff(&net.forward(&x), &base), 0.0);
+
+    // One SGD step on the adapter alone moves the output.
+    let mut sgd = SGD::new(net.trainable_vars(), 0.5).unwrap();
+    sgd.backward_step(&net.forward(&x).sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+    let trained = net.forward(&x);
+    assert!(max_abs_diff(&trained, &base) > 1e-3);
+
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("custom_adapter_kind");
+    let _ = std::fs::remove_dir_all(&dir);
+    net.save_adapter(&dir, "shift").unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("shift").join(CONFIG_FILE)).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "BIAS_SHIFT");
+    assert_eq!(config["target_modules"], serde_json::json!(["hidden"]));
+
+    let mut twin = Net::new(&varmap);
+    twin.load_adapter(dir.join("shift"), "shift").unwrap();
+    assert_eq!(max_abs_diff(&twin.forward(&x), &trained), 0.0);
+    twin.merge().unwrap();
+    assert!(max_abs_diff(&twin.forward(&x), &trained) < 1e-6);
+}
