@@ -384,7 +384,7 @@ fn unsupported_types_and_options_are_refused() {
     let original = read_json(&dir.join(CONFIG_FILE));
     let cases = [
         ("peft_type", json!("VERA"), "peft_type"),
-        ("use_dora", json!(true), "use_dora"),
+        ("use_qalora", json!(true), "use_qalora"),
         ("bias", json!("all"), "bias"),
         ("modules_to_save", json!(["head"]), "modules_to_save"),
         ("init_lora_weights", json!("pissa"), "init_lora_weights"),

@@ -56,6 +56,13 @@ pub trait LinearAdapter: fmt::Debug + Send + Sync {
         Ok(None)
     }
 
+    /// Whether [`transform_input`](Self::transform_input) changes the input.
+    /// Such adapters act on the base weight alone, so they are merged before
+    /// the others (and unmerged after them).
+    fn transforms_input(&self) -> bool {
+        false
+    }
+
     /// Turns the base output `base_output = base(x)` into the adapted output.
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor>;
 

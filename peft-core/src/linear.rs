@@ -226,8 +226,10 @@ impl Linear {
     }
 
     /// Activates exactly the adapters named in `names` (others stay attached
-    /// but are skipped). Returns how many of `names` this layer holds.
-    pub(crate) fn set_active(&mut self, names: &[&str]) -> usize {
+    /// but are skipped by the forward pass and by [`merge`](Self::merge)).
+    /// Returns how many of `names` this layer holds. A merged adapter stays in
+    /// the weights whatever its activity: unmerge first to drop it.
+    pub fn set_active_adapters(&mut self, names: &[&str]) -> usize {
         let mut found = 0;
         for attached in &mut self.adapters {
             attached.active = names.contains(&attached.name.as_str());
@@ -317,22 +319,22 @@ impl Linear {
 
     /// Computes the weights with the adapters in `names` (all active ones
     /// when `None`) merged, without changing the layer.
+    ///
+    /// The weights are rebuilt from the unmerged base with every adapter that
+    /// ends up merged, in [`merge_order`](Self::merge_order), so that merging
+    /// one adapter after another gives what the forward pass computes.
     pub(crate) fn plan_merge_of(&self, names: Option<&[&str]>) -> CandleResult<Option<MergePlan>> {
         let chosen = |a: &AttachedAdapter| match names {
             None => a.active,
             Some(names) => names.contains(&a.name.as_str()),
         };
-        let pending = |a: &AttachedAdapter| chosen(a) && !a.merged;
-        if !self.adapters_enabled || !self.adapters.iter().any(pending) {
+        if !self.adapters_enabled || !self.adapters.iter().any(|a| chosen(a) && !a.merged) {
             return Ok(None);
         }
-        let mut weights = self.base_weights();
-        let mut merged = Vec::with_capacity(self.adapters.len());
-        for attached in &self.adapters {
-            if pending(attached) {
-                weights = attached.adapter.merge(&weights)?;
-            }
-            merged.push(attached.merged || pending(attached));
+        let merged: Vec<bool> = self.adapters.iter().map(|a| a.merged || chosen(a)).collect();
+        let mut weights = self.unmerged_weights()?;
+        for i in self.merge_order(&merged) {
+            weights = self.adapters[i].adapter.merge(&weights)?;
         }
         Ok(Some(MergePlan { weights, merged }))
     }
@@ -342,15 +344,32 @@ impl Linear {
         if !self.is_merged() {
             return Ok(None);
         }
-        let mut weights = self.base_weights();
-        // Undo in reverse order of merging.
-        for attached in self.adapters.iter().rev().filter(|a| a.merged) {
-            weights = attached.adapter.unmerge(&weights)?;
-        }
         Ok(Some(MergePlan {
-            weights,
+            weights: self.unmerged_weights()?,
             merged: vec![false; self.adapters.len()],
         }))
+    }
+
+    /// The base weights with every merged adapter taken out again, in the
+    /// reverse of the order they were merged in.
+    fn unmerged_weights(&self) -> CandleResult<LinearWeights> {
+        let merged: Vec<bool> = self.adapters.iter().map(|a| a.merged).collect();
+        let mut weights = self.base_weights();
+        for i in self.merge_order(&merged).into_iter().rev() {
+            weights = self.adapters[i].adapter.unmerge(&weights)?;
+        }
+        Ok(weights)
+    }
+
+    /// The order to merge the adapters flagged in `selected`: those that
+    /// transform the input first (the forward pass applies them to the base
+    /// weight only), then the others in the order they were added.
+    fn merge_order(&self, selected: &[bool]) -> Vec<usize> {
+        let (mut first, rest): (Vec<usize>, Vec<usize>) = (0..self.adapters.len())
+            .filter(|&i| selected[i])
+            .partition(|&i| self.adapters[i].adapter.transforms_input());
+        first.extend(rest);
+        first
     }
 
     /// Installs a plan made by `plan_merge`/`plan_unmerge` on this same layer.

@@ -241,7 +241,7 @@ pub trait PeftModel: Adaptable {
             });
         }
         for layer in self.linear_layers_mut() {
-            layer.layer.set_active(names);
+            layer.layer.set_active_adapters(names);
         }
         Ok(())
     }
