@@ -69,6 +69,16 @@ pub trait LinearAdapter: fmt::Debug + Send + Sync {
     /// The layer's weights with this adapter folded in.
     fn merge(&self, base: &LinearWeights) -> Result<LinearWeights>;
 
+    /// [`merge`](Self::merge) on a layer that may hold merged adapters already:
+    /// `current` holds the adapters merged before this one, `unmerged` none.
+    /// An adapter whose change depends on the base weight (DoRA's row norm)
+    /// reads it from `unmerged`, as its forward pass sees it; the default
+    /// ignores `unmerged`.
+    fn merge_onto(&self, current: &LinearWeights, unmerged: &LinearWeights) -> Result<LinearWeights> {
+        let _ = unmerged;
+        self.merge(current)
+    }
+
     /// Inverse of [`merge`](Self::merge): the weights with this adapter taken out.
     fn unmerge(&self, merged: &LinearWeights) -> Result<LinearWeights>;
 

@@ -332,9 +332,10 @@ impl Linear {
             return Ok(None);
         }
         let merged: Vec<bool> = self.adapters.iter().map(|a| a.merged || chosen(a)).collect();
-        let mut weights = self.unmerged_weights()?;
+        let unmerged = self.unmerged_weights()?;
+        let mut weights = unmerged.clone();
         for i in self.merge_order(&merged) {
-            weights = self.adapters[i].adapter.merge(&weights)?;
+            weights = self.adapters[i].adapter.merge_onto(&weights, &unmerged)?;
         }
         Ok(Some(MergePlan { weights, merged }))
     }
@@ -402,6 +403,10 @@ impl Linear {
 
 /// `lora_A.weight` + `default` -> `lora_A.default.weight`, PEFT's in-memory key.
 fn insert_adapter_name(key: &str, adapter: &str) -> String {
+    if key == crate::dora::MAGNITUDE_KEY {
+        // PEFT keeps the magnitude in a ParameterDict of modules with a `weight`.
+        return format!("{key}.{adapter}.weight");
+    }
     match key.rsplit_once('.') {
         Some((head, tail)) => format!("{head}.{adapter}.{tail}"),
         None => format!("{key}.{adapter}"),
@@ -459,5 +464,9 @@ mod tests {
     fn adapter_name_goes_before_the_last_segment() {
         assert_eq!(insert_adapter_name("lora_A.weight", "default"), "lora_A.default.weight");
         assert_eq!(insert_adapter_name("ia3_l", "x"), "ia3_l.x");
+        assert_eq!(
+            insert_adapter_name("lora_magnitude_vector", "default"),
+            "lora_magnitude_vector.default.weight"
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! LoRA: `y = base(x) + s · B(A(dropout(x)))`, as PEFT's `lora.Linear`.
 //!
 //! `A` is `[r, in]`, `B` is `[out, r]` and `s = lora_alpha / r`
-//! (`lora_alpha / √r` with rsLoRA).
+//! (`lora_alpha / √r` with rsLoRA). With [`LoraConfig::dora`] (PEFT's
+//! `use_dora`) each layer gets a [`DoraAdapter`](crate::dora::DoraAdapter)
+//! instead, which adds a learned magnitude per output.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor, Var};
@@ -34,6 +36,7 @@ use crate::config::AdapterConfig;
 use crate::config_file::{
     float, number, optional, ordered_map, parse_json, refuse_set_options, unsupported, TargetFields,
 };
+use crate::dora::DoraAdapter;
 use crate::error::{PeftError, Result};
 use crate::linear::Linear;
 use crate::targets::{all_linear, Targets};
@@ -73,6 +76,9 @@ pub struct LoraConfig {
     pub lora_dropout: f32,
     /// Scale by `alpha / √r` instead of `alpha / r` (default false).
     pub use_rslora: bool,
+    /// DoRA (default false): each adapted layer also learns a per-output
+    /// magnitude vector; see [`DoraAdapter`](crate::dora::DoraAdapter).
+    pub use_dora: bool,
     /// How `A` and `B` start.
     pub init_lora_weights: LoraInit,
     /// Per-module ranks: the first entry whose regex matches a dotted suffix
@@ -107,6 +113,7 @@ impl From<Targets> for LoraConfig {
             lora_alpha: 8.0,
             lora_dropout: 0.0,
             use_rslora: false,
+            use_dora: false,
             init_lora_weights: LoraInit::Default,
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
@@ -137,6 +144,11 @@ impl LoraConfig {
     /// Sets `use_rslora`.
     pub fn rslora(mut self, on: bool) -> Self {
         self.use_rslora = on;
+        self
+    }
+    /// Sets `use_dora`: DoRA instead of plain LoRA on every targeted layer.
+    pub fn dora(mut self, on: bool) -> Self {
+        self.use_dora = on;
         self
     }
     /// Sets `init_lora_weights`.
@@ -275,12 +287,14 @@ impl AdapterConfig for LoraConfig {
             weight.dtype(),
             weight.device(),
         )?;
-        Ok(Box::new(LoraAdapter::new(
-            a,
-            b,
-            scaling(alpha, r, self.use_rslora),
-            self.lora_dropout,
-        )?))
+        let lora = LoraAdapter::new(a, b, scaling(alpha, r, self.use_rslora), self.lora_dropout)?;
+        if self.use_dora {
+            // The magnitude starts as the row norms of W + s·B·A, as PEFT's
+            // `dora_init` (with B = 0, the norms of W), so m / n = 1 at first.
+            Ok(Box::new(DoraAdapter::from_weight(lora, weight)?))
+        } else {
+            Ok(Box::new(lora))
+        }
     }
 
     fn to_peft_config(&self) -> serde_json::Map<String, serde_json::Value> {
@@ -295,7 +309,7 @@ impl AdapterConfig for LoraConfig {
             ("lora_alpha", number(self.lora_alpha)),
             ("lora_dropout", float(f64::from(self.lora_dropout))),
             ("use_rslora", Value::Bool(self.use_rslora)),
-            ("use_dora", Value::Bool(false)),
+            ("use_dora", Value::Bool(self.use_dora)),
             ("fan_in_fan_out", Value::Bool(self.fan_in_fan_out)),
             ("bias", Value::from("none")),
             ("init_lora_weights", init),
@@ -387,9 +401,6 @@ fn default_alpha() -> f64 {
 
 impl LoraConfigFile {
     fn into_config(self) -> Result<LoraConfig> {
-        if self.use_dora {
-            return Err(unsupported("use_dora", "true".into(), "DoRA is not implemented yet"));
-        }
         if let Some(bias) = self.bias.as_deref().filter(|b| *b != "none") {
             return Err(unsupported(
                 "bias",
@@ -421,6 +432,7 @@ impl LoraConfigFile {
             .alpha(self.lora_alpha)
             .dropout(self.lora_dropout)
             .rslora(self.use_rslora)
+            .dora(self.use_dora)
             .init(init)
             .fan_in_fan_out(self.fan_in_fan_out);
         config.rank_pattern = self.rank_pattern;
@@ -472,6 +484,27 @@ impl LoraAdapter {
     pub fn scale(&self) -> f64 {
         self.scale
     }
+    /// The dropout probability on the adapter's input in training mode.
+    pub fn dropout(&self) -> f32 {
+        self.dropout
+    }
+
+    /// `dropout(x)` when `training` and the probability is positive, else `x`.
+    pub(crate) fn dropout_input(&self, x: &Tensor, training: bool) -> CandleResult<Tensor> {
+        if training && self.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.dropout)
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    /// `s · B(A(x))`, with no dropout.
+    pub(crate) fn lora_output(&self, x: &Tensor) -> CandleResult<Tensor> {
+        // candle_nn::Linear keeps its fast reshape-to-2D matmul path; the
+        // scale is applied on the narrow [.., r] activation.
+        let down = candle_nn::Linear::new(self.a.as_tensor().clone(), None).forward(x)?;
+        candle_nn::Linear::new(self.b.as_tensor().clone(), None).forward(&(down * self.scale)?)
+    }
 
     /// `s · B A`, `[out, in]`, in `dtype`.
     pub fn delta_weight(&self, dtype: DType) -> CandleResult<Tensor> {
@@ -485,16 +518,8 @@ impl LinearAdapter for LoraAdapter {
     }
 
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> CandleResult<Tensor> {
-        let x = if cx.training() && self.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.dropout)?
-        } else {
-            x.clone()
-        };
-        // candle_nn::Linear keeps its fast reshape-to-2D matmul path; the
-        // scale is applied on the narrow [.., r] activation.
-        let down = candle_nn::Linear::new(self.a.as_tensor().clone(), None).forward(&x)?;
-        let up = candle_nn::Linear::new(self.b.as_tensor().clone(), None).forward(&(down * self.scale)?)?;
-        base_output + up
+        let x = self.dropout_input(x, cx.training())?;
+        base_output + self.lora_output(&x)?
     }
 
     fn merge(&self, base: &LinearWeights) -> CandleResult<LinearWeights> {
