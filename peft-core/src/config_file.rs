@@ -180,6 +180,23 @@ where
     deserializer.deserialize_any(Entries(PhantomData))
 }
 
+/// The value of the first `(pattern, value)` whose regex matches a dotted
+/// suffix of `path`, as PEFT's `get_pattern_key` picks `rank_pattern` and
+/// `alpha_pattern` entries (in file order).
+pub fn pattern_value<T: Copy>(patterns: &[(String, T)], path: &str) -> Result<Option<T>> {
+    for (pattern, value) in patterns {
+        let regex =
+            regex::Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|source| PeftError::InvalidRegex {
+                pattern: pattern.clone(),
+                source,
+            })?;
+        if regex.is_match(path) {
+            return Ok(Some(*value));
+        }
+    }
+    Ok(None)
+}
+
 /// An integral value as a JSON integer (PEFT writes `lora_alpha: 8`), any
 /// other as a float.
 pub fn number(value: f64) -> Value {

@@ -60,11 +60,13 @@ pub use adaptable::{
 };
 pub use adapter::{ForwardContext, LinearAdapter, LinearWeights};
 pub use config::AdapterConfig;
-pub use error::{PeftError, Result};
 pub use dora::DoraAdapter;
+pub use error::{PeftError, Result};
 pub use ia3::{FeedforwardModules, Ia3Adapter, Ia3Config};
 pub use io::{adapter_dir, CONFIG_FILE, WEIGHTS_FILE};
 pub use linear::{linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Linear};
+pub use loha::{LohaAdapter, LohaConfig};
+pub use lokr::{LokrAdapter, LokrConfig};
 pub use lora::{LoraAdapter, LoraConfig, LoraInit};
 pub use model::{LayerMut, LayerRef, ParameterCount, PeftModel, DEFAULT_ADAPTER};
 pub use path::ModulePath;

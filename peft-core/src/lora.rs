@@ -27,14 +27,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, Var};
-use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
 use crate::config_file::{
-    float, number, optional, ordered_map, parse_json, refuse_set_options, unsupported, TargetFields,
+    float, number, optional, ordered_map, parse_json, pattern_value, refuse_set_options, unsupported, TargetFields,
 };
 use crate::dora::DoraAdapter;
 use crate::error::{PeftError, Result};
@@ -232,21 +231,6 @@ fn scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
     } else {
         alpha / r as f64
     }
-}
-
-/// The value of the first `(pattern, value)` whose regex matches a dotted
-/// suffix of `path`, as PEFT's `get_pattern_key` picks it.
-fn pattern_value<T: Copy>(patterns: &[(String, T)], path: &str) -> Result<Option<T>> {
-    for (pattern, value) in patterns {
-        let regex = Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|source| PeftError::InvalidRegex {
-            pattern: pattern.clone(),
-            source,
-        })?;
-        if regex.is_match(path) {
-            return Ok(Some(*value));
-        }
-    }
-    Ok(None)
 }
 
 impl AdapterConfig for LoraConfig {

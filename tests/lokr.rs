@@ -1,0 +1,551 @@
+//! LoKr against Python PEFT (`tests/fixtures/lokr_tiny`, see its CASE.md):
+//! outputs, every gradient, merge / unmerge, the saved files, and a reload of
+//! what Rust saved; then fresh adapters, dropout, parameter counts and the
+//! errors of configs and files.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use peft_core::lokr::{LokrAdapter, LokrConfig, LokrFactor, LokrInit};
+use peft_core::prelude::*;
+use peft_core::{AdapterConfig, PeftError, CONFIG_FILE, WEIGHTS_FILE};
+use serde_json::Value;
+
+const DEV: Device = Device::Cpu;
+const FIXTURE: &str = "tests/fixtures/lokr_tiny";
+
+/// The fixture's torch module: `y = fc2(tanh(fc1(x)))`.
+#[derive(Adaptable)]
+struct Tiny {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Tiny {
+    fn new(vb: VarBuilder) -> Tiny {
+        Tiny {
+            fc1: linear(8, 12, vb.pp("fc1")).unwrap(),
+            fc2: linear_no_bias(12, 20, vb.pp("fc2")).unwrap(),
+        }
+    }
+
+    /// The base model of the fixture, from its `model.safetensors`.
+    fn from_fixture() -> Tiny {
+        let tensors = candle_core::safetensors::load(fixture("model.safetensors"), &DEV).unwrap();
+        Tiny::new(VarBuilder::from_tensors(tensors, DType::F32, &DEV))
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.fc2.forward(&self.fc1.forward(x).unwrap().tanh().unwrap()).unwrap()
+    }
+}
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE).join(path)
+}
+
+fn io() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("io.safetensors"), &DEV).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn max_of(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn loss(y: &Tensor) -> Tensor {
+    y.sqr().unwrap().sum_all().unwrap()
+}
+
+/// A fresh folder under the target dir, emptied first.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lokr").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn read_json(path: &Path) -> serde_json::Map<String, Value> {
+    match serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap() {
+        Value::Object(map) => map,
+        other => panic!("{path:?} is not a JSON object: {other}"),
+    }
+}
+
+fn string_set(value: &Value) -> BTreeSet<String> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn weights_of(model: &Tiny) -> Vec<Tensor> {
+    vec![model.fc1.weight().clone(), model.fc2.weight().clone()]
+}
+
+/// Everything the fixture records for one case, checked against Rust.
+fn check_case(case: &str, folder: &str) {
+    let io = io();
+    let get = |key: &str| io.get(key).unwrap_or_else(|| panic!("io.safetensors has no {key}"));
+    let x = get("x");
+
+    let mut model = Tiny::from_fixture();
+    let y_base = model.forward(x);
+    assert!(max_abs(&y_base, get("y_base")) <= 1e-6);
+    let original = weights_of(&model);
+
+    model.load_adapter(fixture(folder), "default").unwrap();
+    assert_eq!(model.adapted_modules(), ["fc1", "fc2"]);
+
+    // Output.
+    let y = model.forward(x);
+    let d_out = max_abs(&y, get(&format!("{case}.y_adapted")));
+    println!("{case}: output max abs diff {d_out:.3e}");
+    assert!(d_out <= 1e-5, "{case}: output differs by {d_out}");
+    assert!(
+        max_abs(&y, &y_base) > 1e-2,
+        "{case}: the adapter should change the output"
+    );
+
+    // Gradients of sum(y²) with respect to every adapter tensor.
+    let grads = loss(&y).backward().unwrap();
+    let mut checked = 0;
+    let mut worst = 0f32;
+    for layer in model.linear_layers() {
+        let adapter = layer.layer.adapter("default").unwrap();
+        for (key, var) in adapter.trainable_vars() {
+            let file_key = format!("base_model.model.{}.{key}", layer.path);
+            let expected = get(&format!("{case}.grad.{file_key}"));
+            let grad = grads.get(&var).unwrap_or_else(|| panic!("no gradient for {file_key}"));
+            let rel = max_abs(grad, expected) / max_of(expected);
+            worst = worst.max(rel);
+            assert!(
+                rel <= 1e-4,
+                "{case}: gradient of {file_key} differs by {rel} (relative)"
+            );
+            checked += 1;
+        }
+    }
+    println!("{case}: gradients max relative diff {worst:.3e}");
+    let in_fixture = io.keys().filter(|k| k.starts_with(&format!("{case}.grad."))).count();
+    assert_eq!(checked, in_fixture);
+
+    // Merge, then unmerge.
+    model.merge().unwrap();
+    let d_merged = max_abs(&model.forward(x), get(&format!("{case}.y_merged")));
+    let d_weights = ["fc1", "fc2"]
+        .iter()
+        .zip(weights_of(&model))
+        .map(|(n, w)| max_abs(&w, get(&format!("{case}.merged.{n}.weight"))))
+        .fold(0f32, f32::max);
+    println!("{case}: merged output {d_merged:.3e}, merged weights {d_weights:.3e}");
+    assert!(d_merged <= 1e-5 && d_weights <= 1e-5);
+    model.unmerge().unwrap();
+    let d_restored = original
+        .iter()
+        .zip(weights_of(&model))
+        .map(|(a, b)| max_abs(a, &b))
+        .fold(0f32, f32::max);
+    println!("{case}: unmerged weights vs original {d_restored:.3e}");
+    assert!(d_restored <= 1e-6);
+    assert!(max_abs(&model.forward(x), &y) <= 1e-6);
+
+    // Saving writes PEFT's keys, shapes and values, and its config fields.
+    let out = scratch(case);
+    model.save_adapter(&out, "default").unwrap();
+    let peft_tensors = candle_core::safetensors::load(fixture(folder).join(WEIGHTS_FILE), &DEV).unwrap();
+    let ours = candle_core::safetensors::load(out.join(WEIGHTS_FILE), &DEV).unwrap();
+    let keys = |m: &HashMap<String, Tensor>| m.keys().cloned().collect::<BTreeSet<_>>();
+    assert_eq!(keys(&ours), keys(&peft_tensors));
+    for (key, tensor) in &peft_tensors {
+        assert_eq!(ours[key].dims(), tensor.dims(), "{key}");
+        assert_eq!(max_abs(&ours[key], tensor), 0.0, "{key}");
+    }
+    check_saved_config(&fixture(folder).join(CONFIG_FILE), &out.join(CONFIG_FILE));
+
+    // Reloading what Rust saved gives the same output.
+    let mut reloaded = Tiny::from_fixture();
+    reloaded.load_adapter(&out, "default").unwrap();
+    assert_eq!(max_abs(&reloaded.forward(x), &y), 0.0);
+}
+
+/// Every field PEFT saved is in ours with the same value, except PEFT's
+/// bookkeeping; `target_modules` compares as a set (a PEFT regex is compared
+/// through the modules it matched).
+fn check_saved_config(peft: &Path, ours: &Path) {
+    let peft = read_json(peft);
+    let mut ours = read_json(ours);
+    let our_targets = string_set(&ours.remove("target_modules").unwrap());
+    assert_eq!(our_targets, BTreeSet::from(["fc1".to_owned(), "fc2".to_owned()]));
+    for (field, value) in &peft {
+        match field.as_str() {
+            "peft_version" | "auto_mapping" => {}
+            "target_modules" => {
+                if value.is_array() {
+                    assert_eq!(string_set(value), our_targets);
+                }
+            }
+            _ => assert_eq!(ours.get(field), Some(value), "field {field}"),
+        }
+    }
+    let extra: Vec<_> = ours.keys().filter(|k| !peft.contains_key(*k)).collect();
+    assert!(extra.is_empty(), "fields PEFT does not write: {extra:?}");
+}
+
+#[test]
+fn matches_peft_default_case() {
+    // r = 2: fc1 (12 x 8) gets w1 [3, 2] and w2 [4, 4] whole; fc2 (20 x 12)
+    // gets w1 [4, 3] whole and w2 = [5, 2] · [2, 4].
+    check_case("default", "adapter");
+    assert_eq!(
+        factor_shapes("adapter"),
+        [
+            ("fc1.lokr_w1".to_owned(), vec![3, 2]),
+            ("fc1.lokr_w2".to_owned(), vec![4, 4]),
+            ("fc2.lokr_w1".to_owned(), vec![4, 3]),
+            ("fc2.lokr_w2_a".to_owned(), vec![5, 2]),
+            ("fc2.lokr_w2_b".to_owned(), vec![2, 4]),
+        ]
+    );
+}
+
+#[test]
+fn matches_peft_with_decompose_both_and_patterns() {
+    // decompose_factor = 4, decompose_both, r = 1 (fc2: r = 2, alpha = 3):
+    // fc1 gets both factors low-rank, fc2 a whole w1 and a low-rank w2.
+    check_case("decompose_both", "adapter_decompose_both");
+    assert_eq!(
+        factor_shapes("adapter_decompose_both"),
+        [
+            ("fc1.lokr_w1_a".to_owned(), vec![4, 1]),
+            ("fc1.lokr_w1_b".to_owned(), vec![1, 4]),
+            ("fc1.lokr_w2_a".to_owned(), vec![3, 1]),
+            ("fc1.lokr_w2_b".to_owned(), vec![1, 2]),
+            ("fc2.lokr_w1".to_owned(), vec![4, 4]),
+            ("fc2.lokr_w2_a".to_owned(), vec![5, 2]),
+            ("fc2.lokr_w2_b".to_owned(), vec![2, 3]),
+        ]
+    );
+}
+
+/// `(<module>.<key>, shape)` of every tensor of the adapter in `folder`, as loaded.
+fn factor_shapes(folder: &str) -> Vec<(String, Vec<usize>)> {
+    let mut model = Tiny::from_fixture();
+    model.load_adapter(fixture(folder), "default").unwrap();
+    model
+        .linear_layers()
+        .iter()
+        .flat_map(|l| {
+            let adapter = l.layer.adapter("default").unwrap();
+            adapter
+                .trainable_vars()
+                .into_iter()
+                .map(|(k, v)| (format!("{}.{k}", l.path), v.dims().to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn fresh_adapters_start_as_peft_s() {
+    let x = io()["x"].clone();
+    for (init, changes_output) in [
+        (LokrInit::Default, false),
+        (LokrInit::Lycoris, false),
+        (LokrInit::Random, true),
+    ] {
+        for decompose_both in [false, true] {
+            let mut model = Tiny::from_fixture();
+            let y_base = model.forward(&x);
+            let config = LokrConfig::from(modules(["fc1", "fc2"]))
+                .rank(1)
+                .decompose_both(decompose_both)
+                .init(init);
+            model.add_adapter("default", &config).unwrap();
+            let d = max_abs(&model.forward(&x), &y_base);
+            assert_eq!(
+                d > 0.0,
+                changes_output,
+                "{init:?}, decompose_both {decompose_both}: {d}"
+            );
+            // Which tensor PEFT zeroes: w1 / w1_a by default, w2 / w2_b for "lycoris".
+            for layer in model.linear_layers() {
+                for (key, var) in layer.layer.adapter("default").unwrap().trainable_vars() {
+                    let zero = match init {
+                        LokrInit::Default => key == "lokr_w1" || key == "lokr_w1_a",
+                        LokrInit::Lycoris => key == "lokr_w2" || key == "lokr_w2_b",
+                        _ => false,
+                    };
+                    let max = max_of(var.as_tensor());
+                    // kaiming_uniform(a = √5): U(±1/√fan_in), fan_in the second dimension.
+                    let bound = 1.0 / (var.dims()[1] as f32).sqrt();
+                    assert!(
+                        if zero { max == 0.0 } else { max > 0.0 && max <= bound },
+                        "{key}: {max}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gradients_reach_the_adapter_and_never_the_base() {
+    let varmap = VarMap::new();
+    let mut model = Tiny::new(VarBuilder::from_varmap(&varmap, DType::F32, &DEV));
+    let config = LokrConfig::from(all_linear())
+        .rank(1)
+        .decompose_both(true)
+        .init(LokrInit::Random);
+    model.add_adapter("default", &config).unwrap();
+    let x = io()["x"].clone();
+    let grads = loss(&model.forward(&x)).backward().unwrap();
+    for var in varmap.all_vars() {
+        assert!(grads.get(&var).is_none(), "a base weight got a gradient");
+    }
+    assert!(model.missing_gradients(&grads).unwrap().is_empty());
+    assert_eq!(model.trainable_vars().len(), 8);
+}
+
+#[test]
+fn parameter_counts_and_names_are_peft_s() {
+    let mut model = Tiny::from_fixture();
+    let base = 12 * 8 + 12 + 20 * 12;
+    assert_eq!(model.num_parameters().total, base);
+    model.load_adapter(fixture("adapter"), "default").unwrap();
+    // fc1: 3·2 + 4·4; fc2: 4·3 + 5·2 + 2·4.
+    let trainable = (3 * 2 + 4 * 4) + (4 * 3 + 5 * 2 + 2 * 4);
+    assert_eq!(
+        model.num_parameters(),
+        peft_core::ParameterCount {
+            trainable,
+            total: base + trainable
+        }
+    );
+    // PEFT's in-memory names, without `base_model.model.`.
+    let names: Vec<String> = model.named_trainable_vars().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "fc1.lokr_w1.default",
+            "fc1.lokr_w2.default",
+            "fc2.lokr_w1.default",
+            "fc2.lokr_w2_a.default",
+            "fc2.lokr_w2_b.default",
+        ]
+    );
+}
+
+#[test]
+fn dropouts_act_only_in_training() {
+    let x = io()["x"].clone();
+    let mut model = Tiny::from_fixture();
+    let y_base = model.forward(&x);
+    let config = LokrConfig::from(modules(["fc2"]))
+        .rank(2)
+        .init(LokrInit::Random)
+        .module_dropout(1.0);
+    model.add_adapter("default", &config).unwrap();
+    let y_eval = model.forward(&x);
+    assert!(max_abs(&y_eval, &y_base) > 1e-3);
+    // module_dropout = 1: PEFT applies the adapter when rand() > 1, never.
+    model.set_training(true);
+    assert_eq!(max_abs(&model.forward(&x), &y_base), 0.0);
+    model.set_training(false);
+    assert_eq!(max_abs(&model.forward(&x), &y_eval), 0.0);
+}
+
+#[test]
+fn rank_dropout_zeroes_output_rows_rescaling_only_when_asked() {
+    let dev = &DEV;
+    let layer_x = Tensor::randn(0f32, 1., (5, 12), dev).unwrap();
+    let var = |r, c| candle_core::Var::rand_f64(-1.0, 1.0, (r, c), DType::F32, dev).unwrap();
+    for rescale in [false, true] {
+        let mut layer = Linear::new(Tensor::zeros((20, 12), DType::F32, dev).unwrap(), None);
+        let adapter = LokrAdapter::new(
+            LokrFactor::Full(var(4, 3)),
+            LokrFactor::LowRank(var(5, 2), var(2, 4)),
+            2.0,
+        )
+        .unwrap()
+        .with_dropout(0.5, 0.0, rescale);
+        layer.add_adapter("default", Box::new(adapter)).unwrap();
+        let full = layer.forward(&layer_x).unwrap().to_vec2::<f32>().unwrap();
+        let mut saw_drop = false;
+        for _ in 0..10 {
+            let y = layer.forward_t(&layer_x, true).unwrap().to_vec2::<f32>().unwrap();
+            // Each output feature j is either dropped (all zero) or kept,
+            // multiplied by 1 / mean(mask) = 20 / kept with rank_dropout_scale.
+            let kept: Vec<bool> = (0..20).map(|j| y.iter().any(|row| row[j] != 0.0)).collect();
+            let n_kept = kept.iter().filter(|k| **k).count();
+            saw_drop |= n_kept < 20;
+            if n_kept == 0 {
+                continue;
+            }
+            let factor = if rescale { 20.0 / n_kept as f32 } else { 1.0 };
+            for (row, full_row) in y.iter().zip(&full) {
+                for j in 0..20 {
+                    let expected = if kept[j] { full_row[j] * factor } else { 0.0 };
+                    assert!(
+                        (row[j] - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                        "{} vs {expected}",
+                        row[j]
+                    );
+                }
+            }
+        }
+        assert!(saw_drop, "rank dropout 0.5 never dropped a row in 10 draws");
+    }
+}
+
+#[test]
+fn invalid_configs_are_refused_before_anything_changes() {
+    let mut model = Tiny::from_fixture();
+    let cases: [(LokrConfig, &str); 7] = [
+        (LokrConfig::default().rank(0), "r"),
+        (LokrConfig::default().rank_for("fc2", 0), "r"),
+        (LokrConfig::default().alpha(-1.0), "alpha"),
+        (LokrConfig::default().rank_dropout(-0.1), "rank_dropout"),
+        (LokrConfig::default().module_dropout(2.0), "module_dropout"),
+        (LokrConfig::default().decompose_factor(0), "decompose_factor"),
+        (LokrConfig::default().alpha_for("[", 2.0), "regex"),
+    ];
+    for (config, what) in cases {
+        let err = model.add_adapter("default", &config).unwrap_err();
+        match (&err, what) {
+            (PeftError::InvalidConfig { field, .. }, _) => assert_eq!(*field, what),
+            (PeftError::InvalidRegex { .. }, "regex") => {}
+            _ => panic!("{what}: unexpected error {err}"),
+        }
+        assert!(model.adapted_modules().is_empty());
+    }
+}
+
+/// Loads the fixture's default adapter with its config edited by `edit`.
+fn load_edited(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> peft_core::Result<Tiny> {
+    let dir = scratch(name);
+    let mut config = read_json(&fixture("adapter").join(CONFIG_FILE));
+    edit(&mut config);
+    std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    std::fs::copy(fixture("adapter").join(WEIGHTS_FILE), dir.join(WEIGHTS_FILE)).unwrap();
+    let mut model = Tiny::from_fixture();
+    model.load_adapter(&dir, "default").map(|()| model)
+}
+
+#[test]
+fn config_files_are_read_as_peft_writes_them() {
+    let model = load_edited("options", |c| {
+        c.insert("use_effective_conv2d".into(), Value::Bool(true));
+        c.insert("init_weights".into(), Value::from("lycoris"));
+        c.insert("rank_dropout".into(), 0.25.into());
+        c.insert("rank_dropout_scale".into(), Value::Bool(true));
+        c.insert("module_dropout".into(), 0.5.into());
+    })
+    .unwrap();
+    assert_eq!(model.adapted_modules(), ["fc1", "fc2"]);
+    let out = scratch("options_saved");
+    model.save_adapter(&out, "default").unwrap();
+    let saved = read_json(&out.join(CONFIG_FILE));
+    assert_eq!(saved["use_effective_conv2d"], Value::Bool(true));
+    assert_eq!(saved["init_weights"], Value::from("lycoris"));
+    assert_eq!(saved["rank_dropout_scale"], Value::Bool(true));
+    assert_eq!(saved["rank_dropout"], Value::from(0.25));
+
+    // The decomposition comes from the config: another factor, other shapes.
+    let err = load_edited("factor_2", |c| {
+        c.insert("decompose_factor".into(), 2.into());
+    })
+    .err()
+    .unwrap();
+    assert!(matches!(err, PeftError::ShapeMismatch { .. }), "{err}");
+    let err = load_edited("decompose_both", |c| {
+        c.insert("decompose_both".into(), Value::Bool(true));
+        c.insert("r".into(), 1.into());
+    })
+    .err()
+    .unwrap();
+    assert!(matches!(err, PeftError::MissingTensor { .. }), "{err}");
+}
+
+#[test]
+fn options_it_cannot_honour_are_refused() {
+    for (field, value, expect) in [
+        ("modules_to_save", serde_json::json!(["head"]), "modules_to_save"),
+        ("some_future_option", Value::from(3), "some_future_option"),
+        ("init_weights", Value::from("orthogonal"), "init_weights"),
+    ] {
+        let err = load_edited(&format!("refuse_{field}"), |c| {
+            c.insert(field.into(), value);
+        })
+        .err()
+        .unwrap();
+        match &err {
+            PeftError::UnsupportedOption { field, .. } => assert_eq!(field, expect),
+            other => panic!("{expect}: unexpected error {other}"),
+        }
+    }
+    let err = load_edited("bad_factor", |c| {
+        c.insert("decompose_factor".into(), 0.into());
+    })
+    .err()
+    .unwrap();
+    assert!(
+        matches!(
+            err,
+            PeftError::InvalidConfig {
+                field: "decompose_factor",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_config_round_trips_through_peft_fields() {
+    let config = LokrConfig::from(modules(["fc1"]))
+        .rank(3)
+        .alpha(1.5)
+        .decompose_both(true)
+        .decompose_factor(4)
+        .rank_dropout(0.1)
+        .rank_dropout_scale(true)
+        .init(LokrInit::Lycoris)
+        .rank_for("fc1", 2);
+    let fields = config.to_peft_config();
+    assert_eq!(fields["peft_type"], "LOKR");
+    assert_eq!(fields["r"], 3);
+    assert_eq!(fields["alpha"], 1.5);
+    assert_eq!(fields["decompose_both"], true);
+    assert_eq!(fields["decompose_factor"], 4);
+    assert_eq!(fields["rank_dropout"].to_string(), "0.1");
+    assert_eq!(fields["rank_dropout_scale"], true);
+    assert_eq!(fields["init_weights"], "lycoris");
+    assert_eq!(fields["rank_pattern"], serde_json::json!({"fc1": 2}));
+    assert_eq!(LokrConfig::default().to_peft_config()["decompose_factor"], -1);
+    assert_eq!(config.rank_and_alpha("fc1").unwrap(), (2, 1.5));
+}
