@@ -3,217 +3,37 @@
 //! what Rust saved; then fresh adapters, dropout, parameter counts and the
 //! errors of configs and files.
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use peft_core::lokr::{LokrAdapter, LokrConfig, LokrFactor, LokrInit};
 use peft_core::prelude::*;
 use peft_core::{AdapterConfig, PeftError, CONFIG_FILE, WEIGHTS_FILE};
 use serde_json::Value;
 
-const DEV: Device = Device::Cpu;
-const FIXTURE: &str = "tests/fixtures/lokr_tiny";
+#[allow(dead_code)]
+mod common;
 
-/// The fixture's torch module: `y = fc2(tanh(fc1(x)))`.
-#[derive(Adaptable)]
-struct Tiny {
-    fc1: Linear,
-    fc2: Linear,
-}
+use common::{loss, max_abs, max_of, read_json, Fixture, Tiny, DEV};
 
-impl Tiny {
-    fn new(vb: VarBuilder) -> Tiny {
-        Tiny {
-            fc1: linear(8, 12, vb.pp("fc1")).unwrap(),
-            fc2: linear_no_bias(12, 20, vb.pp("fc2")).unwrap(),
-        }
-    }
-
-    /// The base model of the fixture, from its `model.safetensors`.
-    fn from_fixture() -> Tiny {
-        let tensors = candle_core::safetensors::load(fixture("model.safetensors"), &DEV).unwrap();
-        Tiny::new(VarBuilder::from_tensors(tensors, DType::F32, &DEV))
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc2.forward(&self.fc1.forward(x).unwrap().tanh().unwrap()).unwrap()
-    }
-}
+const FIXTURE: Fixture = Fixture("lokr_tiny");
 
 fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE).join(path)
+    FIXTURE.path(path)
 }
 
 fn io() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("io.safetensors"), &DEV).unwrap()
+    FIXTURE.io()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn max_of(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn loss(y: &Tensor) -> Tensor {
-    y.sqr().unwrap().sum_all().unwrap()
-}
-
-/// A fresh folder under the target dir, emptied first.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("lokr").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    FIXTURE.scratch(name)
 }
 
-fn read_json(path: &Path) -> serde_json::Map<String, Value> {
-    match serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap() {
-        Value::Object(map) => map,
-        other => panic!("{path:?} is not a JSON object: {other}"),
-    }
-}
-
-fn string_set(value: &Value) -> BTreeSet<String> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn weights_of(model: &Tiny) -> Vec<Tensor> {
-    vec![model.fc1.weight().clone(), model.fc2.weight().clone()]
-}
-
-/// Everything the fixture records for one case, checked against Rust.
 fn check_case(case: &str, folder: &str) {
-    let io = io();
-    let get = |key: &str| io.get(key).unwrap_or_else(|| panic!("io.safetensors has no {key}"));
-    let x = get("x");
-
-    let mut model = Tiny::from_fixture();
-    let y_base = model.forward(x);
-    assert!(max_abs(&y_base, get("y_base")) <= 1e-6);
-    let original = weights_of(&model);
-
-    model.load_adapter(fixture(folder), "default").unwrap();
-    assert_eq!(model.adapted_modules(), ["fc1", "fc2"]);
-
-    // Output.
-    let y = model.forward(x);
-    let d_out = max_abs(&y, get(&format!("{case}.y_adapted")));
-    println!("{case}: output max abs diff {d_out:.3e}");
-    assert!(d_out <= 1e-5, "{case}: output differs by {d_out}");
-    assert!(
-        max_abs(&y, &y_base) > 1e-2,
-        "{case}: the adapter should change the output"
-    );
-
-    // Gradients of sum(y²) with respect to every adapter tensor.
-    let grads = loss(&y).backward().unwrap();
-    let mut checked = 0;
-    let mut worst = 0f32;
-    for layer in model.linear_layers() {
-        let adapter = layer.layer.adapter("default").unwrap();
-        for (key, var) in adapter.trainable_vars() {
-            let file_key = format!("base_model.model.{}.{key}", layer.path);
-            let expected = get(&format!("{case}.grad.{file_key}"));
-            let grad = grads.get(&var).unwrap_or_else(|| panic!("no gradient for {file_key}"));
-            let rel = max_abs(grad, expected) / max_of(expected);
-            worst = worst.max(rel);
-            assert!(
-                rel <= 1e-4,
-                "{case}: gradient of {file_key} differs by {rel} (relative)"
-            );
-            checked += 1;
-        }
-    }
-    println!("{case}: gradients max relative diff {worst:.3e}");
-    let in_fixture = io.keys().filter(|k| k.starts_with(&format!("{case}.grad."))).count();
-    assert_eq!(checked, in_fixture);
-
-    // Merge, then unmerge.
-    model.merge().unwrap();
-    let d_merged = max_abs(&model.forward(x), get(&format!("{case}.y_merged")));
-    let d_weights = ["fc1", "fc2"]
-        .iter()
-        .zip(weights_of(&model))
-        .map(|(n, w)| max_abs(&w, get(&format!("{case}.merged.{n}.weight"))))
-        .fold(0f32, f32::max);
-    println!("{case}: merged output {d_merged:.3e}, merged weights {d_weights:.3e}");
-    assert!(d_merged <= 1e-5 && d_weights <= 1e-5);
-    model.unmerge().unwrap();
-    let d_restored = original
-        .iter()
-        .zip(weights_of(&model))
-        .map(|(a, b)| max_abs(a, &b))
-        .fold(0f32, f32::max);
-    println!("{case}: unmerged weights vs original {d_restored:.3e}");
-    assert!(d_restored <= 1e-6);
-    assert!(max_abs(&model.forward(x), &y) <= 1e-6);
-
-    // Saving writes PEFT's keys, shapes and values, and its config fields.
-    let out = scratch(case);
-    model.save_adapter(&out, "default").unwrap();
-    let peft_tensors = candle_core::safetensors::load(fixture(folder).join(WEIGHTS_FILE), &DEV).unwrap();
-    let ours = candle_core::safetensors::load(out.join(WEIGHTS_FILE), &DEV).unwrap();
-    let keys = |m: &HashMap<String, Tensor>| m.keys().cloned().collect::<BTreeSet<_>>();
-    assert_eq!(keys(&ours), keys(&peft_tensors));
-    for (key, tensor) in &peft_tensors {
-        assert_eq!(ours[key].dims(), tensor.dims(), "{key}");
-        assert_eq!(max_abs(&ours[key], tensor), 0.0, "{key}");
-    }
-    check_saved_config(&fixture(folder).join(CONFIG_FILE), &out.join(CONFIG_FILE));
-
-    // Reloading what Rust saved gives the same output.
-    let mut reloaded = Tiny::from_fixture();
-    reloaded.load_adapter(&out, "default").unwrap();
-    assert_eq!(max_abs(&reloaded.forward(x), &y), 0.0);
-}
-
-/// Every field PEFT saved is in ours with the same value, except PEFT's
-/// bookkeeping; `target_modules` compares as a set (a PEFT regex is compared
-/// through the modules it matched).
-fn check_saved_config(peft: &Path, ours: &Path) {
-    let peft = read_json(peft);
-    let mut ours = read_json(ours);
-    let our_targets = string_set(&ours.remove("target_modules").unwrap());
-    assert_eq!(our_targets, BTreeSet::from(["fc1".to_owned(), "fc2".to_owned()]));
-    for (field, value) in &peft {
-        match field.as_str() {
-            "peft_version" | "auto_mapping" => {}
-            "target_modules" => {
-                if value.is_array() {
-                    assert_eq!(string_set(value), our_targets);
-                }
-            }
-            _ => assert_eq!(ours.get(field), Some(value), "field {field}"),
-        }
-    }
-    let extra: Vec<_> = ours.keys().filter(|k| !peft.contains_key(*k)).collect();
-    assert!(extra.is_empty(), "fields PEFT does not write: {extra:?}");
+    FIXTURE.check_case(case, folder)
 }
 
 #[test]
@@ -254,7 +74,7 @@ fn matches_peft_with_decompose_both_and_patterns() {
 
 /// `(<module>.<key>, shape)` of every tensor of the adapter in `folder`, as loaded.
 fn factor_shapes(folder: &str) -> Vec<(String, Vec<usize>)> {
-    let mut model = Tiny::from_fixture();
+    let mut model = FIXTURE.model();
     model.load_adapter(fixture(folder), "default").unwrap();
     model
         .linear_layers()
@@ -279,7 +99,7 @@ fn fresh_adapters_start_as_peft_s() {
         (LokrInit::Random, true),
     ] {
         for decompose_both in [false, true] {
-            let mut model = Tiny::from_fixture();
+            let mut model = FIXTURE.model();
             let y_base = model.forward(&x);
             let config = LokrConfig::from(modules(["fc1", "fc2"]))
                 .rank(1)
@@ -333,7 +153,7 @@ fn gradients_reach_the_adapter_and_never_the_base() {
 
 #[test]
 fn parameter_counts_and_names_are_peft_s() {
-    let mut model = Tiny::from_fixture();
+    let mut model = FIXTURE.model();
     let base = 12 * 8 + 12 + 20 * 12;
     assert_eq!(model.num_parameters().total, base);
     model.load_adapter(fixture("adapter"), "default").unwrap();
@@ -363,7 +183,7 @@ fn parameter_counts_and_names_are_peft_s() {
 #[test]
 fn dropouts_act_only_in_training() {
     let x = io()["x"].clone();
-    let mut model = Tiny::from_fixture();
+    let mut model = FIXTURE.model();
     let y_base = model.forward(&x);
     let config = LokrConfig::from(modules(["fc2"]))
         .rank(2)
@@ -424,7 +244,7 @@ fn rank_dropout_zeroes_output_rows_rescaling_only_when_asked() {
 
 #[test]
 fn invalid_configs_are_refused_before_anything_changes() {
-    let mut model = Tiny::from_fixture();
+    let mut model = FIXTURE.model();
     let cases: [(LokrConfig, &str); 7] = [
         (LokrConfig::default().rank(0), "r"),
         (LokrConfig::default().rank_for("fc2", 0), "r"),
@@ -452,7 +272,7 @@ fn load_edited(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, Value>
     edit(&mut config);
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string_pretty(&config).unwrap()).unwrap();
     std::fs::copy(fixture("adapter").join(WEIGHTS_FILE), dir.join(WEIGHTS_FILE)).unwrap();
-    let mut model = Tiny::from_fixture();
+    let mut model = FIXTURE.model();
     model.load_adapter(&dir, "default").map(|()| model)
 }
 
