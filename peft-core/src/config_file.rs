@@ -108,6 +108,57 @@ impl<T> OneOrMany<T> {
     }
 }
 
+/// PEFT's descriptive config fields, saved as given and read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct PeftMetadata {
+    /// `task_type` (`"CAUSAL_LM"`, ...).
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// `base_model_name_or_path`.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// `revision`.
+    #[serde(default)]
+    pub revision: Option<String>,
+}
+
+impl PeftMetadata {
+    /// Writes the three fields (null when unset) into a config's fields.
+    pub fn write_fields(&self, fields: &mut serde_json::Map<String, Value>) {
+        for (key, value) in [
+            ("task_type", &self.task_type),
+            ("base_model_name_or_path", &self.base_model_name_or_path),
+            ("revision", &self.revision),
+        ] {
+            fields.insert(key.to_owned(), optional(value));
+        }
+    }
+}
+
+/// Builder methods for the [`PeftMetadata`] of any adapter config.
+pub trait WithMetadata: Sized {
+    /// The config's metadata.
+    fn metadata_mut(&mut self) -> &mut PeftMetadata;
+
+    /// Sets `task_type` (`"CAUSAL_LM"`, ...).
+    fn task_type(mut self, task_type: &str) -> Self {
+        self.metadata_mut().task_type = Some(task_type.to_owned());
+        self
+    }
+
+    /// Sets `base_model_name_or_path`.
+    fn base_model(mut self, name_or_path: &str) -> Self {
+        self.metadata_mut().base_model_name_or_path = Some(name_or_path.to_owned());
+        self
+    }
+
+    /// Sets `revision`.
+    fn revision(mut self, revision: &str) -> Self {
+        self.metadata_mut().revision = Some(revision.to_owned());
+        self
+    }
+}
+
 /// Fields that describe the file rather than the computation.
 pub const METADATA_FIELDS: &[&str] = &[
     "peft_type",

@@ -113,7 +113,9 @@ use serde_json::Value;
 
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
-use crate::config_file::{optional, parse_json, refuse_set_options, unsupported, OneOrMany, TargetFields};
+use crate::config_file::{
+    parse_json, refuse_set_options, unsupported, OneOrMany, PeftMetadata, TargetFields, WithMetadata,
+};
 use crate::error::{PeftError, Result};
 use crate::linear::Linear;
 use crate::targets::{all_linear, Targets};
@@ -205,12 +207,9 @@ pub struct Ia3Config {
     /// so a fresh adapter changes nothing; false draws it from N(0, 1) (for
     /// tests).
     pub init_ia3_weights: bool,
-    /// PEFT's `task_type` (`"CAUSAL_LM"`, ...), saved as given.
-    pub task_type: Option<String>,
-    /// PEFT's `base_model_name_or_path`, saved as given.
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT's `revision`, saved as given.
-    pub revision: Option<String>,
+    /// PEFT's descriptive fields (`task_type`, `base_model_name_or_path`,
+    /// `revision`), saved as given; set them with [`WithMetadata`].
+    pub metadata: PeftMetadata,
 }
 
 impl Default for Ia3Config {
@@ -226,9 +225,7 @@ impl From<Targets> for Ia3Config {
             feedforward_modules: FeedforwardModules::default(),
             fan_in_fan_out: false,
             init_ia3_weights: true,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
+            metadata: PeftMetadata::default(),
         }
     }
 }
@@ -264,26 +261,17 @@ impl Ia3Config {
         self.init_ia3_weights = init_ia3_weights;
         self
     }
-    /// Sets `task_type`.
-    pub fn task_type(mut self, task_type: &str) -> Self {
-        self.task_type = Some(task_type.to_owned());
-        self
-    }
-    /// Sets `base_model_name_or_path`.
-    pub fn base_model(mut self, name_or_path: &str) -> Self {
-        self.base_model_name_or_path = Some(name_or_path.to_owned());
-        self
-    }
-    /// Sets `revision`.
-    pub fn revision(mut self, revision: &str) -> Self {
-        self.revision = Some(revision.to_owned());
-        self
-    }
 
     /// Whether the module at `path` is feed-forward, by PEFT's rule (see
     /// [`FeedforwardModules`]).
     pub fn is_feedforward(&self, path: &str) -> Result<bool> {
         self.feedforward_modules.matches(path)
+    }
+}
+
+impl WithMetadata for Ia3Config {
+    fn metadata_mut(&mut self) -> &mut PeftMetadata {
+        &mut self.metadata
     }
 }
 
@@ -327,12 +315,11 @@ impl AdapterConfig for Ia3Config {
             ("fan_in_fan_out", Value::Bool(self.fan_in_fan_out)),
             ("init_ia3_weights", Value::Bool(self.init_ia3_weights)),
             ("modules_to_save", Value::Null),
-            ("task_type", optional(&self.task_type)),
-            ("base_model_name_or_path", optional(&self.base_model_name_or_path)),
-            ("revision", optional(&self.revision)),
             ("inference_mode", Value::Bool(true)),
         ];
-        fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+        let mut map: serde_json::Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        self.metadata.write_fields(&mut map);
+        map
     }
 }
 
@@ -359,12 +346,8 @@ struct Ia3ConfigFile {
     init_ia3_weights: bool,
     #[serde(default)]
     modules_to_save: Option<Vec<String>>,
-    #[serde(default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    revision: Option<String>,
+    #[serde(flatten)]
+    metadata: PeftMetadata,
     /// Every other field, for [`refuse_set_options`].
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
@@ -403,9 +386,7 @@ impl Ia3ConfigFile {
             .fan_in_fan_out(self.fan_in_fan_out)
             .init(self.init_ia3_weights);
         config.feedforward_modules = feedforward_modules;
-        config.task_type = self.task_type;
-        config.base_model_name_or_path = self.base_model_name_or_path;
-        config.revision = self.revision;
+        config.metadata = self.metadata;
         Ok(config)
     }
 }

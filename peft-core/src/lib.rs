@@ -80,6 +80,7 @@ pub use peft_derive::Adaptable;
 /// What a model file needs: the derive, the layer slot and its constructors,
 /// targets, LoRA and the model API.
 pub mod prelude {
+    pub use crate::config_file::WithMetadata;
     #[cfg(feature = "derive")]
     pub use crate::Adaptable;
     pub use crate::{

@@ -73,7 +73,8 @@ use serde_json::Value;
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
 use crate::config_file::{
-    float, number, optional, ordered_map, parse_json, pattern_value, refuse_set_options, unsupported, TargetFields,
+    float, number, ordered_map, parse_json, pattern_value, refuse_set_options, unsupported, PeftMetadata, TargetFields,
+    WithMetadata,
 };
 use crate::error::{PeftError, Result};
 use crate::linear::Linear;
@@ -114,12 +115,9 @@ pub struct LohaConfig {
     /// PEFT's `use_effective_conv2d`: only changes convolution layers, so it
     /// has no effect on linear layers; kept for the saved config.
     pub use_effective_conv2d: bool,
-    /// PEFT's `task_type`, saved as given.
-    pub task_type: Option<String>,
-    /// PEFT's `base_model_name_or_path`, saved as given.
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT's `revision`, saved as given.
-    pub revision: Option<String>,
+    /// PEFT's descriptive fields (`task_type`, `base_model_name_or_path`,
+    /// `revision`), saved as given; set them with [`WithMetadata`].
+    pub metadata: PeftMetadata,
 }
 
 impl Default for LohaConfig {
@@ -140,9 +138,7 @@ impl From<Targets> for LohaConfig {
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
             use_effective_conv2d: false,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
+            metadata: PeftMetadata::default(),
         }
     }
 }
@@ -193,16 +189,6 @@ impl LohaConfig {
         self.use_effective_conv2d = on;
         self
     }
-    /// Sets `task_type`.
-    pub fn task_type(mut self, task_type: &str) -> Self {
-        self.task_type = Some(task_type.to_owned());
-        self
-    }
-    /// Sets `base_model_name_or_path`.
-    pub fn base_model(mut self, name_or_path: &str) -> Self {
-        self.base_model_name_or_path = Some(name_or_path.to_owned());
-        self
-    }
 
     /// `r` and `alpha` for the module at `path`, after `rank_pattern` and
     /// `alpha_pattern`.
@@ -210,6 +196,12 @@ impl LohaConfig {
         let r = pattern_value(&self.rank_pattern, path)?.unwrap_or(self.r);
         let alpha = pattern_value(&self.alpha_pattern, path)?.unwrap_or(self.alpha);
         Ok((r, alpha))
+    }
+}
+
+impl WithMetadata for LohaConfig {
+    fn metadata_mut(&mut self) -> &mut PeftMetadata {
+        &mut self.metadata
     }
 }
 
@@ -268,11 +260,9 @@ impl AdapterConfig for LohaConfig {
         let more = [
             ("init_weights", Value::Bool(self.init_weights)),
             ("use_effective_conv2d", Value::Bool(self.use_effective_conv2d)),
-            ("task_type", optional(&self.task_type)),
-            ("base_model_name_or_path", optional(&self.base_model_name_or_path)),
-            ("revision", optional(&self.revision)),
         ];
         fields.extend(more.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        self.metadata.write_fields(&mut fields);
         fields
     }
 }
@@ -294,6 +284,8 @@ struct LohaConfigFile {
     targets: TargetFields,
     #[serde(flatten)]
     common: LycorisFileFields,
+    #[serde(flatten)]
+    metadata: PeftMetadata,
     #[serde(default = "default_true")]
     init_weights: bool,
     /// Every other field, for [`refuse_set_options`].
@@ -314,9 +306,7 @@ impl LohaConfigFile {
             .use_effective_conv2d(self.common.use_effective_conv2d);
         config.rank_pattern = self.common.rank_pattern;
         config.alpha_pattern = self.common.alpha_pattern;
-        config.task_type = self.common.task_type;
-        config.base_model_name_or_path = self.common.base_model_name_or_path;
-        config.revision = self.common.revision;
+        config.metadata = self.metadata;
         Ok(config)
     }
 }
@@ -587,12 +577,6 @@ pub(crate) struct LycorisFileFields {
     pub(crate) use_effective_conv2d: bool,
     #[serde(default)]
     pub(crate) modules_to_save: Option<Vec<String>>,
-    #[serde(default)]
-    pub(crate) task_type: Option<String>,
-    #[serde(default)]
-    pub(crate) base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    pub(crate) revision: Option<String>,
 }
 
 impl LycorisFileFields {

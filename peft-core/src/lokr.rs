@@ -55,7 +55,9 @@ use serde_json::Value;
 
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
-use crate::config_file::{optional, parse_json, pattern_value, refuse_set_options, unsupported, TargetFields};
+use crate::config_file::{
+    parse_json, pattern_value, refuse_set_options, unsupported, PeftMetadata, TargetFields, WithMetadata,
+};
 use crate::error::{PeftError, Result};
 use crate::linear::Linear;
 use crate::loha::{
@@ -124,12 +126,9 @@ pub struct LokrConfig {
     /// PEFT's `use_effective_conv2d`: only changes convolution layers, so it
     /// has no effect on linear layers; kept for the saved config.
     pub use_effective_conv2d: bool,
-    /// PEFT's `task_type`, saved as given.
-    pub task_type: Option<String>,
-    /// PEFT's `base_model_name_or_path`, saved as given.
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT's `revision`, saved as given.
-    pub revision: Option<String>,
+    /// PEFT's descriptive fields (`task_type`, `base_model_name_or_path`,
+    /// `revision`), saved as given; set them with [`WithMetadata`].
+    pub metadata: PeftMetadata,
 }
 
 impl Default for LokrConfig {
@@ -153,9 +152,7 @@ impl From<Targets> for LokrConfig {
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
             use_effective_conv2d: false,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
+            metadata: PeftMetadata::default(),
         }
     }
 }
@@ -234,16 +231,6 @@ impl LokrConfig {
         self.use_effective_conv2d = on;
         self
     }
-    /// Sets `task_type`.
-    pub fn task_type(mut self, task_type: &str) -> Self {
-        self.task_type = Some(task_type.to_owned());
-        self
-    }
-    /// Sets `base_model_name_or_path`.
-    pub fn base_model(mut self, name_or_path: &str) -> Self {
-        self.base_model_name_or_path = Some(name_or_path.to_owned());
-        self
-    }
 
     /// `r` and `alpha` for the module at `path`, after `rank_pattern` and
     /// `alpha_pattern`.
@@ -299,6 +286,12 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
         (n, m)
     } else {
         (m, n)
+    }
+}
+
+impl WithMetadata for LokrConfig {
+    fn metadata_mut(&mut self) -> &mut PeftMetadata {
+        &mut self.metadata
     }
 }
 
@@ -372,11 +365,9 @@ impl AdapterConfig for LokrConfig {
             ("decompose_both", Value::Bool(self.decompose_both)),
             ("decompose_factor", Value::from(self.decompose_factor)),
             ("use_effective_conv2d", Value::Bool(self.use_effective_conv2d)),
-            ("task_type", optional(&self.task_type)),
-            ("base_model_name_or_path", optional(&self.base_model_name_or_path)),
-            ("revision", optional(&self.revision)),
         ];
         fields.extend(more.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        self.metadata.write_fields(&mut fields);
         fields
     }
 }
@@ -433,6 +424,8 @@ struct LokrConfigFile {
     targets: TargetFields,
     #[serde(flatten)]
     common: LycorisFileFields,
+    #[serde(flatten)]
+    metadata: PeftMetadata,
     #[serde(default)]
     init_weights: Option<Value>,
     #[serde(default)]
@@ -478,9 +471,7 @@ impl LokrConfigFile {
             .use_effective_conv2d(self.common.use_effective_conv2d);
         config.rank_pattern = self.common.rank_pattern;
         config.alpha_pattern = self.common.alpha_pattern;
-        config.task_type = self.common.task_type;
-        config.base_model_name_or_path = self.common.base_model_name_or_path;
-        config.revision = self.common.revision;
+        config.metadata = self.metadata;
         Ok(config)
     }
 }

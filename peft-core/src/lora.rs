@@ -33,7 +33,8 @@ use serde_json::Value;
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
 use crate::config_file::{
-    float, number, optional, ordered_map, parse_json, pattern_value, refuse_set_options, unsupported, TargetFields,
+    float, number, ordered_map, parse_json, pattern_value, refuse_set_options, unsupported, PeftMetadata, TargetFields,
+    WithMetadata,
 };
 use crate::dora::DoraAdapter;
 use crate::error::{PeftError, Result};
@@ -90,12 +91,9 @@ pub struct LoraConfig {
     /// holds `[out, in]` (transpose at load, see [`Linear::from_fan_in_fan_out`]),
     /// so this only records the layout for the saved config.
     pub fan_in_fan_out: bool,
-    /// PEFT's `task_type` (`"CAUSAL_LM"`, ...), saved as given.
-    pub task_type: Option<String>,
-    /// PEFT's `base_model_name_or_path`, saved as given.
-    pub base_model_name_or_path: Option<String>,
-    /// PEFT's `revision`, saved as given.
-    pub revision: Option<String>,
+    /// PEFT's descriptive fields (`task_type`, `base_model_name_or_path`,
+    /// `revision`), saved as given; set them with [`WithMetadata`].
+    pub metadata: PeftMetadata,
 }
 
 impl Default for LoraConfig {
@@ -117,9 +115,7 @@ impl From<Targets> for LoraConfig {
             rank_pattern: Vec::new(),
             alpha_pattern: Vec::new(),
             fan_in_fan_out: false,
-            task_type: None,
-            base_model_name_or_path: None,
-            revision: None,
+            metadata: PeftMetadata::default(),
         }
     }
 }
@@ -175,16 +171,6 @@ impl LoraConfig {
         self.fan_in_fan_out = on;
         self
     }
-    /// Sets `task_type`.
-    pub fn task_type(mut self, task_type: &str) -> Self {
-        self.task_type = Some(task_type.to_owned());
-        self
-    }
-    /// Sets `base_model_name_or_path`.
-    pub fn base_model(mut self, name_or_path: &str) -> Self {
-        self.base_model_name_or_path = Some(name_or_path.to_owned());
-        self
-    }
 
     /// The factor `s` applied to `B(A(x))`, for the global `r` and `lora_alpha`.
     pub fn scaling(&self) -> f64 {
@@ -230,6 +216,12 @@ fn scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
         alpha / (r as f64).sqrt()
     } else {
         alpha / r as f64
+    }
+}
+
+impl WithMetadata for LoraConfig {
+    fn metadata_mut(&mut self) -> &mut PeftMetadata {
+        &mut self.metadata
     }
 }
 
@@ -318,12 +310,11 @@ impl AdapterConfig for LoraConfig {
                     .collect(),
             ),
             ("modules_to_save", Value::Null),
-            ("task_type", optional(&self.task_type)),
-            ("base_model_name_or_path", optional(&self.base_model_name_or_path)),
-            ("revision", optional(&self.revision)),
             ("inference_mode", Value::Bool(true)),
         ];
-        fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+        let mut map: serde_json::Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        self.metadata.write_fields(&mut map);
+        map
     }
 }
 
@@ -364,12 +355,8 @@ struct LoraConfigFile {
     init_lora_weights: Option<Value>,
     #[serde(default)]
     modules_to_save: Option<Vec<String>>,
-    #[serde(default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    revision: Option<String>,
+    #[serde(flatten)]
+    metadata: PeftMetadata,
     /// Every other field, for [`refuse_set_options`].
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
@@ -421,9 +408,7 @@ impl LoraConfigFile {
             .fan_in_fan_out(self.fan_in_fan_out);
         config.rank_pattern = self.rank_pattern;
         config.alpha_pattern = self.alpha_pattern;
-        config.task_type = self.task_type;
-        config.base_model_name_or_path = self.base_model_name_or_path;
-        config.revision = self.revision;
+        config.metadata = self.metadata;
         Ok(config)
     }
 }
