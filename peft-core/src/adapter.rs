@@ -20,12 +20,12 @@ pub struct LinearWeights {
 /// (a quantized base, say) without breaking adapter implementations.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardContext<'a> {
-    pub(crate) base: &'a candle_nn::Linear,
+    pub(crate) base: &'a crate::linear::Base,
     pub(crate) training: bool,
 }
 
 impl<'a> ForwardContext<'a> {
-    /// The base weight, `[out, in]`.
+    /// The base weight, `[out, in]` (dequantized, once, for a quantized layer).
     pub fn weight(&self) -> &'a Tensor {
         self.base.weight()
     }

@@ -293,16 +293,16 @@ impl AdapterConfig for Ia3Config {
 
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
         let feedforward = self.is_feedforward(module).map_err(candle_core::Error::wrap)?;
-        let weight = layer.weight();
+        let (dtype, device) = (layer.dtype(), layer.device());
         let shape = if feedforward {
             (1, layer.in_features())
         } else {
             (layer.out_features(), 1)
         };
         let l = if self.init_ia3_weights {
-            Var::ones(shape, weight.dtype(), weight.device())?
+            Var::ones(shape, dtype, &device)?
         } else {
-            Var::randn_f64(0.0, 1.0, shape, weight.dtype(), weight.device())?
+            Var::randn_f64(0.0, 1.0, shape, dtype, &device)?
         };
         Ok(Box::new(Ia3Adapter::new(l, feedforward)?))
     }

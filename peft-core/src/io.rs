@@ -140,10 +140,7 @@ pub(crate) fn load_adapter<M: PeftModel + ?Sized>(model: &mut M, dir: &Path, nam
         path: weights_path.clone(),
         source,
     })?;
-    let device = model
-        .linear_layers()
-        .first()
-        .map_or(Device::Cpu, |l| l.layer.weight().device().clone());
+    let device = model.linear_layers().first().map_or(Device::Cpu, |l| l.layer.device());
     let tensors = candle_core::safetensors::load_buffer(&bytes, &device).map_err(|e| PeftError::Safetensors {
         path: weights_path.clone(),
         message: e.to_string(),

@@ -51,6 +51,7 @@ pub mod lokr;
 mod lora;
 mod model;
 mod path;
+pub mod quantized;
 mod registry;
 mod targets;
 
@@ -70,6 +71,7 @@ pub use lokr::{LokrAdapter, LokrConfig};
 pub use lora::{LoraAdapter, LoraConfig, LoraInit};
 pub use model::{LayerMut, LayerRef, ParameterCount, PeftModel, DEFAULT_ADAPTER};
 pub use path::ModulePath;
+pub use quantized::QuantizedWeight;
 pub use registry::{adapter_kind, adapter_kinds, AdapterKind, ParseConfig};
 pub use targets::{all_linear, layer_index, modules, name_matches, regex, Targets};
 

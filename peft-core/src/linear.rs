@@ -18,10 +18,12 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{Module, Result as CandleResult, Tensor, Var};
 
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::error::{PeftError, Result};
+use crate::quantized::QuantizedWeight;
 
 /// A linear layer `y = x Wᵀ + b` (weight stored `[out, in]`) that adapters can
 /// be attached to.
@@ -31,12 +33,54 @@ use crate::error::{PeftError, Result};
 /// any autograd graph, so the base never receives a gradient.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    base: candle_nn::Linear,
+    base: Base,
     adapters: Vec<AttachedAdapter>,
     adapters_enabled: bool,
     training: bool,
     /// The checkpoint stored this weight `[in, out]` (GPT-2's `Conv1D`).
     fan_in_fan_out: bool,
+}
+
+/// The frozen base of a layer: dense (candle-nn's layer) or quantized (QLoRA).
+#[derive(Debug, Clone)]
+pub(crate) enum Base {
+    Dense(candle_nn::Linear),
+    Quantized {
+        weight: QuantizedWeight,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Base {
+    pub(crate) fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
+        match self {
+            Base::Dense(linear) => linear.forward(x),
+            Base::Quantized { weight, bias } => {
+                let y = weight.forward(x)?;
+                match bias {
+                    Some(bias) => y.broadcast_add(bias),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    /// The dense weight; for a quantized base, dequantized once and kept.
+    pub(crate) fn weight(&self) -> &Tensor {
+        match self {
+            Base::Dense(linear) => linear.weight(),
+            Base::Quantized { weight, .. } => weight
+                .dequantized()
+                .expect("a GGML quantized tensor dequantizes on its own device"),
+        }
+    }
+
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Base::Dense(linear) => linear.bias(),
+            Base::Quantized { bias, .. } => bias.as_ref(),
+        }
+    }
 }
 
 /// PEFT's `adapter_config.json` fields of the config an adapter was made
@@ -80,7 +124,36 @@ impl Linear {
         self.fan_in_fan_out
     }
 
-    /// The base weight `[out, in]` (with merged adapters folded in).
+    /// A layer whose weight `[out, in]` stays quantized (QLoRA): the forward
+    /// pass multiplies by the quantized weight, adapters train on top, and
+    /// gradients flow back through it to earlier layers. Merging into it is
+    /// refused (see [`merge`](Self::merge)).
+    pub fn from_qtensor(weight: impl Into<Arc<QTensor>>, bias: Option<Tensor>) -> CandleResult<Self> {
+        let base = Base::Quantized {
+            weight: QuantizedWeight::new(weight)?,
+            bias,
+        };
+        Ok(Self::with_base(base))
+    }
+
+    /// Whether the base weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.base, Base::Quantized { .. })
+    }
+
+    /// The quantized base weight, if it is one.
+    pub fn quantized_weight(&self) -> Option<&QuantizedWeight> {
+        match &self.base {
+            Base::Quantized { weight, .. } => Some(weight),
+            Base::Dense(_) => None,
+        }
+    }
+
+    /// The base weight `[out, in]` (with merged adapters folded in). For a
+    /// quantized layer this is the dequantized weight, made on first call and
+    /// kept, which costs the f32 memory quantization saves: prefer
+    /// [`in_features`](Self::in_features), [`dtype`](Self::dtype) and
+    /// [`device`](Self::device) for what they tell.
     pub fn weight(&self) -> &Tensor {
         self.base.weight()
     }
@@ -90,17 +163,43 @@ impl Linear {
         self.base.bias()
     }
 
+    /// `[out, in]`.
+    fn dims(&self) -> (usize, usize) {
+        let dims = match &self.base {
+            Base::Dense(linear) => linear.weight().dims(),
+            Base::Quantized { weight, .. } => weight.shape().dims(),
+        };
+        (dims.first().copied().unwrap_or(0), dims.get(1).copied().unwrap_or(0))
+    }
+
     /// Input features (`in`).
     pub fn in_features(&self) -> usize {
-        self.weight().dims().get(1).copied().unwrap_or(0)
+        self.dims().1
     }
 
     /// Output features (`out`).
     pub fn out_features(&self) -> usize {
-        self.weight().dims().first().copied().unwrap_or(0)
+        self.dims().0
     }
 
-    /// The base weights as one value.
+    /// The dtype of the layer's activations, and of new adapters: the weight's
+    /// for a dense layer, f32 for a quantized one.
+    pub fn dtype(&self) -> candle_core::DType {
+        match &self.base {
+            Base::Dense(linear) => linear.weight().dtype(),
+            Base::Quantized { .. } => candle_core::DType::F32,
+        }
+    }
+
+    /// The device the weight lives on.
+    pub fn device(&self) -> candle_core::Device {
+        match &self.base {
+            Base::Dense(linear) => linear.weight().device().clone(),
+            Base::Quantized { weight, .. } => weight.qtensor().device(),
+        }
+    }
+
+    /// The base weights as one value (dense; see [`weight`](Self::weight)).
     pub fn base_weights(&self) -> LinearWeights {
         LinearWeights {
             weight: self.base.weight().clone(),
@@ -193,9 +292,11 @@ impl Linear {
     /// checked the name already.
     pub(crate) fn insert_adapter(&mut self, name: &str, adapter: Box<dyn LinearAdapter>, config: Option<SavedConfig>) {
         if self.adapters.is_empty() {
-            let weight = self.base.weight().detach();
-            let bias = self.base.bias().map(Tensor::detach);
-            self.base = candle_nn::Linear::new(weight, bias);
+            if let Base::Dense(linear) = &self.base {
+                let weight = linear.weight().detach();
+                let bias = linear.bias().map(Tensor::detach);
+                self.base = Base::Dense(candle_nn::Linear::new(weight, bias));
+            }
         }
         self.adapters.push(AttachedAdapter {
             name: name.to_owned(),
@@ -252,7 +353,7 @@ impl Linear {
 
     /// Number of elements in the base weight and bias.
     pub fn num_base_parameters(&self) -> usize {
-        self.weight().elem_count() + self.bias().map_or(0, Tensor::elem_count)
+        self.in_features() * self.out_features() + self.bias().map_or(0, Tensor::elem_count)
     }
 
     /// Number of elements in all attached adapters' trainable tensors, and in
@@ -331,6 +432,13 @@ impl Linear {
         if !self.adapters_enabled || !self.adapters.iter().any(|a| chosen(a) && !a.merged) {
             return Ok(None);
         }
+        if let Some(weight) = self.quantized_weight() {
+            candle_core::bail!(
+                "cannot merge into a quantized ({:?}) base weight: requantizing the merged weight would lose \
+                 the adapter's precision; keep the adapter unmerged, or load the base in f32/f16 to merge",
+                weight.dtype()
+            );
+        }
         let merged: Vec<bool> = self.adapters.iter().map(|a| a.merged || chosen(a)).collect();
         let unmerged = self.unmerged_weights()?;
         let mut weights = unmerged.clone();
@@ -376,7 +484,7 @@ impl Linear {
     /// Installs a plan made by `plan_merge`/`plan_unmerge` on this same layer.
     pub(crate) fn commit(&mut self, plan: MergePlan) {
         debug_assert_eq!(plan.merged.len(), self.adapters.len());
-        self.base = candle_nn::Linear::new(plan.weights.weight, plan.weights.bias);
+        self.base = Base::Dense(candle_nn::Linear::new(plan.weights.weight, plan.weights.bias));
         for (attached, merged) in self.adapters.iter_mut().zip(plan.merged) {
             attached.merged = merged;
         }
@@ -385,7 +493,7 @@ impl Linear {
     /// Installs a merge plan and drops every adapter: a plain layer remains.
     pub(crate) fn commit_and_unload(&mut self, plan: Option<MergePlan>) {
         if let Some(plan) = plan {
-            self.base = candle_nn::Linear::new(plan.weights.weight, plan.weights.bias);
+            self.base = Base::Dense(candle_nn::Linear::new(plan.weights.weight, plan.weights.bias));
         }
         self.adapters.clear();
         self.adapters_enabled = true;
@@ -415,6 +523,12 @@ fn insert_adapter_name(key: &str, adapter: &str) -> String {
 
 impl From<candle_nn::Linear> for Linear {
     fn from(base: candle_nn::Linear) -> Self {
+        Self::with_base(Base::Dense(base))
+    }
+}
+
+impl Linear {
+    fn with_base(base: Base) -> Self {
         Self {
             base,
             adapters: Vec::new(),

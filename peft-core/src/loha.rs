@@ -229,8 +229,7 @@ impl AdapterConfig for LohaConfig {
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
         let (r, alpha) = self.rank_and_alpha(module).map_err(candle_core::Error::wrap)?;
         let (out_f, in_f) = (layer.out_features(), layer.in_features());
-        let weight = layer.weight();
-        let (dtype, device) = (weight.dtype(), weight.device());
+        let (dtype, device) = (layer.dtype(), &layer.device());
         // PEFT: kaiming_uniform(a = √5) on all four (U(±1/√fan_in), fan_in the
         // second dimension), except w2_b, zero with init_weights = true.
         let w1_a = kaiming_uniform((out_f, r), dtype, device)?;

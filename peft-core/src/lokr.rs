@@ -326,8 +326,7 @@ impl AdapterConfig for LokrConfig {
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
         let (r, alpha) = self.rank_and_alpha(module).map_err(candle_core::Error::wrap)?;
         let shapes = self.factor_shapes(r, layer.in_features(), layer.out_features());
-        let weight = layer.weight();
-        let (dtype, device) = (weight.dtype(), weight.device());
+        let (dtype, device) = (layer.dtype(), &layer.device());
         let (zero_w1, zero_w2) = match self.init_weights {
             LokrInit::Default => (true, false),
             LokrInit::Lycoris => (false, true),

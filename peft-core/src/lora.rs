@@ -255,19 +255,18 @@ impl AdapterConfig for LoraConfig {
 
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
         let (r, alpha) = self.rank_and_alpha(module).map_err(candle_core::Error::wrap)?;
-        let weight = layer.weight();
         let (a, b) = self.init_vars(
             r,
             layer.in_features(),
             layer.out_features(),
-            weight.dtype(),
-            weight.device(),
+            layer.dtype(),
+            &layer.device(),
         )?;
         let lora = LoraAdapter::new(a, b, scaling(alpha, r, self.use_rslora), self.lora_dropout)?;
         if self.use_dora {
             // The magnitude starts as the row norms of W + s·B·A, as PEFT's
             // `dora_init` (with B = 0, the norms of W), so m / n = 1 at first.
-            Ok(Box::new(DoraAdapter::from_weight(lora, weight)?))
+            Ok(Box::new(DoraAdapter::from_weight(lora, layer.weight())?))
         } else {
             Ok(Box::new(lora))
         }

@@ -333,7 +333,12 @@ pub trait PeftModel: Adaptable {
         }
         impl<'a> Visitor<'a> for Count<'a> {
             fn visit_linear(&mut self, _: &ModulePath, _: Role, layer: &'a Linear) {
-                self.add(layer.weight());
+                if layer.is_quantized() {
+                    // No dense tensor to share: count the quantized weight's elements.
+                    self.total += layer.in_features() * layer.out_features();
+                } else {
+                    self.add(layer.weight());
+                }
                 if let Some(bias) = layer.bias() {
                     self.add(bias);
                 }
