@@ -41,6 +41,10 @@ pub struct Linear {
     fan_in_fan_out: bool,
 }
 
+/// Why merging into a quantized base is refused.
+const QUANTIZED_MERGE: &str = "cannot merge into a quantized base weight: requantizing the merged weight would \
+     lose the adapter's precision; keep the adapter unmerged, or load the base in f32/f16 to merge";
+
 /// The frozen base of a layer: dense (candle-nn's layer) or quantized (QLoRA).
 #[derive(Debug, Clone)]
 pub(crate) enum Base {
@@ -378,8 +382,10 @@ impl Linear {
 
     // ---- merging -------------------------------------------------------------
 
-    /// Folds the active, unmerged adapters into the base weight.
+    /// Folds the active, unmerged adapters into the base weight. Refused for
+    /// a quantized base: see [`from_qtensor`](Self::from_qtensor).
     pub fn merge(&mut self) -> Result<()> {
+        self.check_mergeable(None)?;
         if let Some(plan) = self.plan_merge()? {
             self.commit(plan);
         }
@@ -413,6 +419,25 @@ impl Linear {
         self.adapters_enabled = false;
     }
 
+    /// Refuses to merge the adapters in `names` (the active ones when `None`)
+    /// into a quantized base.
+    pub(crate) fn check_mergeable(&self, names: Option<&[&str]>) -> Result<()> {
+        let pending = self.adapters.iter().any(|a| {
+            !a.merged
+                && match names {
+                    None => a.active,
+                    Some(names) => names.contains(&a.name.as_str()),
+                }
+        });
+        if self.is_quantized() && self.adapters_enabled && pending {
+            return Err(PeftError::MergeState {
+                module: self.describe(),
+                reason: QUANTIZED_MERGE,
+            });
+        }
+        Ok(())
+    }
+
     /// Computes the merged weights without changing the layer.
     pub(crate) fn plan_merge(&self) -> CandleResult<Option<MergePlan>> {
         self.plan_merge_of(None)
@@ -432,12 +457,8 @@ impl Linear {
         if !self.adapters_enabled || !self.adapters.iter().any(|a| chosen(a) && !a.merged) {
             return Ok(None);
         }
-        if let Some(weight) = self.quantized_weight() {
-            candle_core::bail!(
-                "cannot merge into a quantized ({:?}) base weight: requantizing the merged weight would lose \
-                 the adapter's precision; keep the adapter unmerged, or load the base in f32/f16 to merge",
-                weight.dtype()
-            );
+        if self.is_quantized() {
+            candle_core::bail!("{QUANTIZED_MERGE}");
         }
         let merged: Vec<bool> = self.adapters.iter().map(|a| a.merged || chosen(a)).collect();
         let unmerged = self.unmerged_weights()?;

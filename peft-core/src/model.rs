@@ -366,6 +366,7 @@ pub trait PeftModel: Adaptable {
     /// Folds the active adapters into the base weights: the forward pass then
     /// costs what the base model costs.
     fn merge(&mut self) -> Result<()> {
+        check_mergeable(self, None)?;
         commit_all(self, Linear::plan_merge, |layer, plan| {
             if let Some(plan) = plan {
                 layer.commit(plan);
@@ -377,6 +378,7 @@ pub trait PeftModel: Adaptable {
     /// `merge_adapter(adapter_names=[...])`; the others stay unmerged.
     fn merge_adapters(&mut self, names: &[&str]) -> Result<()> {
         check_known(names, &self.adapter_names())?;
+        check_mergeable(self, Some(names))?;
         commit_all(
             self,
             |layer| layer.plan_merge_of(Some(names)),
@@ -401,6 +403,7 @@ pub trait PeftModel: Adaptable {
     /// Merges the active adapters and removes every adapter: plain layers
     /// with the adapted weights remain.
     fn merge_and_unload(&mut self) -> Result<()> {
+        check_mergeable(self, None)?;
         commit_all(self, Linear::plan_merge, Linear::commit_and_unload)
     }
 
@@ -460,6 +463,17 @@ fn commit_all<M: PeftModel + ?Sized>(
         .collect::<Result<Vec<_>>>()?;
     for (layer, plan) in layers.into_iter().zip(plans) {
         commit(layer.layer, plan);
+    }
+    Ok(())
+}
+
+/// Refuses a merge that would go into a quantized base, naming the layer.
+fn check_mergeable<M: PeftModel + ?Sized>(model: &M, names: Option<&[&str]>) -> Result<()> {
+    for layer in model.linear_layers() {
+        layer
+            .layer
+            .check_mergeable(names)
+            .map_err(|e| relocate(e, &layer.path))?;
     }
     Ok(())
 }
