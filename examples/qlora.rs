@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use peft_core::prelude::*;
 
