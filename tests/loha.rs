@@ -10,7 +10,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use peft_core::loha::{LohaAdapter, LohaConfig};
 use peft_core::prelude::*;
-use peft_core::{AdapterConfig, PeftError, CONFIG_FILE, WEIGHTS_FILE};
+use peft_core::{AdapterConfig, PeftError, CONFIG_FILE};
 use serde_json::Value;
 
 #[allow(dead_code)]
@@ -225,13 +225,7 @@ fn invalid_configs_are_refused_before_anything_changes() {
 
 /// Loads the fixture's default adapter with its config edited by `edit`.
 fn load_edited(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> peft_core::Result<Tiny> {
-    let dir = scratch(name);
-    let mut config = read_json(&fixture("adapter").join(CONFIG_FILE));
-    edit(&mut config);
-    std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string_pretty(&config).unwrap()).unwrap();
-    std::fs::copy(fixture("adapter").join(WEIGHTS_FILE), dir.join(WEIGHTS_FILE)).unwrap();
-    let mut model = FIXTURE.model();
-    model.load_adapter(&dir, "default").map(|()| model)
+    FIXTURE.load_edited(name, edit)
 }
 
 #[test]

@@ -56,6 +56,22 @@ impl Fixture {
         Tiny::new(VarBuilder::from_tensors(tensors, DType::F32, &DEV))
     }
 
+    /// The base model with the case's `adapter/` loaded, its config first
+    /// edited by `edit` (in a copy of the folder).
+    pub fn load_edited(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+    ) -> peft_core::Result<Tiny> {
+        let dir = self.scratch(name);
+        let mut config = read_json(&self.path("adapter").join(CONFIG_FILE));
+        edit(&mut config);
+        std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        std::fs::copy(self.path("adapter").join(WEIGHTS_FILE), dir.join(WEIGHTS_FILE)).unwrap();
+        let mut model = self.model();
+        model.load_adapter(&dir, "default").map(|()| model)
+    }
+
     /// A fresh folder under the target dir, emptied first.
     pub fn scratch(&self, name: &str) -> PathBuf {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(self.0).join(name);
