@@ -186,3 +186,45 @@ fn merging_into_a_quantized_base_is_refused_and_changes_nothing() {
         VOCAB * HIDDEN + 4 * HIDDEN * INNER + VOCAB * HIDDEN
     );
 }
+
+/// Every adapter kind trains over a quantized base: each gets gradients in
+/// the first block, through the quantized layers above it.
+#[test]
+fn every_adapter_kind_trains_over_a_quantized_base() {
+    use peft_core::{AdapterConfig, Ia3Config, LohaConfig, LokrConfig};
+    let configs: Vec<(&str, Box<dyn AdapterConfig>)> = vec![
+        ("LoRA", Box::new(LoraConfig::from(all_linear()).init(LoraInit::Random))),
+        (
+            "DoRA",
+            Box::new(LoraConfig::from(all_linear()).init(LoraInit::Random).dora(true)),
+        ),
+        (
+            "IA3",
+            Box::new(Ia3Config::from(all_linear()).feedforward_modules(["down"])),
+        ),
+        ("LoHa", Box::new(LohaConfig::from(all_linear()).init_weights(false))),
+        (
+            "LoKr",
+            Box::new(LokrConfig::from(all_linear()).init(peft_core::lokr::LokrInit::Random)),
+        ),
+    ];
+    for (kind, config) in configs {
+        let (mut model, _) = twins(GgmlDType::Q8_0);
+        model.add_adapter("default", config.as_ref()).unwrap();
+        let grads = model.loss(&ids()).backward().unwrap();
+        let first_block: Vec<(String, f32)> = model
+            .named_trainable_vars()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("blocks.0."))
+            .map(|(name, var)| {
+                let grad = grads.get(&var).map_or(0.0, max_abs);
+                (name, grad)
+            })
+            .collect();
+        assert!(!first_block.is_empty(), "{kind}");
+        assert!(
+            first_block.iter().all(|(_, g)| *g > 0.0),
+            "{kind}: adapters of the first block without gradient: {first_block:?}"
+        );
+    }
+}
