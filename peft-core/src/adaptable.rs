@@ -23,6 +23,17 @@ pub enum Role {
     OutputHead,
 }
 
+/// What a layer computes, for targeting: `all_linear()` selects linear
+/// layers only; names and regexes select any kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LayerKind {
+    /// `peft_core::Linear`.
+    Linear,
+    /// `peft_core::Embedding`.
+    Embedding,
+}
+
 /// Sees the layers of a model by shared reference.
 ///
 /// Every method has an empty default, so a visitor implements only what it

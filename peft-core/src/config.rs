@@ -33,3 +33,15 @@ pub trait AdapterConfig {
         fields
     }
 }
+
+/// Refuses a layer that is not a plain linear layer, for adapter kinds that
+/// only have a linear form (as in PEFT).
+pub(crate) fn require_linear(peft_type: &str, module: &str, layer: &Linear) -> CandleResult<()> {
+    if layer.kind() != crate::adaptable::LayerKind::Linear {
+        candle_core::bail!(
+            "{peft_type} adapters are not implemented for {:?} layers (module `{module}`)",
+            layer.kind()
+        );
+    }
+    Ok(())
+}

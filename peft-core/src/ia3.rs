@@ -292,6 +292,7 @@ impl AdapterConfig for Ia3Config {
     }
 
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
+        crate::config::require_linear(self.peft_type(), module, layer)?;
         let feedforward = self.is_feedforward(module).map_err(candle_core::Error::wrap)?;
         let (dtype, device) = (layer.dtype(), layer.device());
         let shape = if feedforward {

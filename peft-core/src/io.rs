@@ -150,7 +150,7 @@ pub(crate) fn load_adapter<M: PeftModel + ?Sized>(model: &mut M, dir: &Path, nam
         let layers = model.linear_layers();
         let chosen = config
             .targets()
-            .resolve(layers.iter().map(|l| (l.path.as_str(), l.role)))?;
+            .resolve(layers.iter().map(|l| (l.path.as_str(), l.role, l.layer.kind())))?;
         let mut unused: BTreeMap<&str, &Tensor> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
         let mut adapters: Vec<(usize, Box<dyn LinearAdapter>)> = Vec::with_capacity(chosen.len());
         for i in chosen {

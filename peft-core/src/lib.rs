@@ -42,6 +42,7 @@ mod adapter;
 mod config;
 pub mod config_file;
 pub mod dora;
+mod embedding;
 mod error;
 pub mod ia3;
 mod io;
@@ -56,12 +57,13 @@ mod registry;
 mod targets;
 
 pub use adaptable::{
-    visit_child, visit_child_mut, visit_child_with, visit_child_with_mut, Adaptable, OutputHead, Role, Visitor,
-    VisitorMut,
+    visit_child, visit_child_mut, visit_child_with, visit_child_with_mut, Adaptable, LayerKind, OutputHead, Role,
+    Visitor, VisitorMut,
 };
 pub use adapter::{ForwardContext, LinearAdapter, LinearWeights};
 pub use config::AdapterConfig;
 pub use dora::DoraAdapter;
+pub use embedding::{embedding, Embedding, LoraEmbeddingAdapter};
 pub use error::{PeftError, Result};
 pub use ia3::{FeedforwardModules, Ia3Adapter, Ia3Config};
 pub use io::{adapter_dir, CONFIG_FILE, WEIGHTS_FILE};

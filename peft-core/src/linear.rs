@@ -21,6 +21,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Module, Result as CandleResult, Tensor, Var};
 
+use crate::adaptable::LayerKind;
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::error::{PeftError, Result};
 use crate::quantized::QuantizedWeight;
@@ -45,7 +46,8 @@ pub struct Linear {
 const QUANTIZED_MERGE: &str = "cannot merge into a quantized base weight: requantizing the merged weight would \
      lose the adapter's precision; keep the adapter unmerged, or load the base in f32/f16 to merge";
 
-/// The frozen base of a layer: dense (candle-nn's layer) or quantized (QLoRA).
+/// The frozen base of a layer: dense (candle-nn's layer), quantized (QLoRA),
+/// or an embedding table.
 #[derive(Debug, Clone)]
 pub(crate) enum Base {
     Dense(candle_nn::Linear),
@@ -53,12 +55,56 @@ pub(crate) enum Base {
         weight: QuantizedWeight,
         bias: Option<Tensor>,
     },
+    /// An embedding table `[vocab, dim]` looked up by token ids: a linear
+    /// map on one-hot inputs, whose weight `[out = dim, in = vocab]` is the
+    /// table's transpose (kept as a view, no copy).
+    Lookup {
+        table: candle_nn::Embedding,
+        weight: Tensor,
+    },
 }
 
 impl Base {
+    fn lookup(table: Tensor) -> CandleResult<Base> {
+        let dim = table.dim(1)?;
+        let weight = table.t()?;
+        Ok(Base::Lookup {
+            table: candle_nn::Embedding::new(table, dim),
+            weight,
+        })
+    }
+
+    /// The same kind of base with new (dense) weights.
+    fn rebuilt(&self, weights: LinearWeights) -> Base {
+        match self {
+            Base::Lookup { .. } => {
+                // The weight is `[dim, vocab]`: the table is its transpose.
+                let table = weights.weight.t().and_then(|t| t.contiguous());
+                match table.and_then(Base::lookup) {
+                    Ok(base) => base,
+                    Err(_) => Base::Dense(candle_nn::Linear::new(weights.weight, weights.bias)),
+                }
+            }
+            _ => Base::Dense(candle_nn::Linear::new(weights.weight, weights.bias)),
+        }
+    }
+
+    /// The same base, cut from the autograd graph.
+    fn detached(&self) -> Base {
+        match self {
+            Base::Dense(linear) => Base::Dense(candle_nn::Linear::new(
+                linear.weight().detach(),
+                linear.bias().map(Tensor::detach),
+            )),
+            Base::Lookup { table, .. } => Base::lookup(table.embeddings().detach()).unwrap_or_else(|_| self.clone()),
+            Base::Quantized { .. } => self.clone(),
+        }
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
         match self {
             Base::Dense(linear) => linear.forward(x),
+            Base::Lookup { table, .. } => table.forward(x),
             Base::Quantized { weight, bias } => {
                 let y = weight.forward(x)?;
                 match bias {
@@ -76,6 +122,7 @@ impl Base {
             Base::Quantized { weight, .. } => weight
                 .dequantized()
                 .expect("a GGML quantized tensor dequantizes on its own device"),
+            Base::Lookup { weight, .. } => weight,
         }
     }
 
@@ -83,6 +130,7 @@ impl Base {
         match self {
             Base::Dense(linear) => linear.bias(),
             Base::Quantized { bias, .. } => bias.as_ref(),
+            Base::Lookup { .. } => None,
         }
     }
 }
@@ -140,6 +188,30 @@ impl Linear {
         Ok(Self::with_base(base))
     }
 
+    /// An embedding slot's layer: `table` `[vocab, dim]` looked up by token
+    /// ids. Adapters see it as a linear map `dim x vocab` on one-hot inputs.
+    pub(crate) fn lookup(table: Tensor) -> CandleResult<Self> {
+        Ok(Self::with_base(Base::lookup(table)?))
+    }
+
+    /// What kind of layer this is, for targeting.
+    pub fn kind(&self) -> LayerKind {
+        match self.base {
+            Base::Lookup { .. } => LayerKind::Embedding,
+            _ => LayerKind::Linear,
+        }
+    }
+
+    /// The tensors the base holds, for counting parameters (tied tensors
+    /// count once); a quantized weight has none.
+    pub(crate) fn base_tensors(&self) -> Vec<&Tensor> {
+        match &self.base {
+            Base::Dense(linear) => std::iter::once(linear.weight()).chain(linear.bias()).collect(),
+            Base::Quantized { bias, .. } => bias.iter().collect(),
+            Base::Lookup { table, .. } => vec![table.embeddings()],
+        }
+    }
+
     /// Whether the base weight is quantized.
     pub fn is_quantized(&self) -> bool {
         matches!(self.base, Base::Quantized { .. })
@@ -149,7 +221,7 @@ impl Linear {
     pub fn quantized_weight(&self) -> Option<&QuantizedWeight> {
         match &self.base {
             Base::Quantized { weight, .. } => Some(weight),
-            Base::Dense(_) => None,
+            _ => None,
         }
     }
 
@@ -172,6 +244,7 @@ impl Linear {
         let dims = match &self.base {
             Base::Dense(linear) => linear.weight().dims(),
             Base::Quantized { weight, .. } => weight.shape().dims(),
+            Base::Lookup { weight, .. } => weight.dims(),
         };
         (dims.first().copied().unwrap_or(0), dims.get(1).copied().unwrap_or(0))
     }
@@ -192,6 +265,7 @@ impl Linear {
         match &self.base {
             Base::Dense(linear) => linear.weight().dtype(),
             Base::Quantized { .. } => candle_core::DType::F32,
+            Base::Lookup { weight, .. } => weight.dtype(),
         }
     }
 
@@ -200,6 +274,7 @@ impl Linear {
         match &self.base {
             Base::Dense(linear) => linear.weight().device().clone(),
             Base::Quantized { weight, .. } => weight.qtensor().device(),
+            Base::Lookup { weight, .. } => weight.device().clone(),
         }
     }
 
@@ -296,11 +371,7 @@ impl Linear {
     /// checked the name already.
     pub(crate) fn insert_adapter(&mut self, name: &str, adapter: Box<dyn LinearAdapter>, config: Option<SavedConfig>) {
         if self.adapters.is_empty() {
-            if let Base::Dense(linear) = &self.base {
-                let weight = linear.weight().detach();
-                let bias = linear.bias().map(Tensor::detach);
-                self.base = Base::Dense(candle_nn::Linear::new(weight, bias));
-            }
+            self.base = self.base.detached();
         }
         self.adapters.push(AttachedAdapter {
             name: name.to_owned(),
@@ -505,7 +576,7 @@ impl Linear {
     /// Installs a plan made by `plan_merge`/`plan_unmerge` on this same layer.
     pub(crate) fn commit(&mut self, plan: MergePlan) {
         debug_assert_eq!(plan.merged.len(), self.adapters.len());
-        self.base = Base::Dense(candle_nn::Linear::new(plan.weights.weight, plan.weights.bias));
+        self.base = self.base.rebuilt(plan.weights);
         for (attached, merged) in self.adapters.iter_mut().zip(plan.merged) {
             attached.merged = merged;
         }
@@ -514,7 +585,7 @@ impl Linear {
     /// Installs a merge plan and drops every adapter: a plain layer remains.
     pub(crate) fn commit_and_unload(&mut self, plan: Option<MergePlan>) {
         if let Some(plan) = plan {
-            self.base = Base::Dense(candle_nn::Linear::new(plan.weights.weight, plan.weights.bias));
+            self.base = self.base.rebuilt(plan.weights);
         }
         self.adapters.clear();
         self.adapters_enabled = true;

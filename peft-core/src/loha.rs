@@ -227,6 +227,7 @@ impl AdapterConfig for LohaConfig {
     }
 
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
+        crate::config::require_linear(self.peft_type(), module, layer)?;
         let (r, alpha) = self.rank_and_alpha(module).map_err(candle_core::Error::wrap)?;
         let (out_f, in_f) = (layer.out_features(), layer.in_features());
         let (dtype, device) = (layer.dtype(), &layer.device());

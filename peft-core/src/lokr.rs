@@ -324,6 +324,7 @@ impl AdapterConfig for LokrConfig {
     }
 
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
+        crate::config::require_linear(self.peft_type(), module, layer)?;
         let (r, alpha) = self.rank_and_alpha(module).map_err(candle_core::Error::wrap)?;
         let shapes = self.factor_shapes(r, layer.in_features(), layer.out_features());
         let (dtype, device) = (layer.dtype(), &layer.device());

@@ -30,6 +30,7 @@ use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, Var};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::adaptable::LayerKind;
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
 use crate::config_file::{
@@ -37,6 +38,7 @@ use crate::config_file::{
     WithMetadata,
 };
 use crate::dora::DoraAdapter;
+use crate::embedding::LoraEmbeddingAdapter;
 use crate::error::{PeftError, Result};
 use crate::linear::Linear;
 use crate::targets::{all_linear, Targets};
@@ -210,6 +212,34 @@ impl LoraConfig {
     }
 }
 
+impl LoraConfig {
+    /// LoRA on an embedding, initialised as PEFT's `lora.Embedding`: `A`
+    /// `[r, vocab]` zeros and `B` `[dim, r]` N(0, 1) (both N(0, 1) for
+    /// [`LoraInit::Random`]), so a fresh adapter changes nothing.
+    fn embedding_adapter(
+        &self,
+        module: &str,
+        layer: &Linear,
+        r: usize,
+        alpha: f64,
+    ) -> CandleResult<Box<dyn LinearAdapter>> {
+        if self.use_dora {
+            candle_core::bail!("DoRA is not implemented for embedding layers (module `{module}`)");
+        }
+        let (vocab, dim, dtype, device) = (layer.in_features(), layer.out_features(), layer.dtype(), layer.device());
+        let a = match self.init_lora_weights {
+            LoraInit::Random => Var::randn_f64(0.0, 1.0, (r, vocab), dtype, &device)?,
+            LoraInit::Default | LoraInit::Gaussian => Var::zeros((r, vocab), dtype, &device)?,
+        };
+        let b = Var::randn_f64(0.0, 1.0, (dim, r), dtype, &device)?;
+        Ok(Box::new(LoraEmbeddingAdapter::new(
+            a,
+            b,
+            scaling(alpha, r, self.use_rslora),
+        )?))
+    }
+}
+
 /// `alpha / r`, or `alpha / √r` with rsLoRA.
 fn scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
     if use_rslora {
@@ -255,6 +285,9 @@ impl AdapterConfig for LoraConfig {
 
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
         let (r, alpha) = self.rank_and_alpha(module).map_err(candle_core::Error::wrap)?;
+        if layer.kind() == LayerKind::Embedding {
+            return self.embedding_adapter(module, layer, r, alpha);
+        }
         let (a, b) = self.init_vars(
             r,
             layer.in_features(),

@@ -131,7 +131,7 @@ pub trait PeftModel: Adaptable {
     /// The full paths of the layers `targets` selects, sorted.
     fn targeted_modules(&self, targets: &Targets) -> Result<Vec<String>> {
         let layers = self.linear_layers();
-        let chosen = targets.resolve(layers.iter().map(|l| (l.path.as_str(), l.role)))?;
+        let chosen = targets.resolve(layers.iter().map(|l| (l.path.as_str(), l.role, l.layer.kind())))?;
         let mut paths: Vec<String> = chosen.into_iter().map(|i| layers[i].path.clone()).collect();
         paths.sort();
         Ok(paths)
@@ -185,7 +185,7 @@ pub trait PeftModel: Adaptable {
             let layers = self.linear_layers();
             let chosen = config
                 .targets()
-                .resolve(layers.iter().map(|l| (l.path.as_str(), l.role)))?;
+                .resolve(layers.iter().map(|l| (l.path.as_str(), l.role, l.layer.kind())))?;
             let mut adapters = Vec::with_capacity(chosen.len());
             for &i in &chosen {
                 let LayerRef { path, layer, .. } = &layers[i];
@@ -336,11 +336,9 @@ pub trait PeftModel: Adaptable {
                 if layer.is_quantized() {
                     // No dense tensor to share: count the quantized weight's elements.
                     self.total += layer.in_features() * layer.out_features();
-                } else {
-                    self.add(layer.weight());
                 }
-                if let Some(bias) = layer.bias() {
-                    self.add(bias);
+                for tensor in layer.base_tensors() {
+                    self.add(tensor);
                 }
                 let (all, active) = layer.num_adapter_parameters();
                 self.total += all;

@@ -15,7 +15,7 @@ use std::fmt;
 
 use regex::Regex;
 
-use crate::adaptable::Role;
+use crate::adaptable::{LayerKind, Role};
 use crate::error::{PeftError, Result};
 
 /// A set of target layers. Build it with [`all_linear`], [`modules`] or
@@ -59,7 +59,7 @@ impl Pattern {
 }
 
 /// Every linear layer except the one marked `#[output_head]`: PEFT's
-/// `target_modules="all-linear"`.
+/// `target_modules="all-linear"`. Embeddings are not linear layers here.
 pub fn all_linear() -> Targets {
     Targets::including(Selector::AllLinear)
 }
@@ -157,8 +157,13 @@ impl Targets {
     /// A regex that does not compile matches nothing here; [`validate`](Self::validate)
     /// reports it.
     pub fn matches(&self, path: &str, role: Role) -> bool {
-        self.include.iter().any(|s| s.matches(path, role))
-            && !self.exclude.iter().any(|s| s.matches(path, role))
+        self.matches_layer(path, role, LayerKind::Linear)
+    }
+
+    /// Whether the layer at `path`, with `role` and of `kind`, is targeted.
+    pub fn matches_layer(&self, path: &str, role: Role, kind: LayerKind) -> bool {
+        self.include.iter().any(|s| s.matches(path, role, kind))
+            && !self.exclude.iter().any(|s| s.matches(path, role, kind))
             && self.in_layers(path)
     }
 
@@ -208,18 +213,18 @@ impl Targets {
         }
     }
 
-    /// Indices into `candidates` (each a layer's path and role) of the
+    /// Indices into `candidates` (each a layer's path, role and kind) of the
     /// targeted layers, in the order given.
     ///
     /// Errors when nothing matches the includes, or when the exclusions or
     /// the layer filter remove every match.
-    pub fn resolve<'p>(&self, candidates: impl IntoIterator<Item = (&'p str, Role)>) -> Result<Vec<usize>> {
+    pub fn resolve<'p>(&self, candidates: impl IntoIterator<Item = (&'p str, Role, LayerKind)>) -> Result<Vec<usize>> {
         self.validate()?;
-        let candidates: Vec<(&str, Role)> = candidates.into_iter().collect();
+        let candidates: Vec<(&str, Role, LayerKind)> = candidates.into_iter().collect();
         let matched: Vec<usize> = (0..candidates.len())
             .filter(|&i| {
-                let (path, role) = candidates[i];
-                self.include.iter().any(|s| s.matches(path, role))
+                let (path, role, kind) = candidates[i];
+                self.include.iter().any(|s| s.matches(path, role, kind))
             })
             .collect();
         if matched.is_empty() {
@@ -232,8 +237,8 @@ impl Targets {
             .iter()
             .copied()
             .filter(|&i| {
-                let (path, role) = candidates[i];
-                !self.exclude.iter().any(|s| s.matches(path, role))
+                let (path, role, kind) = candidates[i];
+                !self.exclude.iter().any(|s| s.matches(path, role, kind))
             })
             .collect();
         if kept.is_empty() {
@@ -283,9 +288,9 @@ pub fn layer_index(path: &str) -> Option<usize> {
 }
 
 impl Selector {
-    fn matches(&self, path: &str, role: Role) -> bool {
+    fn matches(&self, path: &str, role: Role, kind: LayerKind) -> bool {
         match self {
-            Selector::AllLinear => role == Role::Hidden,
+            Selector::AllLinear => role == Role::Hidden && kind == LayerKind::Linear,
             Selector::Names(names) => names.iter().any(|name| name_matches(path, name)),
             Selector::Regex(pattern) => pattern.compiled.as_ref().is_ok_and(|re| re.is_match(path)),
         }
