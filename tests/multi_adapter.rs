@@ -66,6 +66,12 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Merging reassociates float sums: compare relative to the output's scale.
+fn close(a: &Tensor, b: &Tensor, tolerance: f32) -> bool {
+    let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    max_abs_diff(a, b) <= tolerance * scale
+}
+
 fn random_lora(targets: Targets) -> LoraConfig {
     LoraConfig::from(targets).rank(2).alpha(2.0).init(LoraInit::Random)
 }
@@ -109,7 +115,7 @@ fn adapters_on_the_same_layer_add_up() {
     let b = output_with(&mut net, &["b"]);
     // base -> head is linear in the attn output: the deltas add.
     let sum = ((&a + &b).unwrap() - &base).unwrap();
-    assert!(max_abs_diff(&both, &sum) < 1e-4, "{}", max_abs_diff(&both, &sum));
+    assert!(close(&both, &sum, 1e-5), "{}", max_abs_diff(&both, &sum));
 }
 
 #[test]
@@ -140,7 +146,7 @@ fn merging_a_chosen_set() {
         .map(|(l, _)| l.path.clone())
         .collect();
     assert_eq!(changed, ["blocks.0.attn", "blocks.1.attn"]);
-    assert!(max_abs_diff(&net.forward(&x()), &adapted) < 1e-5);
+    assert!(close(&net.forward(&x()), &adapted, 1e-5));
     assert!(matches!(
         net.merge_adapters(&["c"]),
         Err(PeftError::UnknownAdapter { .. })
@@ -170,7 +176,7 @@ fn merge_and_unload_folds_every_active_adapter() {
     let adapted = net.forward(&x());
     net.merge_and_unload().unwrap();
     assert!(net.adapter_names().is_empty());
-    assert!(max_abs_diff(&net.forward(&x()), &adapted) < 1e-5);
+    assert!(close(&net.forward(&x()), &adapted, 1e-5));
 }
 
 #[test]

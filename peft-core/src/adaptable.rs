@@ -32,6 +32,8 @@ pub enum LayerKind {
     Linear,
     /// `peft_core::Embedding`.
     Embedding,
+    /// `peft_core::Conv1d`, `peft_core::Conv2d`.
+    Conv,
 }
 
 /// Sees the layers of a model by shared reference.

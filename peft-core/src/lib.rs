@@ -41,6 +41,7 @@ mod adaptable;
 mod adapter;
 mod config;
 pub mod config_file;
+mod conv;
 pub mod dora;
 mod embedding;
 mod error;
@@ -62,6 +63,7 @@ pub use adaptable::{
 };
 pub use adapter::{ForwardContext, LinearAdapter, LinearWeights};
 pub use config::AdapterConfig;
+pub use conv::{conv1d, conv2d, Conv1d, Conv2d, ConvGeometry, LoraConvAdapter};
 pub use dora::DoraAdapter;
 pub use embedding::{embedding, Embedding, LoraEmbeddingAdapter};
 pub use error::{PeftError, Result};

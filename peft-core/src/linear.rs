@@ -23,6 +23,7 @@ use candle_core::{Module, Result as CandleResult, Tensor, Var};
 
 use crate::adaptable::LayerKind;
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
+use crate::conv::ConvLayer;
 use crate::error::{PeftError, Result};
 use crate::quantized::QuantizedWeight;
 
@@ -62,6 +63,12 @@ pub(crate) enum Base {
         table: candle_nn::Embedding,
         weight: Tensor,
     },
+    /// A convolution: a linear map of each input patch, whose weight
+    /// `[out, in·k...]` is the kernel flattened (a view, no copy).
+    Conv {
+        conv: ConvLayer,
+        weight: Tensor,
+    },
 }
 
 impl Base {
@@ -74,9 +81,22 @@ impl Base {
         })
     }
 
+    fn conv(conv: ConvLayer) -> CandleResult<Base> {
+        let out = conv.kernel().dim(0)?;
+        let weight = conv.kernel().reshape((out, ()))?;
+        Ok(Base::Conv { conv, weight })
+    }
+
     /// The same kind of base with new (dense) weights.
     fn rebuilt(&self, weights: LinearWeights) -> Base {
         match self {
+            Base::Conv { conv, .. } => {
+                let kernel = weights.weight.reshape(conv.kernel().shape());
+                match kernel.and_then(|kernel| Base::conv(conv.with(kernel, weights.bias.clone()))) {
+                    Ok(base) => base,
+                    Err(_) => Base::Dense(candle_nn::Linear::new(weights.weight, weights.bias)),
+                }
+            }
             Base::Lookup { .. } => {
                 // The weight is `[dim, vocab]`: the table is its transpose.
                 let table = weights.weight.t().and_then(|t| t.contiguous());
@@ -97,6 +117,8 @@ impl Base {
                 linear.bias().map(Tensor::detach),
             )),
             Base::Lookup { table, .. } => Base::lookup(table.embeddings().detach()).unwrap_or_else(|_| self.clone()),
+            Base::Conv { conv, .. } => Base::conv(conv.with(conv.kernel().detach(), conv.bias().map(Tensor::detach)))
+                .unwrap_or_else(|_| self.clone()),
             Base::Quantized { .. } => self.clone(),
         }
     }
@@ -105,6 +127,7 @@ impl Base {
         match self {
             Base::Dense(linear) => linear.forward(x),
             Base::Lookup { table, .. } => table.forward(x),
+            Base::Conv { conv, .. } => conv.forward(x),
             Base::Quantized { weight, bias } => {
                 let y = weight.forward(x)?;
                 match bias {
@@ -122,7 +145,7 @@ impl Base {
             Base::Quantized { weight, .. } => weight
                 .dequantized()
                 .expect("a GGML quantized tensor dequantizes on its own device"),
-            Base::Lookup { weight, .. } => weight,
+            Base::Lookup { weight, .. } | Base::Conv { weight, .. } => weight,
         }
     }
 
@@ -131,6 +154,7 @@ impl Base {
             Base::Dense(linear) => linear.bias(),
             Base::Quantized { bias, .. } => bias.as_ref(),
             Base::Lookup { .. } => None,
+            Base::Conv { conv, .. } => conv.bias(),
         }
     }
 }
@@ -194,11 +218,41 @@ impl Linear {
         Ok(Self::with_base(Base::lookup(table)?))
     }
 
+    /// A convolution slot's layer.
+    pub(crate) fn conv(conv: ConvLayer) -> CandleResult<Self> {
+        Ok(Self::with_base(Base::conv(conv)?))
+    }
+
     /// What kind of layer this is, for targeting.
     pub fn kind(&self) -> LayerKind {
         match self.base {
             Base::Lookup { .. } => LayerKind::Embedding,
+            Base::Conv { .. } => LayerKind::Conv,
             _ => LayerKind::Linear,
+        }
+    }
+
+    /// The kernel `[out, in, k...]` of a convolution slot.
+    pub(crate) fn conv_kernel(&self) -> Option<Tensor> {
+        match &self.base {
+            Base::Conv { conv, .. } => Some(conv.kernel().clone()),
+            _ => None,
+        }
+    }
+
+    /// Stride, padding and dilation of a convolution slot.
+    pub(crate) fn conv_geometry(&self) -> Option<crate::conv::ConvGeometry> {
+        match &self.base {
+            Base::Conv { conv, .. } => Some(conv.geometry()),
+            _ => None,
+        }
+    }
+
+    /// The kernel shape `[out, in, k...]` and groups of a convolution slot.
+    pub(crate) fn conv_shape(&self) -> Option<(Vec<usize>, usize)> {
+        match &self.base {
+            Base::Conv { conv, .. } => Some((conv.kernel().dims().to_vec(), conv.groups())),
+            _ => None,
         }
     }
 
@@ -209,6 +263,7 @@ impl Linear {
             Base::Dense(linear) => std::iter::once(linear.weight()).chain(linear.bias()).collect(),
             Base::Quantized { bias, .. } => bias.iter().collect(),
             Base::Lookup { table, .. } => vec![table.embeddings()],
+            Base::Conv { conv, .. } => std::iter::once(conv.kernel()).chain(conv.bias()).collect(),
         }
     }
 
@@ -244,7 +299,7 @@ impl Linear {
         let dims = match &self.base {
             Base::Dense(linear) => linear.weight().dims(),
             Base::Quantized { weight, .. } => weight.shape().dims(),
-            Base::Lookup { weight, .. } => weight.dims(),
+            Base::Lookup { weight, .. } | Base::Conv { weight, .. } => weight.dims(),
         };
         (dims.first().copied().unwrap_or(0), dims.get(1).copied().unwrap_or(0))
     }
@@ -265,7 +320,7 @@ impl Linear {
         match &self.base {
             Base::Dense(linear) => linear.weight().dtype(),
             Base::Quantized { .. } => candle_core::DType::F32,
-            Base::Lookup { weight, .. } => weight.dtype(),
+            Base::Lookup { weight, .. } | Base::Conv { weight, .. } => weight.dtype(),
         }
     }
 
@@ -274,7 +329,7 @@ impl Linear {
         match &self.base {
             Base::Dense(linear) => linear.weight().device().clone(),
             Base::Quantized { weight, .. } => weight.qtensor().device(),
-            Base::Lookup { weight, .. } => weight.device().clone(),
+            Base::Lookup { weight, .. } | Base::Conv { weight, .. } => weight.device().clone(),
         }
     }
 

@@ -37,6 +37,7 @@ use crate::config_file::{
     float, number, ordered_map, parse_json, pattern_value, refuse_set_options, unsupported, PeftMetadata, TargetFields,
     WithMetadata,
 };
+use crate::conv::LoraConvAdapter;
 use crate::dora::DoraAdapter;
 use crate::embedding::LoraEmbeddingAdapter;
 use crate::error::{PeftError, Result};
@@ -240,6 +241,52 @@ impl LoraConfig {
     }
 }
 
+impl LoraConfig {
+    /// LoRA on a convolution, initialised as PEFT's `lora.Conv*d`: `A`
+    /// `[r, in, k...]` Kaiming-uniform (U(±1/√(in·k))), `B` `[out, r, 1...]`
+    /// zeros (both uniform for [`LoraInit::Random`], `A` ~ N(0, 1/r²) for
+    /// [`LoraInit::Gaussian`]).
+    fn conv_adapter(&self, module: &str, layer: &Linear, r: usize, alpha: f64) -> CandleResult<Box<dyn LinearAdapter>> {
+        let (Some((kernel, groups)), Some(geometry)) = (layer.conv_shape(), layer.conv_geometry()) else {
+            candle_core::bail!("module `{module}` is not a convolution");
+        };
+        if self.use_dora {
+            candle_core::bail!("DoRA is not implemented for convolution layers (module `{module}`)");
+        }
+        if groups != 1 {
+            candle_core::bail!(
+                "LoRA is not implemented for grouped convolutions (module `{module}` has {groups} groups)"
+            );
+        }
+        let (dtype, device) = (layer.dtype(), layer.device());
+        let mut a_shape = kernel.clone();
+        a_shape[0] = r;
+        let mut b_shape = vec![kernel[0], r];
+        b_shape.extend(std::iter::repeat_n(1, kernel.len() - 2));
+        let uniform = |fan_in: usize, shape: &[usize]| {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            Var::rand_f64(-bound, bound, shape, dtype, &device)
+        };
+        let fan_in = kernel[1..].iter().product::<usize>();
+        let (a, b) = match self.init_lora_weights {
+            LoraInit::Default => (uniform(fan_in, &a_shape)?, Var::zeros(b_shape, dtype, &device)?),
+            LoraInit::Gaussian => (
+                Var::randn_f64(0.0, 1.0 / r as f64, a_shape, dtype, &device)?,
+                Var::zeros(b_shape, dtype, &device)?,
+            ),
+            LoraInit::Random => (uniform(fan_in, &a_shape)?, uniform(r, &b_shape)?),
+        };
+        let scale = scaling(alpha, r, self.use_rslora);
+        Ok(Box::new(LoraConvAdapter::new(
+            a,
+            b,
+            scale,
+            self.lora_dropout,
+            geometry,
+        )?))
+    }
+}
+
 /// `alpha / r`, or `alpha / √r` with rsLoRA.
 fn scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
     if use_rslora {
@@ -285,8 +332,10 @@ impl AdapterConfig for LoraConfig {
 
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>> {
         let (r, alpha) = self.rank_and_alpha(module).map_err(candle_core::Error::wrap)?;
-        if layer.kind() == LayerKind::Embedding {
-            return self.embedding_adapter(module, layer, r, alpha);
+        match layer.kind() {
+            LayerKind::Embedding => return self.embedding_adapter(module, layer, r, alpha),
+            LayerKind::Conv => return self.conv_adapter(module, layer, r, alpha),
+            _ => {}
         }
         let (a, b) = self.init_vars(
             r,

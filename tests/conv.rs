@@ -1,0 +1,195 @@
+//! LoRA on convolutions (PEFT's `lora.Conv1d` / `lora.Conv2d`): the
+//! `peft_core::Conv1d` / `Conv2d` slots against Python PEFT
+//! (`tests/fixtures/lora_conv_tiny`) and their own invariants.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv1dConfig, Conv2dConfig, VarBuilder};
+use peft_core::prelude::*;
+use peft_core::{Conv1d, Conv2d, Ia3Config, LayerKind, PeftError, WEIGHTS_FILE};
+
+const DEV: Device = Device::Cpu;
+
+#[derive(Adaptable)]
+struct Tiny {
+    c1: Conv1d,
+    c2: Conv2d,
+}
+
+impl Tiny {
+    fn load() -> Tiny {
+        let tensors = candle_core::safetensors::load(fixture("model.safetensors"), &DEV).unwrap();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &DEV);
+        let c1 = Conv1dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let c2 = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        Tiny {
+            c1: peft_core::conv1d(3, 4, 3, c1, vb.pp("c1")).unwrap(),
+            c2: candle_nn::conv2d_no_bias(2, 5, 3, c2, vb.pp("c2")).unwrap().into(),
+        }
+    }
+
+    fn forward(&self, io: &HashMap<String, Tensor>) -> (Tensor, Tensor) {
+        (self.c1.forward(&io["x1"]).unwrap(), self.c2.forward(&io["x2"]).unwrap())
+    }
+}
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/lora_conv_tiny")
+        .join(path)
+}
+
+fn io() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("io.safetensors"), &DEV).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
+fn check_outputs(model: &Tiny, io: &HashMap<String, Tensor>, which: &str) {
+    let (y1, y2) = model.forward(io);
+    let (d1, d2) = (
+        diff(&y1, &io[&format!("y1_{which}")]),
+        diff(&y2, &io[&format!("y2_{which}")]),
+    );
+    assert!(d1 < 1e-5 && d2 < 1e-5, "{which}: {d1}, {d2}");
+}
+
+#[test]
+fn without_adapters_the_slots_are_candle_nn_convolutions() {
+    let io = io();
+    let model = Tiny::load();
+    check_outputs(&model, &io, "base");
+    let kinds: Vec<LayerKind> = model.linear_layers().iter().map(|l| l.layer.kind()).collect();
+    assert_eq!(kinds, [LayerKind::Conv, LayerKind::Conv]);
+    // all_linear() leaves convolutions alone; names select them.
+    assert!(matches!(
+        model.targeted_modules(&all_linear()),
+        Err(PeftError::NoTargetMatched { .. })
+    ));
+    assert_eq!(model.targeted_modules(&modules(["c1", "c2"])).unwrap(), ["c1", "c2"]);
+}
+
+#[test]
+fn matches_peft() {
+    let io = io();
+    let mut model = Tiny::load();
+    let kernels = (model.c1.weight(), model.c2.weight());
+    model.load_adapter(fixture("adapter"), "default").unwrap();
+    check_outputs(&model, &io, "adapted");
+
+    let (y1, y2) = model.forward(&io);
+    let loss = (y1.sqr().unwrap().sum_all().unwrap() + y2.sqr().unwrap().sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = model.named_trainable_vars();
+    assert_eq!(vars.len(), 4);
+    for (name, var) in &vars {
+        let key = format!("grad.base_model.model.{}", name.replacen(".default", "", 1));
+        let expected = &io[&key];
+        let rel = diff(grads.get(var).unwrap(), expected) / max_abs(expected);
+        assert!(rel < 1e-4, "{key}: relative error {rel}");
+    }
+
+    let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conv").join("saved");
+    let _ = std::fs::remove_dir_all(&saved);
+    model.save_adapter(&saved, "default").unwrap();
+    let theirs = candle_core::safetensors::load(fixture("adapter").join(WEIGHTS_FILE), &DEV).unwrap();
+    let ours = candle_core::safetensors::load(saved.join(WEIGHTS_FILE), &DEV).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    for (key, tensor) in &theirs {
+        assert_eq!(ours[key].dims(), tensor.dims(), "{key}");
+        assert_eq!(diff(&ours[key], tensor), 0.0, "{key}");
+    }
+
+    model.merge().unwrap();
+    check_outputs(&model, &io, "merged");
+    assert!(diff(&model.c2.weight(), &kernels.1) > 1e-3);
+    model.unmerge().unwrap();
+    assert!(diff(&model.c1.weight(), &kernels.0) < 1e-6);
+    assert!(diff(&model.c2.weight(), &kernels.1) < 1e-6);
+}
+
+#[test]
+fn a_fresh_conv_lora_changes_nothing() {
+    let io = io();
+    let mut model = Tiny::load();
+    model
+        .apply_lora(LoraConfig::from(modules(["c1", "c2"])).rank(3))
+        .unwrap();
+    check_outputs(&model, &io, "base");
+    let shapes: Vec<Vec<usize>> = model
+        .named_trainable_vars()
+        .iter()
+        .map(|(_, v)| v.dims().to_vec())
+        .collect();
+    assert_eq!(
+        shapes,
+        [vec![3, 3, 3], vec![4, 3, 1], vec![3, 2, 3, 3], vec![5, 3, 1, 1]]
+    );
+}
+
+/// Gradients with respect to the input of a 1-D convolution slot match a
+/// plain matmul formulation (candle's own `conv1d` backward does not).
+#[test]
+fn conv1d_input_gradients_are_right() {
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7), &DEV).unwrap()).unwrap();
+    let kernel = Tensor::randn(0f32, 1.0, (4, 3, 1), &DEV).unwrap();
+    let conv = Conv1d::new(kernel.clone(), None, Conv1dConfig::default()).unwrap();
+    let grad_conv = conv
+        .forward(&x)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    // A kernel of size 1 is a matmul over channels: y[b, o, t] = Σ_c W[o, c] x[b, c, t].
+    let w = kernel
+        .squeeze(2)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .broadcast_as((2, 4, 3))
+        .unwrap();
+    let y = w.matmul(x.as_tensor()).unwrap();
+    let grad_mm = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(diff(grad_conv.get(&x).unwrap(), grad_mm.get(&x).unwrap()) < 1e-4);
+}
+
+#[test]
+fn kinds_without_a_conv_form_refuse_it() {
+    let mut model = Tiny::load();
+    match model.add_adapter("ia3", &Ia3Config::from(modules(["c1"]))) {
+        Err(PeftError::Module { module, source }) => {
+            assert_eq!(module, "c1");
+            assert!(
+                source.to_string().contains("not implemented for Conv layers"),
+                "{source}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(model.adapter_names().is_empty());
+}
