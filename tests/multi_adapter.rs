@@ -68,7 +68,16 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Merging reassociates float sums: compare relative to the output's scale.
 fn close(a: &Tensor, b: &Tensor, tolerance: f32) -> bool {
-    let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+    let scale = a
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0);
     max_abs_diff(a, b) <= tolerance * scale
 }
 
