@@ -45,7 +45,8 @@ pub trait Visitor<'a> {
     fn enter_module(&mut self, _path: &ModulePath) {}
     /// Called when the walk leaves the child module entered last.
     fn exit_module(&mut self, _path: &ModulePath) {}
-    /// A linear layer slot at `path`.
+    /// An adaptable layer at `path`: a `Linear`, or the layer inside an
+    /// `Embedding` / `Conv1d` / `Conv2d` slot (`layer.kind()` tells which).
     fn visit_linear(&mut self, _path: &ModulePath, _role: Role, _layer: &'a Linear) {}
     /// A frozen tensor held by a leaf (an embedding table, a norm weight...).
     /// `path` names the tensor as a checkpoint would (`embed_tokens.weight`).
@@ -58,7 +59,7 @@ pub trait VisitorMut<'a> {
     fn enter_module(&mut self, _path: &ModulePath) {}
     /// Called when the walk leaves the child module entered last.
     fn exit_module(&mut self, _path: &ModulePath) {}
-    /// A linear layer slot at `path`.
+    /// An adaptable layer at `path`, mutably (see [`Visitor::visit_linear`]).
     fn visit_linear_mut(&mut self, _path: &ModulePath, _role: Role, _layer: &'a mut Linear) {}
 }
 
