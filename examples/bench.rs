@@ -1,0 +1,209 @@
+//! Throughput of a Llama-shaped model with LoRA on every linear layer: the
+//! figures docs/PERFORMANCE.md compares with PyTorch + PEFT
+//! (`benches/pytorch_peft.py` prints the same ones).
+//!
+//! ```text
+//! cargo run --release --example bench
+//! cargo run --release --example bench -- --hidden 512 --layers 4 --intermediate 1408 --vocab 4096 \
+//!     --heads 8 --batch 4 --seq 128 --rank 16 --steps 5 --threads 2 --dtype f32
+//! ```
+//!
+//! Prints tokens/s of the forward pass (base, LoRA unmerged, LoRA merged) and
+//! of a training step (forward, backward, AdamW on the adapters), the time of
+//! `apply_lora`, `save_adapter` and `load_adapter`, and the peak resident
+//! memory. Weights are random (no download); the model is
+//! `examples/models/llama.rs`.
+
+#[path = "models/mod.rs"]
+#[allow(dead_code)]
+mod models;
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use models::llama::{Config, LlamaForCausalLM};
+use peft_core::prelude::*;
+
+struct Args {
+    hidden: usize,
+    layers: usize,
+    intermediate: usize,
+    vocab: usize,
+    heads: usize,
+    batch: usize,
+    seq: usize,
+    rank: usize,
+    steps: usize,
+    threads: Option<usize>,
+    dtype: DType,
+}
+
+fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
+    let mut args = Args {
+        hidden: 512,
+        layers: 4,
+        intermediate: 1408,
+        vocab: 4096,
+        heads: 8,
+        batch: 4,
+        seq: 128,
+        rank: 16,
+        steps: 5,
+        threads: None,
+        dtype: DType::F32,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--hidden" => args.hidden = value.parse()?,
+            "--layers" => args.layers = value.parse()?,
+            "--intermediate" => args.intermediate = value.parse()?,
+            "--vocab" => args.vocab = value.parse()?,
+            "--heads" => args.heads = value.parse()?,
+            "--batch" => args.batch = value.parse()?,
+            "--seq" => args.seq = value.parse()?,
+            "--rank" => args.rank = value.parse()?,
+            "--steps" => args.steps = value.parse()?,
+            "--threads" => args.threads = Some(value.parse()?),
+            "--dtype" => {
+                args.dtype = match value.as_str() {
+                    "f32" => DType::F32,
+                    "f16" => DType::F16,
+                    "bf16" => DType::BF16,
+                    other => return Err(format!("unknown dtype {other} (f32, f16, bf16)").into()),
+                }
+            }
+            other => return Err(format!("unknown flag {other}; see the top of examples/bench.rs").into()),
+        }
+    }
+    Ok(args)
+}
+
+/// A model with random base weights that are plain tensors (frozen), as if
+/// loaded from a checkpoint.
+fn random_model(cfg: &Config, dtype: DType, device: &Device) -> candle_core::Result<LlamaForCausalLM> {
+    let varmap = VarMap::new();
+    LlamaForCausalLM::load(VarBuilder::from_varmap(&varmap, dtype, device), cfg)?;
+    let tensors = varmap
+        .data()
+        .lock()
+        .expect("no other thread holds the var map")
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
+        .collect();
+    LlamaForCausalLM::load(VarBuilder::from_tensors(tensors, dtype, device), cfg)
+}
+
+/// Runs `f` once to warm up, then `steps` times; returns the mean time.
+fn time<T>(steps: usize, mut f: impl FnMut() -> candle_core::Result<T>) -> candle_core::Result<Duration> {
+    f()?;
+    let started = Instant::now();
+    for _ in 0..steps {
+        std::hint::black_box(f()?);
+    }
+    Ok(started.elapsed() / steps as u32)
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    if let Some(threads) = args.threads {
+        // Read by candle's CPU kernels; set before any of them runs.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let device = Device::Cpu;
+    let cfg: Config = serde_json::from_value(serde_json::json!({
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "rms_norm_eps": 1e-6,
+    }))?;
+    let tokens = args.batch * args.seq;
+    let per_s = |d: Duration| tokens as f64 / d.as_secs_f64();
+    println!(
+        "Llama-shaped: hidden {}, layers {}, intermediate {}, vocab {}, heads {}; batch {} x {} tokens; r = {}; {:?}; {} threads",
+        args.hidden,
+        args.layers,
+        args.intermediate,
+        args.vocab,
+        args.heads,
+        args.batch,
+        args.seq,
+        args.rank,
+        args.dtype,
+        args.threads.map_or_else(|| "default".to_owned(), |t| t.to_string())
+    );
+
+    let ids: Vec<u32> = (0..tokens).map(|i| ((i * 7919) % args.vocab) as u32).collect();
+    let ids = Tensor::from_vec(ids, (args.batch, args.seq), &device)?;
+    let (inputs, targets) = (ids.narrow(1, 0, args.seq - 1)?, ids.narrow(1, 1, args.seq - 1)?);
+
+    let mut model = random_model(&cfg, args.dtype, &device)?;
+    let base = time(args.steps, || model.forward(&ids))?;
+    println!("forward, base:           {:>9.0} tokens/s", per_s(base));
+
+    let started = Instant::now();
+    model.apply_lora(
+        LoraConfig::from(all_linear())
+            .rank(args.rank)
+            .alpha(2.0 * args.rank as f64),
+    )?;
+    let apply = started.elapsed();
+    println!(
+        "apply_lora:              {apply:>9.2?} ({} modules)",
+        model.adapted_modules().len()
+    );
+    println!("{}", model.num_parameters());
+
+    let unmerged = time(args.steps, || model.forward(&ids))?;
+    println!(
+        "forward, LoRA unmerged:  {:>9.0} tokens/s ({:.3}x the base time)",
+        per_s(unmerged),
+        unmerged.as_secs_f64() / base.as_secs_f64()
+    );
+
+    model.set_training(true);
+    let mut optimizer = AdamW::new(model.trainable_vars(), ParamsAdamW::default())?;
+    let step = time(args.steps, || {
+        let logits = model.forward(&inputs)?;
+        let loss =
+            candle_nn::loss::cross_entropy(&logits.flatten_to(1)?.to_dtype(DType::F32)?, &targets.flatten_all()?)?;
+        optimizer.backward_step(&loss)
+    })?;
+    model.set_training(false);
+    println!("training step:           {:>9.0} tokens/s", per_s(step));
+
+    model.merge()?;
+    let merged = time(args.steps, || model.forward(&ids))?;
+    println!(
+        "forward, LoRA merged:    {:>9.0} tokens/s ({:.3}x the base time)",
+        per_s(merged),
+        merged.as_secs_f64() / base.as_secs_f64()
+    );
+    model.unmerge()?;
+
+    let dir = std::env::temp_dir().join("peft-bench-adapter");
+    let started = Instant::now();
+    model.save_adapter(&dir, "default")?;
+    let save = started.elapsed();
+    let mut fresh = random_model(&cfg, args.dtype, &device)?;
+    let started = Instant::now();
+    fresh.load_adapter(&dir, "default")?;
+    println!("save_adapter:            {save:>9.2?}");
+    println!("load_adapter:            {:>9.2?}", started.elapsed());
+    if let Some(peak) = peak_rss_mib() {
+        println!("peak resident memory:    {peak:>9.1} MiB");
+    }
+    Ok(())
+}
