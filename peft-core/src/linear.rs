@@ -87,25 +87,17 @@ impl Base {
         Ok(Base::Conv { conv, weight })
     }
 
-    /// The same kind of base with new (dense) weights.
-    fn rebuilt(&self, weights: LinearWeights) -> Base {
+    /// The same kind of base with new (dense) weights. Made while planning a
+    /// merge, so that a failure leaves the layer as it was.
+    fn rebuilt(&self, weights: LinearWeights) -> CandleResult<Base> {
         match self {
             Base::Conv { conv, .. } => {
-                let kernel = weights.weight.reshape(conv.kernel().shape());
-                match kernel.and_then(|kernel| Base::conv(conv.with(kernel, weights.bias.clone()))) {
-                    Ok(base) => base,
-                    Err(_) => Base::Dense(candle_nn::Linear::new(weights.weight, weights.bias)),
-                }
+                let kernel = weights.weight.reshape(conv.kernel().shape())?;
+                Base::conv(conv.with(kernel, weights.bias))
             }
-            Base::Lookup { .. } => {
-                // The weight is `[dim, vocab]`: the table is its transpose.
-                let table = weights.weight.t().and_then(|t| t.contiguous());
-                match table.and_then(Base::lookup) {
-                    Ok(base) => base,
-                    Err(_) => Base::Dense(candle_nn::Linear::new(weights.weight, weights.bias)),
-                }
-            }
-            _ => Base::Dense(candle_nn::Linear::new(weights.weight, weights.bias)),
+            // The weight is `[dim, vocab]`: the table is its transpose.
+            Base::Lookup { .. } => Base::lookup(weights.weight.t()?.contiguous()?),
+            _ => Ok(Base::Dense(candle_nn::Linear::new(weights.weight, weights.bias))),
         }
     }
 
@@ -174,7 +166,7 @@ struct AttachedAdapter {
 
 /// A new base for the layer, and which adapters are merged into it.
 pub(crate) struct MergePlan {
-    weights: LinearWeights,
+    base: Base,
     merged: Vec<bool>,
 }
 
@@ -592,7 +584,10 @@ impl Linear {
         for i in self.merge_order(&merged) {
             weights = self.adapters[i].adapter.merge_onto(&weights, &unmerged)?;
         }
-        Ok(Some(MergePlan { weights, merged }))
+        Ok(Some(MergePlan {
+            base: self.base.rebuilt(weights)?,
+            merged,
+        }))
     }
 
     /// Computes the unmerged weights without changing the layer.
@@ -601,7 +596,7 @@ impl Linear {
             return Ok(None);
         }
         Ok(Some(MergePlan {
-            weights: self.unmerged_weights()?,
+            base: self.base.rebuilt(self.unmerged_weights()?)?,
             merged: vec![false; self.adapters.len()],
         }))
     }
@@ -631,7 +626,7 @@ impl Linear {
     /// Installs a plan made by `plan_merge`/`plan_unmerge` on this same layer.
     pub(crate) fn commit(&mut self, plan: MergePlan) {
         debug_assert_eq!(plan.merged.len(), self.adapters.len());
-        self.base = self.base.rebuilt(plan.weights);
+        self.base = plan.base;
         for (attached, merged) in self.adapters.iter_mut().zip(plan.merged) {
             attached.merged = merged;
         }
@@ -640,7 +635,7 @@ impl Linear {
     /// Installs a merge plan and drops every adapter: a plain layer remains.
     pub(crate) fn commit_and_unload(&mut self, plan: Option<MergePlan>) {
         if let Some(plan) = plan {
-            self.base = self.base.rebuilt(plan.weights);
+            self.base = plan.base;
         }
         self.adapters.clear();
         self.adapters_enabled = true;
