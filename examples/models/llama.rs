@@ -21,12 +21,13 @@
 //! logits = lm_head(norm(x))
 //! ```
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use peft_core::ops;
 use peft_core::prelude::*;
 use serde::Deserialize;
 
-use super::{causal_mask, masked_attention, merge_heads, split_heads};
+use super::{merge_heads, rms_norm, split_heads};
 
 /// RoPE settings, transformers 5 layout (`rope_parameters` in `config.json`).
 #[derive(Debug, Clone, Deserialize)]
@@ -135,9 +136,11 @@ pub struct LlamaForCausalLM {
     rope_theta: f64,
 }
 
-/// The rotary tables `cos`, `sin` `[t, head_dim]` for positions `0..t`, as
-/// transformers' default RoPE computes them in float32:
-/// `inv_freq[i] = 1 / theta^(2i / d)`, `emb = cat(pos * inv_freq, pos * inv_freq)`.
+/// The rotary tables `cos`, `sin` `[t, head_dim / 2]` for positions `0..t`,
+/// as transformers' default RoPE computes them in float32:
+/// `inv_freq[i] = 1 / theta^(2i / d)`, angle `pos * inv_freq[i]` (transformers
+/// repeats the table over both halves of a head; [`peft_core::ops::rope`]
+/// takes the half).
 fn rope_tables(t: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
     let inv_freq: Vec<f32> = (0..head_dim / 2)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
@@ -147,28 +150,7 @@ fn rope_tables(t: usize, head_dim: usize, theta: f64, device: &Device) -> Result
         .to_dtype(DType::F32)?
         .reshape((t, 1))?;
     let freqs = positions.broadcast_mul(&inv_freq)?;
-    let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-    Ok((emb.cos()?, emb.sin()?))
-}
-
-/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)`
-/// (the two halves of each head). `x` is `[batch, heads, t, head_dim]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-}
-
-/// `[batch, kv_heads, t, d]` -> `[batch, kv_heads * n_rep, t, d]`, each kv head
-/// repeated `n_rep` times in a row (transformers' `repeat_kv`).
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, kv * n_rep, t, d))
+    Ok((freqs.cos()?, freqs.sin()?))
 }
 
 impl Attention {
@@ -187,17 +169,14 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let q = split_heads(&self.q_proj.forward(x)?, self.num_heads, self.head_dim)?;
         let k = split_heads(&self.k_proj.forward(x)?, self.num_kv_heads, self.head_dim)?;
         let v = split_heads(&self.v_proj.forward(x)?, self.num_kv_heads, self.head_dim)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, n_rep)?;
-        let v = repeat_kv(v, n_rep)?;
-        let scores = (q.matmul(&k.t()?)? * (self.head_dim as f64).powf(-0.5))?;
-        let out = masked_attention(&scores, mask, &v)?;
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
+        // Each kv head serves num_heads / num_kv_heads query heads (GQA).
+        let out = ops::causal_attention(&q, &k, &v, (self.head_dim as f64).powf(-0.5))?;
         self.o_proj.forward(&merge_heads(&out)?)
     }
 }
@@ -213,8 +192,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let hidden = ops::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&hidden)
     }
 }
 
@@ -229,11 +208,10 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        // forward_diff, not forward: the fused RMSNorm kernel has no backward pass.
-        let h = self.input_layernorm.forward_diff(x)?;
-        let x = (x + self.self_attn.forward(&h, cos, sin, mask)?)?;
-        let h = self.post_attention_layernorm.forward_diff(&x)?;
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(&self.input_layernorm, x)?;
+        let x = (x + self.self_attn.forward(&h, cos, sin)?)?;
+        let h = rms_norm(&self.post_attention_layernorm, &x)?;
         &x + self.mlp.forward(&h)?
     }
 }
@@ -275,11 +253,10 @@ impl LlamaForCausalLM {
         let device = input_ids.device();
         let head_dim = self.model.layers.first().map_or(0, |l| l.self_attn.head_dim);
         let (cos, sin) = rope_tables(t, head_dim, self.rope_theta, device)?;
-        let mask = causal_mask(t, device)?;
         let mut x = self.model.embed_tokens.forward(input_ids)?;
         for layer in &self.model.layers {
-            x = layer.forward(&x, &cos, &sin, &mask)?;
+            x = layer.forward(&x, &cos, &sin)?;
         }
-        self.lm_head.forward(&self.model.norm.forward_diff(&x)?)
+        self.lm_head.forward(&rms_norm(&self.model.norm, &x)?)
     }
 }

@@ -27,17 +27,18 @@
 //! (`targeted_modules`, `named_trainable_vars`).
 //!
 //! Every forward pass is differentiable: candle-nn 0.11's fused
-//! `RmsNorm::forward`, `LayerNorm::forward` (with bias) and
-//! `ops::softmax_last_dim` have no backward pass and would silently stop the
-//! gradient before it reaches the adapters, so these models use
-//! `RmsNorm::forward_diff`, [`layer_norm`] (`ops::layer_norm_slow`) and
-//! `ops::softmax(x, D::Minus1)`.
+//! `RmsNorm::forward`, `LayerNorm::forward` (with bias),
+//! `ops::softmax_last_dim` and `rotary_emb::rope` have no backward pass and
+//! would silently stop the gradient before it reaches the adapters, so these
+//! models use `peft_core::ops` ([`rms_norm`], `softmax_last_dim`, `rope`,
+//! `silu_mul`: fused kernels with a backward pass) and [`layer_norm`]
+//! (`candle_nn::ops::layer_norm_slow`).
 
 pub mod gpt2;
 pub mod llama;
 pub mod tiny_lm;
 
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor};
 
 /// The additive causal mask `[t, t]`: 0 where key `j <= i`, `-inf` above the
 /// diagonal. Broadcasts over `[batch, heads, t, t]` attention scores.
@@ -52,8 +53,14 @@ pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
 ///
 /// `scores` is `[batch, heads, t, t]` (already scaled), `v` `[batch, heads, t, head_dim]`.
 pub fn masked_attention(scores: &Tensor, mask: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+    let probs = peft_core::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
     probs.matmul(v)
+}
+
+/// candle-nn's `RmsNorm` through [`peft_core::ops::rms_norm`], which has a
+/// backward pass (`RmsNorm::forward` has none).
+pub fn rms_norm(norm: &candle_nn::RmsNorm, x: &Tensor) -> Result<Tensor> {
+    peft_core::ops::rms_norm(x, norm.weight(), norm.eps())
 }
 
 /// A LayerNorm with a bias, through a differentiable path

@@ -323,6 +323,7 @@ fn main() {
     if args.iter().any(|a| a == "--bench") {
         let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
         if filters.is_empty() || filters.iter().any(|f| "paired_ratios".contains(f.as_str())) {
+            paired_ratios(512, 40);
             paired_ratios(1024, 40);
             paired_ratios(4096, 30);
         }

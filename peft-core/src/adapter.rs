@@ -37,6 +37,15 @@ impl<'a> ForwardContext<'a> {
     pub fn training(&self) -> bool {
         self.training
     }
+
+    /// The base when it is a plain dense layer (not quantized, an embedding
+    /// or a convolution): what the fused kernels of [`crate::fused`] take.
+    pub(crate) fn dense(&self) -> Option<&'a candle_nn::Linear> {
+        match self.base {
+            crate::linear::Base::Dense(linear) => Some(linear),
+            _ => None,
+        }
+    }
 }
 
 /// An adapter attached to a linear layer: LoRA, and later DoRA, IA³, LoHa,
@@ -61,6 +70,15 @@ pub trait LinearAdapter: fmt::Debug + Send + Sync {
     /// the others (and unmerged after them).
     fn transforms_input(&self) -> bool {
         false
+    }
+
+    /// The base output and this adapter's change in one pass, `None` (the
+    /// default) to have the layer run the base and then
+    /// [`forward`](Self::forward). Asked only of the first adapter applied to
+    /// a layer whose input no adapter transforms; LoRA answers with the fused
+    /// kernel of [`crate::fused::lora_linear`] on a dense base.
+    fn forward_with_base(&self, _x: &Tensor, _cx: ForwardContext<'_>) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
     /// Turns the base output `base_output = base(x)` into the adapted output.

@@ -89,7 +89,15 @@ impl Base {
 
     /// The same kind of base with new (dense) weights. Made while planning a
     /// merge, so that a failure leaves the layer as it was.
+    ///
+    /// The new weights are detached: a merged base is frozen like the one it
+    /// replaces (PEFT merges under `no_grad`), so it keeps no graph back to
+    /// the adapter weights alive and takes the fused kernels of [`crate::fused`].
     fn rebuilt(&self, weights: LinearWeights) -> CandleResult<Base> {
+        let weights = LinearWeights {
+            weight: weights.weight.detach(),
+            bias: weights.bias.as_ref().map(Tensor::detach),
+        };
         match self {
             Base::Conv { conv, .. } => {
                 let kernel = weights.weight.reshape(conv.kernel().shape())?;
@@ -117,7 +125,7 @@ impl Base {
 
     pub(crate) fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
         match self {
-            Base::Dense(linear) => linear.forward(x),
+            Base::Dense(linear) => crate::fused::linear(x, linear.weight(), linear.bias()),
             Base::Lookup { table, .. } => table.forward(x),
             Base::Conv { conv, .. } => conv.forward(x),
             Base::Quantized { weight, bias } => {
@@ -352,8 +360,19 @@ impl Linear {
                 base_input = std::borrow::Cow::Owned(transformed);
             }
         }
-        let mut y = self.base.forward(&base_input)?;
-        for attached in applied() {
+        let mut adapters = applied().peekable();
+        let fused = match (&base_input, adapters.peek()) {
+            (std::borrow::Cow::Borrowed(_), Some(first)) => first.adapter.forward_with_base(x, cx)?,
+            _ => None,
+        };
+        let mut y = match fused {
+            Some(y) => {
+                adapters.next();
+                y
+            }
+            None => self.base.forward(&base_input)?,
+        };
+        for attached in adapters {
             y = attached.adapter.forward(x, y, cx)?;
         }
         Ok(y)

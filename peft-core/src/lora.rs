@@ -567,6 +567,18 @@ impl LinearAdapter for LoraAdapter {
         "LORA"
     }
 
+    fn forward_with_base(&self, x: &Tensor, cx: ForwardContext<'_>) -> CandleResult<Option<Tensor>> {
+        // With dropout active the adapter sees another input than the base.
+        let dropout_active = cx.training() && self.dropout > 0.0;
+        match cx.dense() {
+            Some(base) if !dropout_active => {
+                let (a, b) = (self.a.as_tensor(), self.b.as_tensor());
+                crate::fused::lora_linear(x, base.weight(), base.bias(), a, b, self.scale).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> CandleResult<Tensor> {
         let x = self.dropout_input(x, cx.training())?;
         base_output + self.lora_output(&x)?
