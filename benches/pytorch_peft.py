@@ -26,6 +26,24 @@ tokens = a.batch * a.seq
 ids = (torch.arange(tokens) * 7919 % a.vocab).reshape(a.batch, a.seq)
 
 
+def status_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+
+
+def time_and_memory(f):
+    """Time of f() and how far resident memory rose above where it started
+    (writing 5 to /proc/self/clear_refs resets the peak, as the Rust bench does)."""
+    with open("/proc/self/clear_refs", "w") as c:
+        c.write("5")
+    before = status_mib("VmRSS:")
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start, status_mib("VmHWM:") - before
+
+
 def timed(f):
     f()
     start = time.perf_counter()
@@ -50,22 +68,39 @@ model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 
 
+phases = [0.0, 0.0, 0.0]
+
+
 def step():
+    t0 = time.perf_counter()
     out = model(input_ids=ids[:, :-1], labels=None).logits
     loss = torch.nn.functional.cross_entropy(out.reshape(-1, a.vocab), ids[:, 1:].reshape(-1))
+    t1 = time.perf_counter()
     loss.backward()
+    t2 = time.perf_counter()
     opt.step()
     opt.zero_grad()
+    t3 = time.perf_counter()
+    for i, d in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+        phases[i] += d
 
 
 train = timed(step)
-print(f"training step:           {tokens / train:9.0f} tokens/s")
+f, b, u = (x * 1e3 / (a.steps + 1) for x in phases)
+print(f"training step:           {tokens / train:9.0f} tokens/s (forward {f:.0f} ms, backward {b:.0f} ms, AdamW {u:.1f} ms)")
+print(f"peak resident memory:    {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:9.1f} MiB (through training)")
 model.eval()
-model.merge_adapter()
+largest = a.hidden * max(a.intermediate, a.hidden) * 4 / 2**20
+with torch.no_grad():
+    merge_time, merge_rise = time_and_memory(model.merge_adapter)
+print(f"merge:                   {merge_time * 1e3:9.2f}ms (resident memory {merge_rise:+.1f} MiB at most; "
+      f"the largest adapted weight is {largest:.1f} MiB)")
 with torch.no_grad():
     merged = timed(lambda: model(input_ids=ids))
 print(f"forward, LoRA merged:    {tokens / merged:9.0f} tokens/s ({merged / base:.3f}x the base time)")
-model.unmerge_adapter()
+with torch.no_grad():
+    unmerge_time, unmerge_rise = time_and_memory(model.unmerge_adapter)
+print(f"unmerge:                 {unmerge_time * 1e3:9.2f}ms (resident memory {unmerge_rise:+.1f} MiB at most)")
 with tempfile.TemporaryDirectory() as d:
     start = time.perf_counter()
     model.save_pretrained(d)
@@ -74,4 +109,3 @@ with tempfile.TemporaryDirectory() as d:
     start = time.perf_counter()
     PeftModel.from_pretrained(fresh, d)
     print(f"load_adapter:            {(time.perf_counter() - start) * 1e3:9.2f}ms")
-print(f"peak resident memory:    {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:9.1f} MiB")

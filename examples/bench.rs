@@ -18,6 +18,8 @@
 #[allow(dead_code)]
 mod models;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -106,12 +108,65 @@ fn time<T>(steps: usize, mut f: impl FnMut() -> candle_core::Result<T>) -> candl
     Ok(started.elapsed() / steps as u32)
 }
 
-/// Peak resident memory of this process (Linux), in MiB.
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// The global allocator, counting live heap bytes and their peak so that the
+/// bench can say what one operation allocates. (Resident memory cannot: the
+/// allocator reuses memory freed by earlier work without asking the kernel.)
+struct CountingAllocator;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the
+// counters are only arithmetic on the side.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            let live = LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+            let live = LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed) + new_size;
+            PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Runs `f` and returns its result, its time and the most heap memory it
+/// held above what was live when it started, in MiB.
+fn time_and_heap<T>(f: impl FnOnce() -> T) -> (T, Duration, f64) {
+    let start = LIVE_BYTES.load(Ordering::Relaxed);
+    PEAK_BYTES.store(start, Ordering::Relaxed);
+    let started = Instant::now();
+    let out = f();
+    let elapsed = started.elapsed();
+    let rise = PEAK_BYTES.load(Ordering::Relaxed).saturating_sub(start);
+    (out, elapsed, rise as f64 / MIB)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -153,15 +208,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let base = time(args.steps, || model.forward(&ids))?;
     println!("forward, base:           {:>9.0} tokens/s", per_s(base));
 
-    let started = Instant::now();
-    model.apply_lora(
-        LoraConfig::from(all_linear())
-            .rank(args.rank)
-            .alpha(2.0 * args.rank as f64),
-    )?;
-    let apply = started.elapsed();
+    let (applied, apply, apply_heap) = time_and_heap(|| {
+        model.apply_lora(
+            LoraConfig::from(all_linear())
+                .rank(args.rank)
+                .alpha(2.0 * args.rank as f64),
+        )
+    });
+    applied?;
     println!(
-        "apply_lora:              {apply:>9.2?} ({} modules)",
+        "apply_lora:              {apply:>9.2?} ({} modules; heap {apply_heap:+.1} MiB)",
         model.adapted_modules().len()
     );
     println!("{}", model.num_parameters());
@@ -199,15 +255,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         phase(backward),
         phase(update)
     );
+    if let Some(peak) = peak_rss_mib() {
+        println!("peak resident memory:    {peak:>9.1} MiB (through training)");
+    }
 
-    model.merge()?;
+    let (merged, merge_time, merge_heap) = time_and_heap(|| model.merge());
+    merged?;
+    let largest = args.hidden * args.intermediate.max(args.hidden);
+    println!(
+        "merge:                   {merge_time:>9.2?} (heap {merge_heap:+.1} MiB at most; the largest adapted weight is {:.1} MiB)",
+        (largest * args.dtype.size_in_bytes()) as f64 / MIB
+    );
     let merged = time(args.steps, || model.forward(&ids))?;
     println!(
         "forward, LoRA merged:    {:>9.0} tokens/s ({:.3}x the base time)",
         per_s(merged),
         merged.as_secs_f64() / base.as_secs_f64()
     );
-    model.unmerge()?;
+    let (unmerged_result, unmerge_time, unmerge_heap) = time_and_heap(|| model.unmerge());
+    unmerged_result?;
+    println!("unmerge:                 {unmerge_time:>9.2?} (heap {unmerge_heap:+.1} MiB at most)");
 
     let dir = std::env::temp_dir().join("peft-bench-adapter");
     let started = Instant::now();
@@ -218,8 +285,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fresh.load_adapter(&dir, "default")?;
     println!("save_adapter:            {save:>9.2?}");
     println!("load_adapter:            {:>9.2?}", started.elapsed());
-    if let Some(peak) = peak_rss_mib() {
-        println!("peak resident memory:    {peak:>9.1} MiB");
-    }
     Ok(())
 }

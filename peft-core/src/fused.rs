@@ -334,8 +334,14 @@ fn backward_cpu<T: WithDType>(
             matmul_into(grad_x, u, am, T::one(), true)?;
         }
         if a.track_op() {
-            let mut grad_a = vec![T::zero(); rank * xm.cols];
-            matmul_into(&mut grad_a, u.t(), xm, T::one(), false)?;
+            // ∂Aᵀ = xᵀ u, [in, r]: tall and thin, so it splits by rows like the
+            // other r-wide products; then transposed into A's layout.
+            let in_dim = xm.cols;
+            let mut grad_a_t = vec![T::zero(); in_dim * rank];
+            matmul_into(&mut grad_a_t, xm.t(), u, T::one(), false)?;
+            let grad_a: Vec<T> = (0..rank * in_dim)
+                .map(|i| grad_a_t[(i % in_dim) * rank + i / in_dim])
+                .collect();
             grads.a = Some(Tensor::from_vec(grad_a, a.shape(), device)?);
         }
         if b.track_op() {
@@ -455,6 +461,15 @@ impl<'a, T: Copy> Matrix<'a, T> {
         })
     }
 
+    /// Rows `start..start + count` of this matrix.
+    fn rows_from(self, start: usize, count: usize) -> Result<Self> {
+        if start + count > self.rows {
+            bail!("rows {start}..{} of a matrix with {} rows", start + count, self.rows);
+        }
+        let data = self.data.get(start * self.row_stride..).unwrap_or(&[]);
+        Self::checked(data, count, self.cols, self.row_stride, self.col_stride)
+    }
+
     pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
@@ -472,6 +487,11 @@ impl<'a, T: Copy> Matrix<'a, T> {
 
 /// `dst = scale · lhs · rhs`, or `dst += scale · lhs · rhs` when `accumulate`;
 /// `dst` is row-major `[lhs.rows, rhs.cols]`.
+///
+/// A product with a result at least [`THIN_DIMENSION`] wide and tall is left
+/// to `gemm`'s own threads. A thin one (the `r`-wide LoRA products, which
+/// `gemm` runs slower on two threads than on one) is split into blocks of
+/// result rows, one `gemm` call per thread.
 fn matmul_into<T: WithDType>(
     dst: &mut [T],
     lhs: Matrix<'_, T>,
@@ -479,8 +499,26 @@ fn matmul_into<T: WithDType>(
     scale: T,
     accumulate: bool,
 ) -> Result<()> {
-    let threads = parallelism(lhs.rows, rhs.cols);
-    gemm_into(dst, lhs, rhs, scale, accumulate, threads)
+    let (m, n) = (lhs.rows, rhs.cols);
+    let threads = candle_core::utils::get_num_threads();
+    if m.min(n) >= THIN_DIMENSION {
+        let parallelism = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        return gemm_into(dst, lhs, rhs, scale, accumulate, parallelism);
+    }
+    if threads <= 1 || m < 2 * THIN_DIMENSION || n == 0 || dst.len() != m * n {
+        return gemm_into(dst, lhs, rhs, scale, accumulate, Parallelism::None);
+    }
+    let rows_per_task = m.div_ceil(threads);
+    dst.par_chunks_mut(rows_per_task * n)
+        .enumerate()
+        .try_for_each(|(task, dst)| {
+            let lhs = lhs.rows_from(task * rows_per_task, dst.len() / n)?;
+            gemm_into(dst, lhs, rhs, scale, accumulate, Parallelism::None)
+        })
 }
 
 /// [`matmul_into`] on the calling thread only, for callers that split their
@@ -549,19 +587,5 @@ fn gemm_into<T: WithDType>(
     Ok(())
 }
 
-/// Threads for one product: candle's thread count, except for products with
-/// an `r`-wide result (`x Aᵀ`, `g B`, `∂B`), which `gemm` runs slower on two
-/// threads than on one. A thin inner dimension (`t Bᵀ`, `u A`) still splits
-/// well: the result is large.
-fn parallelism(m: usize, n: usize) -> Parallelism {
-    let threads = candle_core::utils::get_num_threads();
-    let thin = m.min(n) < THIN_DIMENSION;
-    if threads > 1 && !thin {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
-}
-
-/// A result with fewer rows or columns than this is computed on one thread.
+/// A result with fewer rows or columns than this is a thin product for [`matmul_into`].
 const THIN_DIMENSION: usize = 64;

@@ -447,19 +447,25 @@ pub trait PeftModel: Adaptable {
 
 impl<M: Adaptable + ?Sized> PeftModel for M {}
 
-/// Plans a change on every layer, then commits all plans; nothing changes if
-/// any plan fails.
+/// Plans a change on every layer and commits it, so that nothing changes if
+/// any plan fails and at most one layer's new weights exist at a time.
+///
+/// The first pass makes every plan and drops it at once: a failure there
+/// leaves the model untouched. The second pass makes each plan again and
+/// commits it before making the next, so the old weights of a layer are freed
+/// before the next layer's new ones are made (merging never holds a second
+/// copy of the model). Plans are deterministic, so the second pass repeats
+/// the first; merging costs two computations of the new weights.
 fn commit_all<M: PeftModel + ?Sized>(
     model: &mut M,
     plan: impl Fn(&Linear) -> candle_core::Result<Option<MergePlan>>,
     commit: impl Fn(&mut Linear, Option<MergePlan>),
 ) -> Result<()> {
-    let layers = model.linear_layers_mut();
-    let plans = layers
-        .iter()
-        .map(|l| plan(l.layer).in_module(&l.path))
-        .collect::<Result<Vec<_>>>()?;
-    for (layer, plan) in layers.into_iter().zip(plans) {
+    for layer in model.linear_layers() {
+        plan(layer.layer).in_module(&layer.path)?;
+    }
+    for layer in model.linear_layers_mut() {
+        let plan = plan(layer.layer).in_module(&layer.path)?;
         commit(layer.layer, plan);
     }
     Ok(())
