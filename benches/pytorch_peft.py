@@ -4,9 +4,9 @@ Llama-shaped model with transformers + PEFT, printing the same figures.
 Not run by CI. `pip install torch transformers peft`, then for example:
 
     python benches/pytorch_peft.py --hidden 512 --layers 4 --intermediate 1408 \
-        --vocab 4096 --heads 8 --batch 4 --seq 128 --rank 16 --steps 5 --threads 2
+        --vocab 4096 --heads 8 --batch 4 --seq 128 --rank 16 --steps 5 --threads 2 --tuned yes
 """
-import argparse, os, resource, tempfile, time
+import argparse, ctypes, os, resource, tempfile, time
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -16,7 +16,15 @@ p = argparse.ArgumentParser()
 for name, default in [("hidden", 512), ("layers", 4), ("intermediate", 1408), ("vocab", 4096), ("heads", 8),
                       ("batch", 4), ("seq", 128), ("rank", 16), ("steps", 5), ("threads", 2)]:
     p.add_argument(f"--{name}", type=int, default=default)
+p.add_argument("--tuned", choices=["yes", "no"], default="yes",
+               help="keep freed memory in glibc's malloc, as the Rust bench's --tuned yes does")
 a = p.parse_args()
+runtime = "defaults"
+if a.tuned == "yes":
+    # mallopt(M_MMAP_THRESHOLD = -3 / M_TRIM_THRESHOLD = -1, 1 GiB): the Rust bench's setting.
+    libc = ctypes.CDLL("libc.so.6")
+    if libc.mallopt(-3, 1 << 30) == 1 and libc.mallopt(-1, 1 << 30) == 1:
+        runtime = "glibc malloc keeps freed memory"
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
@@ -54,6 +62,7 @@ def timed(f):
 
 print(f"Llama-shaped: hidden {a.hidden}, layers {a.layers}, intermediate {a.intermediate}, vocab {a.vocab}, "
       f"heads {a.heads}; batch {a.batch} x {a.seq} tokens; r = {a.rank}; torch {torch.__version__}; {a.threads} threads")
+print(f"runtime: {runtime}")
 model = LlamaForCausalLM(cfg).eval()
 with torch.no_grad():
     base = timed(lambda: model(input_ids=ids))

@@ -5,8 +5,11 @@
 //! ```text
 //! cargo run --release --example bench
 //! cargo run --release --example bench -- --hidden 512 --layers 4 --intermediate 1408 --vocab 4096 \
-//!     --heads 8 --batch 4 --seq 128 --rank 16 --steps 5 --threads 2 --dtype f32
+//!     --heads 8 --batch 4 --seq 128 --rank 16 --steps 5 --threads 2 --dtype f32 --tuned yes
 //! ```
+//!
+//! `--tuned yes` (the default) applies the two runtime settings of
+//! [`tune_runtime`]; `--tuned no` measures with glibc's and candle's defaults.
 //!
 //! Prints tokens/s of the forward pass (base, LoRA unmerged, LoRA merged) and
 //! of a training step (forward, backward, AdamW on the adapters), the time of
@@ -39,6 +42,8 @@ struct Args {
     steps: usize,
     threads: Option<usize>,
     dtype: DType,
+    /// Runtime settings for training on the CPU (see [`tune_runtime`]).
+    tuned: bool,
 }
 
 fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
@@ -54,6 +59,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         steps: 5,
         threads: None,
         dtype: DType::F32,
+        tuned: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +75,13 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             "--rank" => args.rank = value.parse()?,
             "--steps" => args.steps = value.parse()?,
             "--threads" => args.threads = Some(value.parse()?),
+            "--tuned" => {
+                args.tuned = match value.as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    other => return Err(format!("--tuned takes yes or no, not {other}").into()),
+                }
+            }
             "--dtype" => {
                 args.dtype = match value.as_str() {
                     "f32" => DType::F32,
@@ -169,8 +182,43 @@ fn time_and_heap<T>(f: impl FnOnce() -> T) -> (T, Duration, f64) {
     (out, elapsed, rise as f64 / MIB)
 }
 
+/// The two runtime settings docs/PERFORMANCE.md recommends for training on
+/// the CPU; each gains 10 to 25% on a training step here:
+///
+/// - glibc's malloc returns freed memory above 128 KiB to the kernel, so every
+///   activation-sized tensor is page-faulted in again; raising the mmap and
+///   trim thresholds keeps it (the same as `GLIBC_TUNABLES=
+///   glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824`);
+/// - candle's element-wise thread pool spins 25,000 times after each op before
+///   it sleeps, on a core `gemm`'s threads need next;
+///   `CANDLE_BARRIER_POOL_SPIN_LIMIT=50` makes it sleep almost at once.
+///
+/// Returns what it set, for the report.
+fn tune_runtime() -> String {
+    let mut set = Vec::new();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes glibc's thresholds; called before any
+        // other thread exists.
+        let ok = unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1
+        };
+        if ok {
+            set.push("glibc malloc keeps freed memory".to_owned());
+        }
+    }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "50");
+    }
+    if let Ok(spin) = std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT") {
+        set.push(format!("CANDLE_BARRIER_POOL_SPIN_LIMIT={spin}"));
+    }
+    set.join(", ")
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
+    let runtime = if args.tuned { tune_runtime() } else { "defaults".to_owned() };
     if let Some(threads) = args.threads {
         // Read by candle's CPU kernels; set before any of them runs.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
@@ -199,6 +247,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.dtype,
         args.threads.map_or_else(|| "default".to_owned(), |t| t.to_string())
     );
+    println!("runtime: {runtime}");
 
     let ids: Vec<u32> = (0..tokens).map(|i| ((i * 7919) % args.vocab) as u32).collect();
     let ids = Tensor::from_vec(ids, (args.batch, args.seq), &device)?;
@@ -236,8 +285,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let step = time(args.steps, || {
         let started = Instant::now();
         let logits = model.forward(&inputs)?;
-        let loss =
-            peft_core::ops::cross_entropy(&logits.flatten_to(1)?.to_dtype(DType::F32)?, &targets.flatten_all()?)?;
+        let loss = peft_core::ops::cross_entropy(&logits.to_dtype(DType::F32)?, &targets)?;
         let forward_done = Instant::now();
         let grads = loss.backward()?;
         let backward_done = Instant::now();

@@ -118,6 +118,30 @@ fn silu_mul_matches_silu_times_up() {
 }
 
 #[test]
+fn rope_thd_matches_rope_slow_on_transposed_heads() {
+    let mut rng = Rng(0x0b5_0009);
+    for _ in 0..30 {
+        let (b, h, t, half) = (1 + rng.below(3), 1 + rng.below(4), 1 + rng.below(20), 1 + rng.below(16));
+        let t_max = t + rng.below(5);
+        let angles = (rng.tensor(&[t_max, half], DType::F32) * 3.0).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let (cos64, sin64) = (cos.to_dtype(DType::F64).unwrap(), sin.to_dtype(DType::F64).unwrap());
+        let x = rng.tensor(&[b, t, h, 2 * half], DType::F32);
+        check(
+            &format!("rope_thd [{b}, {t}, {h}, {}]", 2 * half),
+            &[x],
+            |v| ops::rope_thd(&v[0], &cos, &sin).unwrap(),
+            |v| {
+                let heads_first = v[0].transpose(1, 2).unwrap().contiguous().unwrap();
+                let y = candle_nn::rotary_emb::rope_slow(&heads_first, &cos64, &sin64).unwrap();
+                y.transpose(1, 2).unwrap()
+            },
+            &mut rng,
+        );
+    }
+}
+
+#[test]
 fn rope_matches_rope_slow() {
     let mut rng = Rng(0x0b5_0004);
     for _ in 0..30 {
@@ -138,8 +162,10 @@ fn rope_matches_rope_slow() {
 }
 
 /// `softmax(q kᵀ · scale + causal mask) v` with key/value heads repeated, in
-/// plain candle ops.
+/// plain candle ops, on `[batch, t, heads, d]` inputs.
 fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+    let heads_first = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+    let (q, k, v) = (heads_first(q), heads_first(k), heads_first(v));
     let (b, heads, t_q, d) = q.dims4().unwrap();
     let (_, kv_heads, t_k, _) = k.dims4().unwrap();
     let n_rep = heads / kv_heads;
@@ -151,7 +177,7 @@ fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor
             .reshape((b, heads, t_k, d))
             .unwrap()
     };
-    let (k, v) = (repeat(k), repeat(v));
+    let (k, v) = (repeat(&k), repeat(&v));
     let mask: Vec<f64> = (0..t_q * t_k)
         .map(|i| {
             if i % t_k > i / t_k + (t_k - t_q) {
@@ -164,7 +190,7 @@ fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor
     let mask = Tensor::from_vec(mask, (t_q, t_k), q.device()).unwrap();
     let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
     let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
-    probs.matmul(&v).unwrap()
+    probs.matmul(&v).unwrap().transpose(1, 2).unwrap()
 }
 
 #[test]
@@ -176,13 +202,13 @@ fn causal_attention_matches_the_plain_formula() {
         let t_k = t_q + if rng.below(2) == 0 { 0 } else { rng.below(6) };
         let scale = (d as f64).powf(-0.5);
         let inputs = [
-            rng.tensor(&[b, kv_heads * n_rep, t_q, d], DType::F32),
-            rng.tensor(&[b, kv_heads, t_k, d], DType::F32),
-            rng.tensor(&[b, kv_heads, t_k, d], DType::F32),
+            rng.tensor(&[b, t_q, kv_heads * n_rep, d], DType::F32),
+            rng.tensor(&[b, t_k, kv_heads, d], DType::F32),
+            rng.tensor(&[b, t_k, kv_heads, d], DType::F32),
         ];
         check(
             &format!(
-                "attention q [{b}, {}, {t_q}, {d}] kv [{b}, {kv_heads}, {t_k}, {d}]",
+                "attention q [{b}, {t_q}, {}, {d}] kv [{b}, {t_k}, {kv_heads}, {d}]",
                 kv_heads * n_rep
             ),
             &inputs,

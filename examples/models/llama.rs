@@ -27,7 +27,7 @@ use peft_core::ops;
 use peft_core::prelude::*;
 use serde::Deserialize;
 
-use super::{merge_heads, rms_norm, split_heads};
+use super::rms_norm;
 
 /// RoPE settings, transformers 5 layout (`rope_parameters` in `config.json`).
 #[derive(Debug, Clone, Deserialize)]
@@ -170,14 +170,18 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let q = split_heads(&self.q_proj.forward(x)?, self.num_heads, self.head_dim)?;
-        let k = split_heads(&self.k_proj.forward(x)?, self.num_kv_heads, self.head_dim)?;
-        let v = split_heads(&self.v_proj.forward(x)?, self.num_kv_heads, self.head_dim)?;
-        let q = ops::rope(&q, cos, sin)?;
-        let k = ops::rope(&k, cos, sin)?;
+        // Heads stay in [batch, t, heads, head_dim], the layout the
+        // projections give: peft_core::ops needs no transposes.
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
+        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = ops::rope_thd(&q, cos, sin)?;
+        let k = ops::rope_thd(&k, cos, sin)?;
         // Each kv head serves num_heads / num_kv_heads query heads (GQA).
         let out = ops::causal_attention(&q, &k, &v, (self.head_dim as f64).powf(-0.5))?;
-        self.o_proj.forward(&merge_heads(&out)?)
+        self.o_proj.forward(&out.reshape((b, t, self.num_heads * self.head_dim))?)
     }
 }
 

@@ -406,8 +406,8 @@ impl<'a> CpuTensor<'a> {
 #[derive(Clone, Copy)]
 pub(crate) struct Matrix<'a, T> {
     data: &'a [T],
-    rows: usize,
-    cols: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
     row_stride: usize,
     col_stride: usize,
 }
@@ -434,6 +434,11 @@ impl<'a, T: Copy> Matrix<'a, T> {
         let rows = layout.shape().elem_count().checked_div(cols).unwrap_or(0);
         let data = storage.get(layout.start_offset()..).unwrap_or(&[]);
         Self::checked(data, rows, cols, cols, 1)
+    }
+
+    /// A matrix with any strides over `data`, checked to fit.
+    pub(crate) fn strided(data: &'a [T], rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Result<Self> {
+        Self::checked(data, rows, cols, row_stride, col_stride)
     }
 
     pub(crate) fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {

@@ -15,8 +15,8 @@
 //! | [`rms_norm`] | `w · x / sqrt(mean(x²) + eps)` over the last dimension | `candle_nn::ops::rms_norm_slow`, `RmsNorm::forward_diff` |
 //! | [`softmax_last_dim`] | softmax over the last dimension | `candle_nn::ops::softmax(x, D::Minus1)` |
 //! | [`silu_mul`] | `silu(gate) · up` (SwiGLU) | `gate.silu()? * up` |
-//! | [`rope`] | rotary embedding, "rotate half" convention | `candle_nn::rotary_emb::rope_slow` |
-//! | [`causal_attention`] | `softmax(q kᵀ · scale + causal mask) v`, grouped-query heads | `q.matmul(&k.t())`, mask, `ops::softmax`, `matmul(v)` (and `repeat_kv`) |
+//! | [`rope`], [`rope_thd`] | rotary embedding, "rotate half" convention, `[batch, heads, t, d]` / `[batch, t, heads, d]` | `candle_nn::rotary_emb::rope_slow` |
+//! | [`causal_attention`] | `softmax(q kᵀ · scale + causal mask) v` on `[batch, t, heads, d]`, grouped-query heads | head transposes, `q.matmul(&k.t())`, mask, `ops::softmax`, `matmul(v)` (and `repeat_kv`) |
 //! | [`cross_entropy`] | mean of `-log softmax(logits)[target]` | `candle_nn::loss::cross_entropy` |
 //!
 //! The kernels take contiguous f32 tensors on the CPU (rows split across
@@ -101,7 +101,32 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// `p`), `y = x · cos + rotate_half(x) · sin` with the tables repeated over
 /// both halves. Differentiable in `x`; the tables are constants.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (_, _, t, d) = x.dims4()?;
+    let (_, _, t, _) = x.dims4()?;
+    check_rope_tables(x, t, cos, sin)?;
+    if !rope_fusable(x, cos, sin) {
+        return candle_nn::rotary_emb::rope_slow(x, cos, sin);
+    }
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope(RopeLayout::HeadsFirst))
+}
+
+/// [`rope`] for `x` `[batch, t, heads, d]` (`candle_nn::rotary_emb::rope_thd`'s
+/// layout, the one [`causal_attention`] takes).
+pub fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, t, _, _) = x.dims4()?;
+    check_rope_tables(x, t, cos, sin)?;
+    if !rope_fusable(x, cos, sin) {
+        let heads_first = x.transpose(1, 2)?.contiguous()?;
+        return candle_nn::rotary_emb::rope_slow(&heads_first, cos, sin)?
+            .transpose(1, 2)?
+            .contiguous();
+    }
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope(RopeLayout::PositionsFirst))
+}
+
+fn check_rope_tables(x: &Tensor, t: usize, cos: &Tensor, sin: &Tensor) -> Result<()> {
+    let d = x.dim(D::Minus1)?;
     let (t_max, half) = cos.dims2()?;
     if d % 2 != 0 || half * 2 != d || sin.dims() != cos.dims() || t_max < t {
         bail!(
@@ -112,30 +137,33 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             d / 2
         );
     }
-    let constant_tables = !cos.track_op() && !sin.track_op();
-    if !(constant_tables && fusable(&[x, cos, sin])) {
-        return candle_nn::rotary_emb::rope_slow(x, cos, sin);
-    }
-    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+    Ok(())
+}
+
+fn rope_fusable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+    !cos.track_op() && !sin.track_op() && fusable(&[x, cos, sin])
 }
 
 /// Causal scaled dot-product attention, `softmax(q kᵀ · scale + mask) v`,
 /// differentiable in `q`, `k` and `v`.
 ///
-/// `q` is `[batch, heads, t_q, d]`, `k` and `v` `[batch, kv_heads, t_k, d]`
-/// with `heads` a multiple of `kv_heads` (grouped-query attention: query head
+/// The layout is the one the linear projections give after a reshape (and
+/// the one `candle-flash-attn` takes): `q` is `[batch, t_q, heads, d]`, `k`
+/// and `v` `[batch, t_k, kv_heads, d]`, the result `[batch, t_q, heads, d]`,
+/// so no head transposes (and their copies and backward passes) are needed.
+/// `heads` is a multiple of `kv_heads` (grouped-query attention: query head
 /// `h` reads key/value head `h / (heads / kv_heads)`, as transformers'
 /// `repeat_kv` arranges) and `t_k >= t_q`: query `i` sits at position
-/// `t_k - t_q + i` and sees keys `0..=` that position. The result has `q`'s
-/// shape. The kernel keeps no `[t_q, t_k]` probabilities between the passes:
-/// the backward pass recomputes them, one head at a time.
+/// `t_k - t_q + i` and sees keys `0..=` that position. The kernel keeps no
+/// `[t_q, t_k]` probabilities between the passes: the backward pass
+/// recomputes them, one head at a time.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (batch, heads, t_q, d) = q.dims4()?;
-    let (k_batch, kv_heads, t_k, k_d) = k.dims4()?;
+    let (batch, t_q, heads, d) = q.dims4()?;
+    let (k_batch, t_k, kv_heads, k_d) = k.dims4()?;
     if k.dims() != v.dims() || k_batch != batch || k_d != d || kv_heads == 0 || heads % kv_heads != 0 || t_k < t_q {
         bail!(
-            "causal_attention: q {:?}, k {:?}, v {:?} do not fit (k and v alike, same batch and head size, \
-             heads a multiple of kv heads, at least as many keys as queries)",
+            "causal_attention: q {:?}, k {:?}, v {:?} do not fit ([batch, t, heads, d]; k and v alike, same batch \
+             and head size, heads a multiple of kv heads, at least as many keys as queries)",
             q.dims(),
             k.dims(),
             v.dims()
@@ -144,54 +172,53 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     if !fusable(&[q, k, v]) {
         return plain_causal_attention(q, k, v, scale);
     }
-    q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        CausalAttention { scale: scale as f32 },
-    )
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention { scale: scale as f32 })
 }
 
 /// [`causal_attention`] with candle ops, for the operands the kernel does not take.
 fn plain_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (batch, heads, t_q, d) = q.dims4()?;
-    let (_, kv_heads, t_k, _) = k.dims4()?;
-    let repeat = |x: &Tensor| -> Result<Tensor> {
-        let n_rep = heads / kv_heads;
+    let (batch, t_q, heads, d) = q.dims4()?;
+    let (_, t_k, kv_heads, _) = k.dims4()?;
+    let n_rep = heads / kv_heads;
+    // To [batch, heads, t, d], key/value heads repeated for their query heads.
+    let heads_first = |x: &Tensor| -> Result<Tensor> {
+        let x = x.transpose(1, 2)?;
         if n_rep == 1 {
-            return Ok(x.clone());
+            return x.contiguous();
         }
-        Tensor::cat(&vec![x; n_rep], 2)?.reshape((batch, heads, t_k, d))
+        x.unsqueeze(2)?
+            .broadcast_as((batch, kv_heads, n_rep, t_k, d))?
+            .reshape((batch, heads, t_k, d))
     };
-    let (k, v) = (repeat(k)?, repeat(v)?);
+    let (q, k, v) = (q.transpose(1, 2)?.contiguous()?, heads_first(k)?, heads_first(v)?);
     let offset = t_k - t_q;
     let mask: Vec<f32> = (0..t_q * t_k)
-        .map(|i| {
-            if i % t_k > i / t_k + offset {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
+        .map(|i| if i % t_k > i / t_k + offset { f32::NEG_INFINITY } else { 0.0 })
         .collect();
     let mask = Tensor::from_vec(mask, (t_q, t_k), q.device())?.to_dtype(q.dtype())?;
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-    candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v.contiguous()?)
+    let out = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
+    out.transpose(1, 2)?.contiguous()
 }
 
-/// Mean cross entropy of `logits` `[n, classes]` against class indices
-/// `targets` `[n]` (u8, u32 or i64): `mean(logsumexp(row) - row[target])`,
-/// a scalar, differentiable in `logits`.
+/// Mean cross entropy of `logits` `[.., classes]` against class indices
+/// `targets` `[..]` (u8, u32 or i64; the same leading dimensions):
+/// `mean(logsumexp(row) - row[target])` over all rows, a scalar,
+/// differentiable in `logits`. Unlike `candle_nn::loss::cross_entropy` the
+/// logits need not be flattened to two dimensions first (a flatten is one
+/// more full-size copy in the backward pass).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (n, _) = logits.dims2()?;
-    if targets.dims() != [n] {
+    let dims = logits.dims();
+    if dims.is_empty() || targets.dims() != &dims[..dims.len() - 1] {
         bail!(
-            "cross_entropy: targets {:?} do not match logits {:?}",
+            "cross_entropy: targets {:?} do not match logits {:?} (expected the logits' dimensions but the last)",
             targets.dims(),
             logits.dims()
         );
     }
     if !(fusable(&[logits]) && targets.device().is_cpu()) {
-        return candle_nn::loss::cross_entropy(logits, targets);
+        return candle_nn::loss::cross_entropy(&logits.flatten_to(dims.len().saturating_sub(2))?, &targets.flatten_all()?);
     }
     logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
 }
@@ -412,26 +439,47 @@ impl CustomOp2 for SiluMul {
 
 // ---- RoPE -----------------------------------------------------------------------
 
-struct Rope;
+/// Where the position axis is in a rotary embedding's 4-D input.
+#[derive(Clone, Copy)]
+enum RopeLayout {
+    /// `[batch, heads, t, d]`: row `i` (of `d` values) is position `i % t`.
+    HeadsFirst,
+    /// `[batch, t, heads, d]`: row `i` is position `(i / heads) % t`.
+    PositionsFirst,
+}
 
-/// Rotates each `d`-wide row of `x` (`rows_per_position` rows per table row
-/// repeat: `[batch, heads, t, d]` row `i` is position `i % t`); `sign` +1 for
-/// the forward rotation, -1 for its transpose (the backward pass).
-fn rotate_rows(x: &[f32], cos: &[f32], sin: &[f32], t: usize, d: usize, sign: f32) -> Vec<f32> {
+struct Rope(RopeLayout);
+
+/// Rows of `d` values per rayon task.
+const ROPE_ROWS_PER_TASK: usize = 256;
+
+/// Rotates each `d`-wide row of `x` (`dims` its 4-D shape) by its position's
+/// angles; `sign` +1 for the forward rotation, -1 for its transpose (the
+/// backward pass).
+fn rotate_rows(x: &[f32], cos: &[f32], sin: &[f32], dims: &[usize], layout: RopeLayout, sign: f32) -> Vec<f32> {
+    let d = dims[3].max(2);
     let half = d / 2;
+    let (t, rows_per_position) = match layout {
+        RopeLayout::HeadsFirst => (dims[2], 1),
+        RopeLayout::PositionsFirst => (dims[1], dims[2]),
+    };
     let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(d * t).zip(x.par_chunks(d * t)).for_each(|(y, x)| {
-        for p in 0..t {
-            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-            let (x, y) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
-            let (x1, x2) = x.split_at(half);
-            let (y1, y2) = y.split_at_mut(half);
-            for i in 0..half {
-                y1[i] = x1[i] * c[i] - sign * x2[i] * s[i];
-                y2[i] = x2[i] * c[i] + sign * x1[i] * s[i];
+    let chunk = d * ROPE_ROWS_PER_TASK;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(task, (y, x))| {
+            for (j, (y, x)) in y.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+                let p = ((task * ROPE_ROWS_PER_TASK + j) / rows_per_position.max(1)) % t.max(1);
+                let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+                let (x1, x2) = x.split_at(half);
+                let (y1, y2) = y.split_at_mut(half);
+                for i in 0..half {
+                    y1[i] = x1[i] * c[i] - sign * x2[i] * s[i];
+                    y2[i] = x2[i] * c[i] + sign * x1[i] * s[i];
+                }
             }
-        }
-    });
+        });
     y
 }
 
@@ -449,9 +497,8 @@ impl CustomOp3 for Rope {
         sin: &CpuStorage,
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = xl.dims();
-        let (t, d) = (dims[2], dims[3]);
-        let y = rotate_rows(f32_slice(x, xl)?, f32_slice(cos, cl)?, f32_slice(sin, sl)?, t, d, 1.0);
+        let (x, c, s) = (f32_slice(x, xl)?, f32_slice(cos, cl)?, f32_slice(sin, sl)?);
+        let y = rotate_rows(x, c, s, xl.dims(), self.0, 1.0);
         Ok(f32_storage(y, xl.shape().clone()))
     }
 
@@ -463,9 +510,9 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, _, t, d) = x.dims4()?;
+        let dims = x.dims();
         let gx = with_f32(grad, |g| {
-            with_f32(cos, |c| with_f32(sin, |s| Ok(rotate_rows(g, c, s, t, d, -1.0))))
+            with_f32(cos, |c| with_f32(sin, |s| Ok(rotate_rows(g, c, s, dims, self.0, -1.0))))
         })?;
         Ok((Some(tensor_like(gx, x)?), None, None))
     }
@@ -477,11 +524,11 @@ struct CausalAttention {
     scale: f32,
 }
 
-/// The shapes of one attention call.
+/// The shapes of one attention call, `[batch, t, heads, d]` layout.
 #[derive(Clone, Copy)]
 struct AttentionDims {
-    /// Query heads per key/value head.
-    n_rep: usize,
+    heads: usize,
+    kv_heads: usize,
     t_q: usize,
     t_k: usize,
     d: usize,
@@ -490,30 +537,43 @@ struct AttentionDims {
 impl AttentionDims {
     fn of(q: &[usize], k: &[usize]) -> Self {
         Self {
-            n_rep: q[1] / k[1].max(1),
-            t_q: q[2],
-            t_k: k[2],
+            heads: q[2],
+            kv_heads: k[2],
+            t_q: q[1],
+            t_k: k[1],
             d: q[3],
         }
     }
 
-    /// Elements of one query head / one key-value head.
-    fn q_head(&self) -> usize {
-        self.t_q * self.d
+    /// Query heads per key/value head.
+    fn n_rep(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
     }
-    fn kv_head(&self) -> usize {
-        self.t_k * self.d
+
+    /// One head of `[batch, t, heads, d]` data as a `[t, d]` matrix (rows
+    /// `heads * d` apart).
+    fn head<'a>(&self, data: &'a [f32], batch: usize, head: usize, heads: usize, t: usize) -> Result<Matrix<'a, f32>> {
+        let start = (batch * t * heads + head) * self.d;
+        Matrix::strided(data.get(start..).unwrap_or(&[]), t, self.d, heads * self.d, 1)
+    }
+
+    /// Writes `[t, d]` head blocks back into `[batch, t, heads, d]` data.
+    fn scatter(&self, dst: &mut [f32], block: &[f32], batch: usize, head: usize, heads: usize, t: usize) {
+        let d = self.d;
+        for (i, row) in block.chunks(d).enumerate() {
+            let start = ((batch * t + i) * heads + head) * d;
+            dst[start..start + d].copy_from_slice(row);
+        }
     }
 }
 
 /// The attention probabilities of one query head, `[t_q, t_k]`, into `probs`:
 /// `softmax(scale · q kᵀ)` over the keys each query may see, 0 elsewhere.
-fn causal_probs(probs: &mut [f32], q: &[f32], k: &[f32], dims: AttentionDims, scale: f32) -> Result<()> {
-    let AttentionDims { t_q, t_k, d, .. } = dims;
-    let (q, k) = (Matrix::row_major(q, t_q, d), Matrix::row_major(k, t_k, d));
+fn causal_probs(probs: &mut [f32], q: Matrix<'_, f32>, k: Matrix<'_, f32>, scale: f32) -> Result<()> {
+    let (t_q, t_k) = (q.rows, k.rows);
     matmul_into_serial(probs, q, k.t(), scale, false)?;
     let offset = t_k - t_q;
-    for (i, row) in probs.chunks_mut(t_k).enumerate() {
+    for (i, row) in probs.chunks_mut(t_k.max(1)).enumerate() {
         let (seen, masked) = row.split_at_mut(offset + i + 1);
         let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
@@ -543,21 +603,33 @@ impl CustomOp3 for CausalAttention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = AttentionDims::of(ql.dims(), kl.dims());
+        let batch = ql.dims()[0];
+        let AttentionDims { heads, kv_heads, t_q, t_k, d } = dims;
         let (q, k, v) = (f32_slice(q, ql)?, f32_slice(k, kl)?, f32_slice(v, vl)?);
-        let mut out = vec![0f32; q.len()];
-        // One task per (batch, key/value head): its query heads are adjacent in `q` and `out`.
-        out.par_chunks_mut(dims.n_rep * dims.q_head())
-            .zip(q.par_chunks(dims.n_rep * dims.q_head()))
-            .zip(k.par_chunks(dims.kv_head()).zip(v.par_chunks(dims.kv_head())))
-            .try_for_each(|((out, q), (k, v))| {
-                let mut probs = vec![0f32; dims.t_q * dims.t_k];
-                let v = Matrix::row_major(v, dims.t_k, dims.d);
-                for (out, q) in out.chunks_mut(dims.q_head()).zip(q.chunks(dims.q_head())) {
-                    causal_probs(&mut probs, q, k, dims, self.scale)?;
-                    matmul_into_serial(out, Matrix::row_major(&probs, dims.t_q, dims.t_k), v, 1.0, false)?;
+        // One task per (batch, key/value head), each writing its query heads'
+        // outputs into a block of its own; the blocks are put in place after.
+        let blocks: Vec<Vec<f32>> = (0..batch * kv_heads)
+            .into_par_iter()
+            .map(|task| {
+                let (b, g) = (task / kv_heads, task % kv_heads);
+                let (km, vm) = (dims.head(k, b, g, kv_heads, t_k)?, dims.head(v, b, g, kv_heads, t_k)?);
+                let mut probs = vec![0f32; t_q * t_k];
+                let mut out = vec![0f32; dims.n_rep() * t_q * d];
+                for (r, out) in out.chunks_mut(t_q * d).enumerate() {
+                    let qm = dims.head(q, b, g * dims.n_rep() + r, heads, t_q)?;
+                    causal_probs(&mut probs, qm, km, self.scale)?;
+                    matmul_into_serial(out, Matrix::row_major(&probs, t_q, t_k), vm, 1.0, false)?;
                 }
-                Ok::<(), candle_core::Error>(())
-            })?;
+                Ok(out)
+            })
+            .collect::<Result<_>>()?;
+        let mut out = vec![0f32; q.len()];
+        for (task, block) in blocks.iter().enumerate() {
+            let (b, g) = (task / kv_heads, task % kv_heads);
+            for (r, head) in block.chunks(t_q * d).enumerate() {
+                dims.scatter(&mut out, head, b, g * dims.n_rep() + r, heads, t_q);
+            }
+        }
         Ok(f32_storage(out, ql.shape().clone()))
     }
 
@@ -573,46 +645,55 @@ impl CustomOp3 for CausalAttention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = AttentionDims::of(q.dims(), k.dims());
+        let batch = q.dim(0)?;
+        let AttentionDims { heads, kv_heads, t_q, t_k, d } = dims;
         let scale = self.scale;
         let (gq, gk, gv) = with_f32(q, |qs| {
             with_f32(k, |ks| {
                 with_f32(v, |vs| {
                     with_f32(grad, |gs| {
-                        let (mut gq, mut gk, mut gv) =
-                            (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
-                        let group = dims.n_rep * dims.q_head();
-                        let inputs = qs
-                            .par_chunks(group)
-                            .zip(gs.par_chunks(group))
-                            .zip(ks.par_chunks(dims.kv_head()).zip(vs.par_chunks(dims.kv_head())));
-                        let outputs = gq
-                            .par_chunks_mut(group)
-                            .zip(gk.par_chunks_mut(dims.kv_head()).zip(gv.par_chunks_mut(dims.kv_head())));
-                        inputs.zip(outputs).try_for_each(|(((q, g), (k, v)), (gq, (gk, gv)))| {
-                            let (t_q, t_k, d) = (dims.t_q, dims.t_k, dims.d);
-                            let mut probs = vec![0f32; t_q * t_k];
-                            let mut dprobs = vec![0f32; t_q * t_k];
-                            let (km, vm) = (Matrix::row_major(k, t_k, d), Matrix::row_major(v, t_k, d));
-                            let heads = q.chunks(dims.q_head()).zip(g.chunks(dims.q_head()));
-                            for (r, ((q, g), gq)) in heads.zip(gq.chunks_mut(dims.q_head())).enumerate() {
-                                causal_probs(&mut probs, q, k, dims, scale)?;
-                                let (qm, gm) = (Matrix::row_major(q, t_q, d), Matrix::row_major(g, t_q, d));
-                                matmul_into_serial(&mut dprobs, gm, vm.t(), 1.0, false)?;
-                                for (dp, p) in dprobs.chunks_mut(t_k).zip(probs.chunks(t_k)) {
-                                    let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
-                                    for (dp, p) in dp.iter_mut().zip(p) {
-                                        *dp = scale * p * (*dp - dot);
+                        // Per task: the query heads' ∂q blocks, then ∂k and ∂v.
+                        type Blocks = (Vec<f32>, Vec<f32>, Vec<f32>);
+                        let blocks: Vec<Blocks> = (0..batch * kv_heads)
+                            .into_par_iter()
+                            .map(|task| {
+                                let (b, g) = (task / kv_heads, task % kv_heads);
+                                let km = dims.head(ks, b, g, kv_heads, t_k)?;
+                                let vm = dims.head(vs, b, g, kv_heads, t_k)?;
+                                let mut probs = vec![0f32; t_q * t_k];
+                                let mut dprobs = vec![0f32; t_q * t_k];
+                                let mut gq = vec![0f32; dims.n_rep() * t_q * d];
+                                let (mut gk, mut gv) = (vec![0f32; t_k * d], vec![0f32; t_k * d]);
+                                for (r, gq) in gq.chunks_mut(t_q * d).enumerate() {
+                                    let h = g * dims.n_rep() + r;
+                                    let (qm, gm) = (dims.head(qs, b, h, heads, t_q)?, dims.head(gs, b, h, heads, t_q)?);
+                                    causal_probs(&mut probs, qm, km, scale)?;
+                                    matmul_into_serial(&mut dprobs, gm, vm.t(), 1.0, false)?;
+                                    for (dp, p) in dprobs.chunks_mut(t_k).zip(probs.chunks(t_k)) {
+                                        let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
+                                        for (dp, p) in dp.iter_mut().zip(p) {
+                                            *dp = scale * p * (*dp - dot);
+                                        }
                                     }
+                                    let ds = Matrix::row_major(&dprobs, t_q, t_k);
+                                    let accumulate = r > 0;
+                                    matmul_into_serial(gq, ds, km, 1.0, false)?;
+                                    matmul_into_serial(&mut gk, ds.t(), qm, 1.0, accumulate)?;
+                                    let pm = Matrix::row_major(&probs, t_q, t_k);
+                                    matmul_into_serial(&mut gv, pm.t(), gm, 1.0, accumulate)?;
                                 }
-                                let ds = Matrix::row_major(&dprobs, t_q, t_k);
-                                let accumulate = r > 0;
-                                matmul_into_serial(gq, ds, km, 1.0, false)?;
-                                matmul_into_serial(gk, ds.t(), qm, 1.0, accumulate)?;
-                                let pm = Matrix::row_major(&probs, t_q, t_k);
-                                matmul_into_serial(gv, pm.t(), gm, 1.0, accumulate)?;
+                                Ok((gq, gk, gv))
+                            })
+                            .collect::<Result<_>>()?;
+                        let (mut gq, mut gk, mut gv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
+                        for (task, (gq_block, gk_block, gv_block)) in blocks.iter().enumerate() {
+                            let (b, g) = (task / kv_heads, task % kv_heads);
+                            for (r, head) in gq_block.chunks(t_q * d).enumerate() {
+                                dims.scatter(&mut gq, head, b, g * dims.n_rep() + r, heads, t_q);
                             }
-                            Ok::<(), candle_core::Error>(())
-                        })?;
+                            dims.scatter(&mut gk, gk_block, b, g, kv_heads, t_k);
+                            dims.scatter(&mut gv, gv_block, b, g, kv_heads, t_k);
+                        }
                         Ok((gq, gk, gv))
                     })
                 })
@@ -669,7 +750,7 @@ impl CustomOp2 for CrossEntropy {
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, t: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
         let logits = f32_slice(x, xl)?;
-        let classes = xl.dims()[1].max(1);
+        let classes = xl.dims().last().copied().unwrap_or(1).max(1);
         let targets = class_indices(t, tl, classes)?;
         let total: f64 = logits
             .par_chunks(classes)
@@ -686,7 +767,8 @@ impl CustomOp2 for CrossEntropy {
 
     /// `∂logits = g / n · (softmax(row) - onehot(target))`.
     fn bwd(&self, x: &Tensor, t: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, classes) = x.dims2()?;
+        let classes = x.dim(D::Minus1)?;
+        let n = x.elem_count() / classes.max(1);
         let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? / n.max(1) as f32;
         let targets = {
             let t = t.contiguous()?;
