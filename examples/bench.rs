@@ -218,7 +218,11 @@ fn tune_runtime() -> String {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
-    let runtime = if args.tuned { tune_runtime() } else { "defaults".to_owned() };
+    let runtime = if args.tuned {
+        tune_runtime()
+    } else {
+        "defaults".to_owned()
+    };
     if let Some(threads) = args.threads {
         // Read by candle's CPU kernels; set before any of them runs.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());

@@ -181,7 +181,8 @@ impl Attention {
         let k = ops::rope_thd(&k, cos, sin)?;
         // Each kv head serves num_heads / num_kv_heads query heads (GQA).
         let out = ops::causal_attention(&q, &k, &v, (self.head_dim as f64).powf(-0.5))?;
-        self.o_proj.forward(&out.reshape((b, t, self.num_heads * self.head_dim))?)
+        self.o_proj
+            .forward(&out.reshape((b, t, self.num_heads * self.head_dim))?)
     }
 }
 

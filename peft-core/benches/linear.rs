@@ -1,4 +1,4 @@
-//! Forward cost of `peft_core::Linear` against `candle_nn::Linear`, and the
+//! Forward (and forward + backward) cost of `peft_core::Linear` against `candle_nn::Linear`, and the
 //! cost of resolving targets on a model with 10,000 linear layers.
 //!
 //! Run with `cargo bench -p peft-core --bench linear`; the results and the
@@ -19,8 +19,8 @@
 //! After the criterion groups, `paired_ratios` times the four forward cases
 //! round-robin and prints the median per-round ratio against `candle_nn`: on a
 //! small shared machine this is much less sensitive to drifts in speed than
-//! comparing medians measured one after the other. Set `PEFT_BENCH_BREAKDOWN=1`
-//! to also print where the unmerged LoRA time goes (`lora_breakdown`).
+//! comparing medians measured one after the other. `paired_training_ratios`
+//! does the same for forward + backward, as in a training step.
 
 use std::time::{Duration, Instant};
 
@@ -240,66 +240,64 @@ fn paired_ratios(size: usize, rounds: usize) {
     }
 }
 
-/// Where the unmerged LoRA time goes (diagnostic, `PEFT_BENCH_BREAKDOWN=1`):
-/// each candle op of the adapter path timed alone, the whole unmerged forward
-/// against the same ops written out by hand, and a fused alternative.
-fn lora_breakdown(size: usize, rounds: usize) {
+/// Forward and backward of one layer, as in a training step (the input is a
+/// `Var` standing for the activations of earlier layers; the loss is the sum
+/// of the output), timed round-robin like [`paired_ratios`]:
+/// - `candle_nn`: `candle_nn::Linear`, whose backward pass also computes the
+///   frozen weight's gradient (candle differentiates both matmul operands);
+/// - `peft_no_adapter`: the slot alone: the input gradient only;
+/// - `peft_lora_unmerged/r16`: the input gradient and LoRA's two gradients.
+///
+/// The LoRA budget is against the slot without adapter: 1.15 x the flop ratio
+/// of the forward pass, which the backward pass's products share.
+fn paired_training_ratios(size: usize, rounds: usize) {
     let l = layers(size, size).expect("build layers");
-    let x = &l.input;
-    let lora = l.unmerged.adapter("default").expect("attached");
-    let (a, b) = {
-        let vars = lora.trainable_vars();
-        (vars[0].1.as_tensor().clone(), vars[1].1.as_tensor().clone())
+    let x = Var::from_tensor(&l.input).expect("var");
+    let mut training = l.unmerged.clone();
+    training.set_training(true);
+    let step = |forward: &dyn Fn(&Tensor) -> Tensor| {
+        let grads = forward(black_box(x.as_tensor())).sum_all().unwrap().backward().unwrap();
+        black_box(grads.get(&x).expect("input gradient").dims().len())
     };
-    let down_layer = candle_nn::Linear::new(a, None);
-    let up_layer = candle_nn::Linear::new(b, None);
-    let base = l.candle.forward(x).unwrap();
-    let down = down_layer.forward(x).unwrap();
-    let scaled = (&down * SCALE).unwrap();
-    let up = up_layer.forward(&scaled).unwrap();
-    // A possible fusion: y = [x | s x A^T] [W | B]^T + b, one gemm with k = in + r
-    // instead of the up-projection gemm and the full-size add; [W | B] is cached.
-    let fused = candle_nn::Linear::new(
-        Tensor::cat(&[l.candle.weight(), up_layer.weight()], 1).unwrap(),
-        l.candle.bias().cloned(),
-    );
-    // Control: the same base layer with its weight in a fresh allocation, as a
-    // merged layer has.
-    let copied = candle_nn::Linear::new(l.candle.weight().copy().unwrap(), l.candle.bias().cloned());
-    let cases: [(&str, &dyn Fn() -> Tensor); 10] = [
-        ("base (candle_nn)", &|| l.candle.forward(black_box(x)).unwrap()),
-        ("down x A^T", &|| down_layer.forward(black_box(x)).unwrap()),
-        ("scale", &|| (black_box(&down) * SCALE).unwrap()),
-        ("up (s x A^T) B^T", &|| up_layer.forward(black_box(&scaled)).unwrap()),
-        ("add base + up", &|| (black_box(&base) + &up).unwrap()),
-        ("unmerged forward", &|| l.unmerged.forward(black_box(x)).unwrap()),
-        ("same ops by hand", &|| {
-            let y = l.candle.forward(black_box(x)).unwrap();
-            let d = down_layer.forward(x).unwrap();
-            let u = up_layer.forward(&(d * SCALE).unwrap()).unwrap();
-            (y + u).unwrap()
-        }),
-        ("fused alternative", &|| {
-            let d = (down_layer.forward(black_box(x)).unwrap() * SCALE).unwrap();
-            fused.forward(&Tensor::cat(&[x, &d], 2).unwrap()).unwrap()
-        }),
-        ("merged forward", &|| l.merged.forward(black_box(x)).unwrap()),
-        ("base, copied W", &|| copied.forward(black_box(x)).unwrap()),
+    let cases: [(&str, &dyn Fn() -> usize); 3] = [
+        ("candle_nn", &|| step(&|x| l.candle.forward(x).unwrap())),
+        ("peft_no_adapter", &|| step(&|x| l.plain.forward(x).unwrap())),
+        ("peft_lora_unmerged/r16", &|| step(&|x| training.forward(x).unwrap())),
     ];
+    let start = Instant::now();
+    for _ in 0..3 {
+        black_box(cases[0].1());
+    }
+    let once = start.elapsed() / 3;
+    let iters = (Duration::from_millis(25).as_nanos() / once.as_nanos().max(1)).max(1) as u32;
     let mut times = vec![Vec::with_capacity(rounds); cases.len()];
     for round in 0..rounds {
         for k in 0..cases.len() {
             let i = (round + k) % cases.len();
             let start = Instant::now();
-            for _ in 0..10 {
+            for _ in 0..iters {
                 black_box(cases[i].1());
             }
-            times[i].push(start.elapsed().as_secs_f64() / 10.0);
+            times[i].push(start.elapsed().as_secs_f64() / f64::from(iters));
         }
     }
-    println!("lora_breakdown/linear_{size}x{size}: {rounds} rounds x 10 iterations, median per call");
+    let flop_ratio = 1.0 + (RANK * (size + size)) as f64 / (size * size) as f64;
+    println!("paired_training_ratios/linear_{size}x{size}: forward + backward, {rounds} rounds x {iters} iterations");
+    println!(
+        "  LoRA budget 1.15 x flop ratio = {:.4} x peft_no_adapter",
+        1.15 * flop_ratio
+    );
     for (i, (name, _)) in cases.iter().enumerate() {
-        println!("  {name:<18} {:>10.1} us", median(times[i].clone()) * 1e6);
+        let ratio_to = |j: usize| {
+            let ratios: Vec<f64> = times[i].iter().zip(&times[j]).map(|(t, base)| t / base).collect();
+            median(ratios)
+        };
+        println!(
+            "  {name:<24} median {:>9.3} ms   vs candle_nn {:.4}   vs peft_no_adapter {:.4}",
+            median(times[i].clone()) * 1e3,
+            ratio_to(0),
+            ratio_to(1),
+        );
     }
 }
 
@@ -326,9 +324,9 @@ fn main() {
             paired_ratios(512, 40);
             paired_ratios(1024, 40);
             paired_ratios(4096, 30);
-        }
-        if std::env::var_os("PEFT_BENCH_BREAKDOWN").is_some() {
-            lora_breakdown(1024, 30);
+            paired_training_ratios(512, 40);
+            paired_training_ratios(1024, 40);
+            paired_training_ratios(4096, 20);
         }
     }
     Criterion::default().configure_from_args().final_summary();

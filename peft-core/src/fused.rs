@@ -437,7 +437,13 @@ impl<'a, T: Copy> Matrix<'a, T> {
     }
 
     /// A matrix with any strides over `data`, checked to fit.
-    pub(crate) fn strided(data: &'a [T], rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Result<Self> {
+    pub(crate) fn strided(
+        data: &'a [T],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Result<Self> {
         Self::checked(data, rows, cols, row_stride, col_stride)
     }
 

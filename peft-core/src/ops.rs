@@ -172,8 +172,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     if !fusable(&[q, k, v]) {
         return plain_causal_attention(q, k, v, scale);
     }
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention { scale: scale as f32 })
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        CausalAttention { scale: scale as f32 },
+    )
 }
 
 /// [`causal_attention`] with candle ops, for the operands the kernel does not take.
@@ -194,7 +197,13 @@ fn plain_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Res
     let (q, k, v) = (q.transpose(1, 2)?.contiguous()?, heads_first(k)?, heads_first(v)?);
     let offset = t_k - t_q;
     let mask: Vec<f32> = (0..t_q * t_k)
-        .map(|i| if i % t_k > i / t_k + offset { f32::NEG_INFINITY } else { 0.0 })
+        .map(|i| {
+            if i % t_k > i / t_k + offset {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (t_q, t_k), q.device())?.to_dtype(q.dtype())?;
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
@@ -218,7 +227,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         );
     }
     if !(fusable(&[logits]) && targets.device().is_cpu()) {
-        return candle_nn::loss::cross_entropy(&logits.flatten_to(dims.len().saturating_sub(2))?, &targets.flatten_all()?);
+        return candle_nn::loss::cross_entropy(
+            &logits.flatten_to(dims.len().saturating_sub(2))?,
+            &targets.flatten_all()?,
+        );
     }
     logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
 }
@@ -604,7 +616,13 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = AttentionDims::of(ql.dims(), kl.dims());
         let batch = ql.dims()[0];
-        let AttentionDims { heads, kv_heads, t_q, t_k, d } = dims;
+        let AttentionDims {
+            heads,
+            kv_heads,
+            t_q,
+            t_k,
+            d,
+        } = dims;
         let (q, k, v) = (f32_slice(q, ql)?, f32_slice(k, kl)?, f32_slice(v, vl)?);
         // One task per (batch, key/value head), each writing its query heads'
         // outputs into a block of its own; the blocks are put in place after.
@@ -646,7 +664,13 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = AttentionDims::of(q.dims(), k.dims());
         let batch = q.dim(0)?;
-        let AttentionDims { heads, kv_heads, t_q, t_k, d } = dims;
+        let AttentionDims {
+            heads,
+            kv_heads,
+            t_q,
+            t_k,
+            d,
+        } = dims;
         let scale = self.scale;
         let (gq, gk, gv) = with_f32(q, |qs| {
             with_f32(k, |ks| {
@@ -685,7 +709,8 @@ impl CustomOp3 for CausalAttention {
                                 Ok((gq, gk, gv))
                             })
                             .collect::<Result<_>>()?;
-                        let (mut gq, mut gk, mut gv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
+                        let (mut gq, mut gk, mut gv) =
+                            (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
                         for (task, (gq_block, gk_block, gv_block)) in blocks.iter().enumerate() {
                             let (b, g) = (task / kv_heads, task % kv_heads);
                             for (r, head) in gq_block.chunks(t_q * d).enumerate() {
