@@ -257,8 +257,10 @@ impl LlamaForCausalLM {
         let (_, t) = input_ids.dims2()?;
         let device = input_ids.device();
         let head_dim = self.model.layers.first().map_or(0, |l| l.self_attn.head_dim);
-        let (cos, sin) = rope_tables(t, head_dim, self.rope_theta, device)?;
         let mut x = self.model.embed_tokens.forward(input_ids)?;
+        // Computed in f32 as transformers does, used in the model's dtype.
+        let (cos, sin) = rope_tables(t, head_dim, self.rope_theta, device)?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         for layer in &self.model.layers {
             x = layer.forward(&x, &cos, &sin)?;
         }
