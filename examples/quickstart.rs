@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use peft_core::ops;
 use peft_core::prelude::*;
 
 const VOCAB: usize = 64;
@@ -66,16 +67,16 @@ impl Attention {
     }
 
     /// Causal multi-head self-attention over `x` `[batch, seq, hidden]`.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let head_dim = HIDDEN / HEADS;
-        let split = |y: Tensor| y.reshape((b, t, HEADS, head_dim))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q_proj.forward(x)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?;
-        let out = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
-        self.o_proj.forward(&out.transpose(1, 2)?.reshape((b, t, HIDDEN))?)
+        // Heads stay in [batch, seq, heads, head_dim]: no transposes needed.
+        let heads = |y: Tensor| y.reshape((b, t, HEADS, head_dim));
+        let q = heads(self.q_proj.forward(x)?)?;
+        let k = heads(self.k_proj.forward(x)?)?;
+        let v = heads(self.v_proj.forward(x)?)?;
+        let out = ops::causal_attention(&q, &k, &v, 1.0 / (head_dim as f64).sqrt())?;
+        self.o_proj.forward(&out.reshape((b, t, HIDDEN))?)
     }
 }
 
@@ -89,8 +90,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let hidden = ops::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&hidden)
     }
 }
 
@@ -120,23 +121,16 @@ impl Model {
     ///
     /// Training needs differentiable ops all the way down: candle-nn's fused
     /// `RmsNorm::forward` and `softmax_last_dim` have no backward pass and
-    /// would silently stop the gradient, so this uses `forward_diff` and
-    /// `softmax`.
+    /// would silently stop the gradient. `peft_core::ops` has fused kernels
+    /// with a backward pass for RMSNorm, attention, SwiGLU and the loss.
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        let t = ids.dim(1)?;
-        let mask: Vec<f32> = (0..t * t)
-            .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), ids.device())?;
+        let norm = |n: &candle_nn::RmsNorm, x: &Tensor| ops::rms_norm(x, n.weight(), n.eps());
         let mut x = self.embed_tokens.forward(ids)?;
         for block in &self.layers {
-            x = (&x
-                + block
-                    .self_attn
-                    .forward(&block.input_layernorm.forward_diff(&x)?, &mask)?)?;
-            x = (&x + block.mlp.forward(&block.post_attention_layernorm.forward_diff(&x)?)?)?;
+            x = (&x + block.self_attn.forward(&norm(&block.input_layernorm, &x)?)?)?;
+            x = (&x + block.mlp.forward(&norm(&block.post_attention_layernorm, &x)?)?)?;
         }
-        self.lm_head.forward(&self.norm.forward_diff(&x)?)
+        self.lm_head.forward(&norm(&self.norm, &x)?)
     }
 }
 
@@ -157,8 +151,7 @@ fn batch(step: usize, device: &Device) -> candle_core::Result<Tensor> {
 fn next_token_loss(model: &Model, ids: &Tensor) -> candle_core::Result<Tensor> {
     let inputs = ids.narrow(1, 0, SEQ - 1)?;
     let targets = ids.narrow(1, 1, SEQ - 1)?;
-    let logits = model.forward(&inputs)?;
-    candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
+    ops::cross_entropy(&model.forward(&inputs)?, &targets)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
