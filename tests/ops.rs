@@ -117,27 +117,32 @@ fn silu_mul_matches_silu_times_up() {
     }
 }
 
-#[test]
-fn rope_thd_matches_rope_slow_on_transposed_heads() {
-    let mut rng = Rng(0x0b5_0009);
-    for _ in 0..30 {
+/// One random rotary case: `(batch, heads, t, d)`, and tables `cos`, `sin`
+/// `[t_max, d / 2]` (`t_max >= t`) in f32 and in f64.
+struct RopeCase {
+    b: usize,
+    h: usize,
+    t: usize,
+    d: usize,
+    tables: (Tensor, Tensor),
+    tables64: (Tensor, Tensor),
+}
+
+impl RopeCase {
+    fn random(rng: &mut Rng) -> Self {
         let (b, h, t, half) = (1 + rng.below(3), 1 + rng.below(4), 1 + rng.below(20), 1 + rng.below(16));
         let t_max = t + rng.below(5);
         let angles = (rng.tensor(&[t_max, half], DType::F32) * 3.0).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-        let (cos64, sin64) = (cos.to_dtype(DType::F64).unwrap(), sin.to_dtype(DType::F64).unwrap());
-        let x = rng.tensor(&[b, t, h, 2 * half], DType::F32);
-        check(
-            &format!("rope_thd [{b}, {t}, {h}, {}]", 2 * half),
-            &[x],
-            |v| ops::rope_thd(&v[0], &cos, &sin).unwrap(),
-            |v| {
-                let heads_first = v[0].transpose(1, 2).unwrap().contiguous().unwrap();
-                let y = candle_nn::rotary_emb::rope_slow(&heads_first, &cos64, &sin64).unwrap();
-                y.transpose(1, 2).unwrap()
-            },
-            &mut rng,
-        );
+        let tables64 = (cos.to_dtype(DType::F64).unwrap(), sin.to_dtype(DType::F64).unwrap());
+        Self {
+            b,
+            h,
+            t,
+            d: 2 * half,
+            tables: (cos, sin),
+            tables64,
+        }
     }
 }
 
@@ -145,17 +150,47 @@ fn rope_thd_matches_rope_slow_on_transposed_heads() {
 fn rope_matches_rope_slow() {
     let mut rng = Rng(0x0b5_0004);
     for _ in 0..30 {
-        let (b, h, t, half) = (1 + rng.below(3), 1 + rng.below(4), 1 + rng.below(20), 1 + rng.below(16));
-        let t_max = t + rng.below(5);
-        let angles = (rng.tensor(&[t_max, half], DType::F32) * 3.0).unwrap();
-        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-        let (cos64, sin64) = (cos.to_dtype(DType::F64).unwrap(), sin.to_dtype(DType::F64).unwrap());
-        let x = rng.tensor(&[b, h, t, 2 * half], DType::F32);
+        let RopeCase {
+            b,
+            h,
+            t,
+            d,
+            tables: (cos, sin),
+            tables64: (cos64, sin64),
+        } = RopeCase::random(&mut rng);
+        let x = rng.tensor(&[b, h, t, d], DType::F32);
         check(
-            &format!("rope [{b}, {h}, {t}, {}] tables of {t_max}", 2 * half),
+            &format!("rope [{b}, {h}, {t}, {d}] tables of {}", cos.dim(0).unwrap()),
             &[x],
             |v| ops::rope(&v[0], &cos, &sin).unwrap(),
             |v| candle_nn::rotary_emb::rope_slow(&v[0], &cos64, &sin64).unwrap(),
+            &mut rng,
+        );
+    }
+}
+
+#[test]
+fn rope_thd_matches_rope_slow_on_transposed_heads() {
+    let mut rng = Rng(0x0b5_0009);
+    for _ in 0..30 {
+        let RopeCase {
+            b,
+            h,
+            t,
+            d,
+            tables: (cos, sin),
+            tables64: (cos64, sin64),
+        } = RopeCase::random(&mut rng);
+        let x = rng.tensor(&[b, t, h, d], DType::F32);
+        check(
+            &format!("rope_thd [{b}, {t}, {h}, {d}]"),
+            &[x],
+            |v| ops::rope_thd(&v[0], &cos, &sin).unwrap(),
+            |v| {
+                let heads_first = v[0].transpose(1, 2).unwrap().contiguous().unwrap();
+                let y = candle_nn::rotary_emb::rope_slow(&heads_first, &cos64, &sin64).unwrap();
+                y.transpose(1, 2).unwrap()
+            },
             &mut rng,
         );
     }

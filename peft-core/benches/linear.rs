@@ -196,31 +196,22 @@ fn targeted_modules(c: &mut Criterion) {
 fn paired_ratios(size: usize, rounds: usize) {
     let l = layers(size, size).expect("build layers");
     let x = &l.input;
-    let cases: [(&str, &dyn Fn() -> Tensor); 4] = [
-        ("candle_nn", &|| l.candle.forward(black_box(x)).unwrap()),
-        ("peft_no_adapter", &|| l.plain.forward(black_box(x)).unwrap()),
-        ("peft_lora_unmerged/r16", &|| l.unmerged.forward(black_box(x)).unwrap()),
-        ("peft_lora_merged/r16", &|| l.merged.forward(black_box(x)).unwrap()),
+    let cases: [(&str, &dyn Fn()); 4] = [
+        ("candle_nn", &|| {
+            black_box(l.candle.forward(black_box(x)).unwrap());
+        }),
+        ("peft_no_adapter", &|| {
+            black_box(l.plain.forward(black_box(x)).unwrap());
+        }),
+        ("peft_lora_unmerged/r16", &|| {
+            black_box(l.unmerged.forward(black_box(x)).unwrap());
+        }),
+        ("peft_lora_merged/r16", &|| {
+            black_box(l.merged.forward(black_box(x)).unwrap());
+        }),
     ];
-    // Warm up, then pick the iterations per timing so that each lasts ~25 ms.
-    let start = Instant::now();
-    for _ in 0..3 {
-        black_box(cases[0].1());
-    }
-    let once = start.elapsed() / 3;
-    let iters = (Duration::from_millis(25).as_nanos() / once.as_nanos().max(1)).max(1) as u32;
-    let mut times = vec![Vec::with_capacity(rounds); cases.len()];
-    for round in 0..rounds {
-        for k in 0..cases.len() {
-            // Rotate the order so that no case always runs first.
-            let i = (round + k) % cases.len();
-            let start = Instant::now();
-            for _ in 0..iters {
-                black_box(cases[i].1());
-            }
-            times[i].push(start.elapsed().as_secs_f64() / f64::from(iters));
-        }
-    }
+    let runs: Vec<&dyn Fn()> = cases.iter().map(|(_, f)| -> &dyn Fn() { f }).collect();
+    let (iters, times) = round_robin(&runs, rounds);
     let flop_ratio = 1.0 + (RANK * (size + size)) as f64 / (size * size) as f64;
     println!("paired_ratios/linear_{size}x{size}: {rounds} rounds x {iters} iterations per case");
     println!(
@@ -240,6 +231,31 @@ fn paired_ratios(size: usize, rounds: usize) {
     }
 }
 
+/// Times `cases` round-robin for `rounds` rounds, rotating the order so that
+/// no case always runs first; each timing repeats a case for ~25 ms (the
+/// first case's warm-up time decides how often). Returns the repetitions and
+/// the seconds per call, per case and round.
+fn round_robin(cases: &[&dyn Fn()], rounds: usize) -> (u32, Vec<Vec<f64>>) {
+    let start = Instant::now();
+    for _ in 0..3 {
+        cases[0]();
+    }
+    let once = start.elapsed() / 3;
+    let iters = (Duration::from_millis(25).as_nanos() / once.as_nanos().max(1)).max(1) as u32;
+    let mut times = vec![Vec::with_capacity(rounds); cases.len()];
+    for round in 0..rounds {
+        for k in 0..cases.len() {
+            let i = (round + k) % cases.len();
+            let start = Instant::now();
+            for _ in 0..iters {
+                cases[i]();
+            }
+            times[i].push(start.elapsed().as_secs_f64() / f64::from(iters));
+        }
+    }
+    (iters, times)
+}
+
 /// Forward and backward of one layer, as in a training step (the input is a
 /// `Var` standing for the activations of earlier layers; the loss is the sum
 /// of the output), timed round-robin like [`paired_ratios`]:
@@ -257,30 +273,15 @@ fn paired_training_ratios(size: usize, rounds: usize) {
     training.set_training(true);
     let step = |forward: &dyn Fn(&Tensor) -> Tensor| {
         let grads = forward(black_box(x.as_tensor())).sum_all().unwrap().backward().unwrap();
-        black_box(grads.get(&x).expect("input gradient").dims().len())
+        black_box(grads.get(&x).expect("input gradient"));
     };
-    let cases: [(&str, &dyn Fn() -> usize); 3] = [
+    let cases: [(&str, &dyn Fn()); 3] = [
         ("candle_nn", &|| step(&|x| l.candle.forward(x).unwrap())),
         ("peft_no_adapter", &|| step(&|x| l.plain.forward(x).unwrap())),
         ("peft_lora_unmerged/r16", &|| step(&|x| training.forward(x).unwrap())),
     ];
-    let start = Instant::now();
-    for _ in 0..3 {
-        black_box(cases[0].1());
-    }
-    let once = start.elapsed() / 3;
-    let iters = (Duration::from_millis(25).as_nanos() / once.as_nanos().max(1)).max(1) as u32;
-    let mut times = vec![Vec::with_capacity(rounds); cases.len()];
-    for round in 0..rounds {
-        for k in 0..cases.len() {
-            let i = (round + k) % cases.len();
-            let start = Instant::now();
-            for _ in 0..iters {
-                black_box(cases[i].1());
-            }
-            times[i].push(start.elapsed().as_secs_f64() / f64::from(iters));
-        }
-    }
+    let runs: Vec<&dyn Fn()> = cases.iter().map(|(_, f)| -> &dyn Fn() { f }).collect();
+    let (iters, times) = round_robin(&runs, rounds);
     let flop_ratio = 1.0 + (RANK * (size + size)) as f64 / (size * size) as f64;
     println!("paired_training_ratios/linear_{size}x{size}: forward + backward, {rounds} rounds x {iters} iterations");
     println!(
