@@ -47,11 +47,11 @@
 //! assert_eq!(y.to_vec2::<f32>()?, [[0.5, 2., 2.], [2.5, 4., 6.]]);
 //!
 //! let grads = y.sum_all()?.backward()?;
-//! // ∂A = s · (1ᵀ B)ᵀ-weighted sum of the inputs: 0.5 · 3 · [4, 6]
+//! // ∂A = uᵀ x with u = s·g B = 0.5 · 3 for each token: 1.5 · [1 + 3, 2 + 4]
 //! assert_eq!(grads.get(&a).unwrap().to_vec2::<f32>()?, [[6., 9.]]);
-//! // ∂B = s · column sums of x Aᵀ, one row per output: 0.5 · (-2)
+//! // ∂B = gᵀ (s·x Aᵀ): each output sums s·x Aᵀ over the tokens, 0.5 · (-1 - 1)
 //! assert_eq!(grads.get(&b).unwrap().to_vec2::<f32>()?, [[-1.], [-1.], [-1.]]);
-//! // ∂x = 1 W + 0.5 · (1 B) A = [2, 2] + 1.5 · [1, -1]
+//! // ∂x = g W + u A = [2, 2] + 1.5 · [1, -1]
 //! assert_eq!(grads.get(&x).unwrap().to_vec2::<f32>()?, [[3.5, 0.5], [3.5, 0.5]]);
 //! # Ok(())
 //! # }
