@@ -132,6 +132,44 @@ fn lora_linear_matches_the_plain_formula_in_values_and_gradients() {
     }
 }
 
+/// Products large enough for the multi-threaded path (and, with the
+/// `openblas` feature, for OpenBLAS): every operand layout it is given.
+#[test]
+fn large_products_match_the_plain_formula() {
+    let mut rng = Rng(0x5eed_1234_abcd_0003);
+    for (tokens, in_dim, out_dim, rank) in [(200, 130, 150, 8), (96, 256, 72, 64), (130, 70, 300, 100)] {
+        let dtype = DType::F32;
+        let case = Case {
+            dtype,
+            x: rng.tensor(&[2, tokens, in_dim], dtype),
+            weight: rng.tensor(&[out_dim, in_dim], dtype),
+            bias: Some(rng.tensor(&[out_dim], dtype)),
+            a: rng.tensor(&[rank, in_dim], dtype),
+            b: rng.tensor(&[out_dim, rank], dtype),
+            scale: 0.7,
+            probe: rng.tensor(&[2, tokens, out_dim], dtype),
+        };
+        let what = case.describe();
+        let (x, a, b) = (
+            Var::from_tensor(&case.x).unwrap(),
+            Var::from_tensor(&case.a).unwrap(),
+            Var::from_tensor(&case.b).unwrap(),
+        );
+        let y = fused::lora_linear(&x, &case.weight, case.bias.as_ref(), &a, &b, case.scale).unwrap();
+        let grads = (&y * &case.probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (y_ref, [gx_ref, ga_ref, gb_ref]) = reference(&case, true);
+        for (name, got, expected) in [
+            ("y", &y, &y_ref),
+            ("grad x", grads.get(&x).unwrap(), &gx_ref),
+            ("grad A", grads.get(&a).unwrap(), &ga_ref),
+            ("grad B", grads.get(&b).unwrap(), &gb_ref),
+        ] {
+            let err = relative_error(got, expected);
+            assert!(err <= tolerance(dtype), "{name}: relative error {err:e} for {what}");
+        }
+    }
+}
+
 #[test]
 fn linear_matches_candle_nn_and_gives_the_input_gradient() {
     let mut rng = Rng(0x5eed_1234_abcd_0002);
