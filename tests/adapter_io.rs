@@ -477,6 +477,54 @@ fn saving_an_unknown_adapter_is_an_error_and_writes_nothing() {
     assert!(!dir.exists());
 }
 
+/// Names that would not stay one folder below the chosen one are refused by
+/// every entry point before anything is added, read or written.
+#[test]
+fn adapter_names_that_leave_the_folder_are_refused() {
+    let (varmap, saved_dir, _) = saved("names", random_lora(all_linear()));
+    let root = scratch("names-out");
+    let dir = root.join("inner");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = [
+        "",
+        ".",
+        "..",
+        "../escape",
+        "a/b",
+        "/tmp/absolute",
+        "a\\b",
+        "line\nbreak",
+    ];
+    for name in bad {
+        let refused = |result: peft_core::Result<()>, what: &str| match result {
+            Err(PeftError::InvalidAdapterName { name: got, reason }) => {
+                assert_eq!(got, name, "{what}");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{what} {name:?}: expected InvalidAdapterName, got {other:?}"),
+        };
+        let mut net = Net::twin(&varmap);
+        refused(net.add_adapter(name, &random_lora(all_linear())), "add_adapter");
+        refused(net.load_adapter(&saved_dir, name), "load_adapter");
+        assert!(net.adapter_names().is_empty(), "{name:?} left an adapter behind");
+        net.apply_lora(random_lora(all_linear())).unwrap();
+        refused(net.save_adapter(&dir, name), "save_adapter");
+        assert!(peft_core::adapter_dir(&dir, name).is_err());
+    }
+    // Nothing was written inside the folder or next to it.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    let beside: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(beside, ["inner"]);
+    // Dots inside a name are fine, as in PEFT.
+    let mut net = Net::twin(&varmap);
+    net.add_adapter("v1.2", &random_lora(all_linear())).unwrap();
+    net.save_adapter(&dir, "v1.2").unwrap();
+    assert!(dir.join("v1.2").join(CONFIG_FILE).exists());
+}
+
 #[test]
 fn saving_over_an_adapter_replaces_it_whole() {
     let (varmap, dir, _) = saved("overwrite", random_lora(all_linear()));

@@ -53,6 +53,16 @@ pub enum PeftError {
         /// The adapter name.
         adapter: String,
     },
+    /// An adapter name that could not serve as a folder name under the
+    /// folder adapters are saved in (empty, `.`, `..`, a path separator, a
+    /// control character): refused before anything is added, read or written.
+    #[error("invalid adapter name {name:?}: {reason}")]
+    InvalidAdapterName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// No module of the model holds an adapter of this name.
     #[error("no adapter named `{adapter}` in the model (adapters: [{known}])")]
     UnknownAdapter {

@@ -32,19 +32,46 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
 
 /// Where PEFT saves adapter `name` under `dir`: `dir` itself for `"default"`,
-/// `dir/<name>` otherwise.
-pub fn adapter_dir(dir: &Path, name: &str) -> PathBuf {
-    if name == DEFAULT_ADAPTER {
+/// `dir/<name>` otherwise. A name that would not stay one folder below `dir`
+/// (see [`check_adapter_name`]) is an error.
+pub fn adapter_dir(dir: &Path, name: &str) -> Result<PathBuf> {
+    check_adapter_name(name)?;
+    Ok(if name == DEFAULT_ADAPTER {
         dir.to_path_buf()
     } else {
         dir.join(name)
-    }
+    })
+}
+
+/// Refuses adapter names that cannot be a single folder name below the folder
+/// adapters are saved in: empty, `.` or `..`, with a path separator (`/`, or
+/// `\` as Windows reads it; an absolute path has one too) or a control
+/// character. [`PeftModel::add_adapter`], `load_adapter` and `save_adapter`
+/// check this first. PEFT uses the name as a subfolder the same way but does
+/// not check it.
+pub fn check_adapter_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "it is empty"
+    } else if name == "." || name == ".." {
+        "it names a folder itself or its parent, not a subfolder"
+    } else if name.contains(['/', '\\']) {
+        "it contains a path separator, so it would not be one folder below the one given"
+    } else if name.chars().any(char::is_control) {
+        "it contains a control character"
+    } else {
+        return Ok(());
+    };
+    Err(PeftError::InvalidAdapterName {
+        name: name.to_owned(),
+        reason,
+    })
 }
 
 // ---- saving -------------------------------------------------------------------
 
 /// Writes adapter `name` of `model` into `dir` (created if needed).
 pub(crate) fn save_adapter<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &str) -> Result<()> {
+    check_adapter_name(name)?;
     let layers = model.linear_layers();
     let adapted: Vec<_> = layers.iter().filter(|l| l.layer.has_adapter(name)).collect();
     let Some(first) = adapted.first() else {
@@ -80,7 +107,7 @@ pub(crate) fn save_adapter<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &
         }
     }
 
-    let dir = adapter_dir(dir, name);
+    let dir = adapter_dir(dir, name)?;
     fs::create_dir_all(&dir).map_err(|source| PeftError::Io {
         path: dir.clone(),
         source,
@@ -127,6 +154,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads the adapter in `dir` and adds it to `model` under `name`.
 pub(crate) fn load_adapter<M: PeftModel + ?Sized>(model: &mut M, dir: &Path, name: &str) -> Result<()> {
+    check_adapter_name(name)?;
     let config_path = dir.join(CONFIG_FILE);
     let text = fs::read_to_string(&config_path).map_err(|source| PeftError::Io {
         path: config_path.clone(),

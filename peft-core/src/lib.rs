@@ -70,7 +70,7 @@ pub use dora::DoraAdapter;
 pub use embedding::{embedding, Embedding, LoraEmbeddingAdapter};
 pub use error::{PeftError, Result};
 pub use ia3::{FeedforwardModules, Ia3Adapter, Ia3Config};
-pub use io::{adapter_dir, CONFIG_FILE, WEIGHTS_FILE};
+pub use io::{adapter_dir, check_adapter_name, CONFIG_FILE, WEIGHTS_FILE};
 pub use linear::{linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Linear};
 pub use loha::{LohaAdapter, LohaConfig};
 pub use lokr::{LokrAdapter, LokrConfig};

@@ -180,6 +180,7 @@ pub trait PeftModel: Adaptable {
     /// Targets are resolved over the model's own layers only: adapters are
     /// not layers, so a second adapter never wraps the first one's weights.
     fn add_adapter<C: AdapterConfig + ?Sized>(&mut self, name: &str, config: &C) -> Result<()> {
+        crate::io::check_adapter_name(name)?;
         config.validate()?;
         let chosen = {
             let layers = self.linear_layers();
