@@ -102,44 +102,54 @@ fn reference(case: &Case, with_lora: bool) -> (Tensor, [Tensor; 3]) {
     (y.detach(), [grad(&x), grad(&a), grad(&b)])
 }
 
+/// Runs `fused::lora_linear` on `case` and checks its output and the
+/// gradients of `sum(y * probe)` for `x`, `A` and `B` against [`reference`];
+/// returns the output.
+fn check_lora_case(case: &Case) -> Tensor {
+    let what = case.describe();
+    let (x, a, b) = (
+        Var::from_tensor(&case.x).unwrap(),
+        Var::from_tensor(&case.a).unwrap(),
+        Var::from_tensor(&case.b).unwrap(),
+    );
+    let y = fused::lora_linear(&x, &case.weight, case.bias.as_ref(), &a, &b, case.scale).unwrap();
+    let grads = (&y * &case.probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let (y_ref, [gx_ref, ga_ref, gb_ref]) = reference(case, true);
+    let tol = tolerance(case.dtype);
+    for (name, got, expected) in [
+        ("y", &y, &y_ref),
+        ("grad x", grads.get(&x).unwrap(), &gx_ref),
+        ("grad A", grads.get(&a).unwrap(), &ga_ref),
+        ("grad B", grads.get(&b).unwrap(), &gb_ref),
+    ] {
+        let err = relative_error(got, expected);
+        assert!(err <= tol, "{name}: relative error {err:e} > {tol:e} for {what}");
+    }
+    y
+}
+
 #[test]
 fn lora_linear_matches_the_plain_formula_in_values_and_gradients() {
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     for _ in 0..60 {
         let case = Case::random(&mut rng);
-        let what = case.describe();
-        assert!(fused::is_fused(&case.x, &case.weight, case.bias.as_ref()), "{what}");
-        let (x, a, b) = (
-            Var::from_tensor(&case.x).unwrap(),
-            Var::from_tensor(&case.a).unwrap(),
-            Var::from_tensor(&case.b).unwrap(),
+        assert!(
+            fused::is_fused(&case.x, &case.weight, case.bias.as_ref()),
+            "{}",
+            case.describe()
         );
-        let y = fused::lora_linear(&x, &case.weight, case.bias.as_ref(), &a, &b, case.scale).unwrap();
-        let grads = (&y * &case.probe).unwrap().sum_all().unwrap().backward().unwrap();
-
-        let (y_ref, [gx_ref, ga_ref, gb_ref]) = reference(&case, true);
-        let tol = tolerance(case.dtype);
-        assert_eq!(y.dtype(), case.dtype, "{what}");
-        let checks = [
-            ("y", relative_error(&y, &y_ref)),
-            ("grad x", relative_error(grads.get(&x).unwrap(), &gx_ref)),
-            ("grad A", relative_error(grads.get(&a).unwrap(), &ga_ref)),
-            ("grad B", relative_error(grads.get(&b).unwrap(), &gb_ref)),
-        ];
-        for (name, err) in checks {
-            assert!(err <= tol, "{name}: relative error {err:e} > {tol:e} for {what}");
-        }
+        let y = check_lora_case(&case);
+        assert_eq!(y.dtype(), case.dtype, "{}", case.describe());
     }
 }
 
-/// Products large enough for the multi-threaded path (and, with the
-/// `openblas` feature, for OpenBLAS): every operand layout it is given.
+/// Products large enough for the multi-threaded path of the kernels.
 #[test]
 fn large_products_match_the_plain_formula() {
     let mut rng = Rng(0x5eed_1234_abcd_0003);
     for (tokens, in_dim, out_dim, rank) in [(200, 130, 150, 8), (96, 256, 72, 64), (130, 70, 300, 100)] {
         let dtype = DType::F32;
-        let case = Case {
+        check_lora_case(&Case {
             dtype,
             x: rng.tensor(&[2, tokens, in_dim], dtype),
             weight: rng.tensor(&[out_dim, in_dim], dtype),
@@ -148,25 +158,7 @@ fn large_products_match_the_plain_formula() {
             b: rng.tensor(&[out_dim, rank], dtype),
             scale: 0.7,
             probe: rng.tensor(&[2, tokens, out_dim], dtype),
-        };
-        let what = case.describe();
-        let (x, a, b) = (
-            Var::from_tensor(&case.x).unwrap(),
-            Var::from_tensor(&case.a).unwrap(),
-            Var::from_tensor(&case.b).unwrap(),
-        );
-        let y = fused::lora_linear(&x, &case.weight, case.bias.as_ref(), &a, &b, case.scale).unwrap();
-        let grads = (&y * &case.probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let (y_ref, [gx_ref, ga_ref, gb_ref]) = reference(&case, true);
-        for (name, got, expected) in [
-            ("y", &y, &y_ref),
-            ("grad x", grads.get(&x).unwrap(), &gx_ref),
-            ("grad A", grads.get(&a).unwrap(), &ga_ref),
-            ("grad B", grads.get(&b).unwrap(), &gb_ref),
-        ] {
-            let err = relative_error(got, expected);
-            assert!(err <= tolerance(dtype), "{name}: relative error {err:e} for {what}");
-        }
+        });
     }
 }
 

@@ -14,6 +14,26 @@ pub struct LinearWeights {
     pub bias: Option<Tensor>,
 }
 
+impl LinearWeights {
+    /// These weights with `delta` (`[out, in]`) added to the weight, the bias
+    /// kept: how an additive adapter (LoRA, LoHa, LoKr) merges.
+    pub fn plus(&self, delta: &Tensor) -> Result<LinearWeights> {
+        Ok(LinearWeights {
+            weight: (&self.weight + delta)?,
+            bias: self.bias.clone(),
+        })
+    }
+
+    /// These weights with `delta` taken out of the weight: the inverse of
+    /// [`plus`](Self::plus), up to float rounding.
+    pub fn minus(&self, delta: &Tensor) -> Result<LinearWeights> {
+        Ok(LinearWeights {
+            weight: (&self.weight - delta)?,
+            bias: self.bias.clone(),
+        })
+    }
+}
+
 /// What an adapter sees of its layer during a forward pass.
 ///
 /// A struct rather than loose arguments so that more can be offered later

@@ -327,17 +327,11 @@ impl LinearAdapter for LoraConvAdapter {
     }
 
     fn merge(&self, base: &LinearWeights) -> CandleResult<LinearWeights> {
-        Ok(LinearWeights {
-            weight: (&base.weight + self.delta_weight(base.weight.dtype())?)?,
-            bias: base.bias.clone(),
-        })
+        base.plus(&self.delta_weight(base.weight.dtype())?)
     }
 
     fn unmerge(&self, merged: &LinearWeights) -> CandleResult<LinearWeights> {
-        Ok(LinearWeights {
-            weight: (&merged.weight - self.delta_weight(merged.weight.dtype())?)?,
-            bias: merged.bias.clone(),
-        })
+        merged.minus(&self.delta_weight(merged.weight.dtype())?)
     }
 
     fn trainable_vars(&self) -> Vec<(&'static str, Var)> {
