@@ -160,17 +160,43 @@ pub(crate) fn load_adapter<M: PeftModel + ?Sized>(model: &mut M, dir: &Path, nam
         path: config_path.clone(),
         source,
     })?;
-    let config = crate::config_file::parse_config(&text, &config_path)?;
-    config.validate()?;
-
     let weights_path = dir.join(WEIGHTS_FILE);
     let bytes = fs::read(&weights_path).map_err(|source| PeftError::Io {
         path: weights_path.clone(),
         source,
     })?;
+    let files = AdapterFiles {
+        config: &text,
+        config_path: &config_path,
+        weights: &bytes,
+        weights_path: &weights_path,
+    };
+    load_adapter_from(model, files, name)
+}
+
+/// The two files of a saved adapter, already read, with the paths errors name.
+pub(crate) struct AdapterFiles<'a> {
+    /// The text of `adapter_config.json`.
+    pub config: &'a str,
+    /// Where it came from.
+    pub config_path: &'a Path,
+    /// The bytes of `adapter_model.safetensors`.
+    pub weights: &'a [u8],
+    /// Where they came from.
+    pub weights_path: &'a Path,
+}
+
+/// Adds the adapter in `files` to `model` under `name`, checking everything
+/// before the model changes.
+pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(model: &mut M, files: AdapterFiles<'_>, name: &str) -> Result<()> {
+    check_adapter_name(name)?;
+    let config = crate::config_file::parse_config(files.config, files.config_path)?;
+    config.validate()?;
+
+    let weights_path = files.weights_path;
     let device = model.linear_layers().first().map_or(Device::Cpu, |l| l.layer.device());
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &device).map_err(|e| PeftError::Safetensors {
-        path: weights_path.clone(),
+    let tensors = candle_core::safetensors::load_buffer(files.weights, &device).map_err(|e| PeftError::Safetensors {
+        path: weights_path.to_path_buf(),
         message: e.to_string(),
     })?;
 

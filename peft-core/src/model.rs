@@ -175,6 +175,21 @@ pub trait PeftModel: Adaptable {
         crate::io::load_adapter(self, dir.as_ref(), name)
     }
 
+    /// Adds the adapter whose two files are already in memory, checked as
+    /// [`load_adapter`](Self::load_adapter) checks them: `config` is the text
+    /// of `adapter_config.json`, `weights` the bytes of
+    /// `adapter_model.safetensors` (from a network, an archive, ...). Errors
+    /// name the files by their usual names.
+    fn load_adapter_from_bytes(&mut self, config: &str, weights: &[u8], name: &str) -> Result<()> {
+        let files = crate::io::AdapterFiles {
+            config,
+            config_path: std::path::Path::new(crate::io::CONFIG_FILE),
+            weights,
+            weights_path: std::path::Path::new(crate::io::WEIGHTS_FILE),
+        };
+        crate::io::load_adapter_from(self, files, name)
+    }
+
     /// Adds an adapter named `name`, active, on the layers `config` targets.
     ///
     /// Targets are resolved over the model's own layers only: adapters are
