@@ -11,7 +11,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
-use peft_core::config_file::{parse_json, refuse_set_options, TargetFields};
+use peft_core::config_file::{check_other_fields, parse_json, TargetFields};
 use peft_core::prelude::*;
 use peft_core::{AdapterConfig, ForwardContext, LinearAdapter, LinearWeights, CONFIG_FILE};
 use serde_json::{Map, Value};
@@ -94,7 +94,8 @@ struct BiasShiftFile {
 
 fn parse_bias_shift(text: &str, path: &Path) -> peft_core::Result<Box<dyn AdapterConfig>> {
     let file: BiasShiftFile = parse_json(text, path)?;
-    refuse_set_options(&file.other)?;
+    // This kind has no option beyond its targets: any other field is unknown.
+    check_other_fields(&file.other, &[], path)?;
     Ok(Box::new(BiasShiftConfig {
         targets: file.targets.into_targets()?,
     }))

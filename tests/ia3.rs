@@ -626,8 +626,6 @@ fn unsupported_options_are_refused() -> TestResult {
     for (field, value) in [
         ("modules_to_save", serde_json::json!(["lm_head"])),
         ("feedforward_modules", Value::Null),
-        ("use_dora", Value::Bool(true)),
-        ("layer_replication", serde_json::json!([[0, 1]])),
     ] {
         let mut config = peft_config.clone();
         config[field] = value;
@@ -639,6 +637,13 @@ fn unsupported_options_are_refused() -> TestResult {
     config["modules_to_save"] = serde_json::json!([]);
     config["use_dora"] = Value::Bool(false);
     let dir = write_adapter("off_values", &config)?;
+    load_llama()?.load_adapter(&dir, "default")?;
+    // Fields PEFT's IA3Config does not have (LoRA's options among them) are
+    // ignored with a warning, as PEFT ignores them.
+    let mut config = peft_config.clone();
+    config["use_dora"] = Value::Bool(true);
+    config["layer_replication"] = serde_json::json!([[0, 1]]);
+    let dir = write_adapter("unknown_fields", &config)?;
     load_llama()?.load_adapter(&dir, "default")?;
     Ok(())
 }

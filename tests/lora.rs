@@ -262,7 +262,11 @@ fn merge_matches_unmerged_and_unmerge_restores_the_weights() {
     assert_close(&adapted, &merged, 1e-5);
     // The merged weights really differ from the base.
     assert!(max_abs_diff(net.linear_layers()[0].layer.weight(), &base_weights[0]) > 1e-3);
-    net.merge().unwrap(); // merging twice changes nothing
+    // Merging twice is refused (PEFT warns and does nothing) and changes nothing.
+    assert!(
+        matches!(net.merge(), Err(PeftError::NothingToMerge { .. })),
+        "a second merge is an error"
+    );
     assert_close(&adapted, &net.forward(&ids()).unwrap(), 1e-5);
 
     net.unmerge().unwrap();

@@ -32,6 +32,19 @@ impl LinearWeights {
             bias: self.bias.clone(),
         })
     }
+
+    /// Whether every value of the weight and bias is finite (no NaN, no
+    /// infinity): merging refuses weights that are not, as PEFT's
+    /// `safe_merge` does.
+    pub fn all_finite(&self) -> Result<bool> {
+        // 0 · x is 0 for every finite x and NaN for NaN and ±∞, so the sum is
+        // NaN exactly when some value is not finite.
+        let finite = |t: &Tensor| -> Result<bool> {
+            let sum = t.affine(0.0, 0.0)?.sum_all()?.to_dtype(candle_core::DType::F64)?;
+            Ok(sum.to_scalar::<f64>()?.is_finite())
+        };
+        Ok(finite(&self.weight)? && self.bias.as_ref().map_or(Ok(true), finite)?)
+    }
 }
 
 /// What an adapter sees of its layer during a forward pass.

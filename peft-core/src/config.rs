@@ -3,7 +3,7 @@
 use candle_core::Result as CandleResult;
 
 use crate::adapter::LinearAdapter;
-use crate::error::Result;
+use crate::error::{PeftError, Result};
 use crate::linear::Linear;
 use crate::targets::Targets;
 
@@ -21,6 +21,17 @@ pub trait AdapterConfig {
 
     /// Checks every field; called before the model is touched.
     fn validate(&self) -> Result<()>;
+
+    /// Checks, before any adapter is made, that this config fits the layer
+    /// at `module`. When loading, `file_values` is how many values the
+    /// adapter file holds for this module: LoRA and LoHa refuse a rank larger
+    /// than that ([`check_rank`]), so that a corrupt or hostile `r` cannot
+    /// make loading allocate beyond the file's size. The default checks
+    /// nothing.
+    fn check_layer(&self, module: &str, layer: &Linear, file_values: Option<usize>) -> Result<()> {
+        let _ = (module, layer, file_values);
+        Ok(())
+    }
 
     /// A fresh adapter for the linear layer at `module`, on its device and dtype.
     fn linear_adapter(&self, module: &str, layer: &Linear) -> CandleResult<Box<dyn LinearAdapter>>;
@@ -44,4 +55,20 @@ pub(crate) fn require_linear(peft_type: &str, module: &str, layer: &Linear) -> C
         );
     }
     Ok(())
+}
+
+/// Refuses a rank `r` larger than `file_values`, the number of values the
+/// adapter file holds for the module: every rank-`r` factor has at least `r`
+/// values, so such a file cannot match its config, and making the adapter
+/// first would allocate whatever `r` asks for (`"r": 1000000000000`). Adding
+/// an adapter from code (`file_values` = `None`) has no limit, as in PEFT.
+pub fn check_rank(module: &str, r: usize, file_values: Option<usize>) -> Result<()> {
+    match file_values {
+        Some(values) if r > values => Err(PeftError::RankBeyondFile {
+            module: module.to_owned(),
+            r,
+            values,
+        }),
+        _ => Ok(()),
+    }
 }

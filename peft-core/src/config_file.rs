@@ -4,7 +4,7 @@
 //!
 //! An adapter kind's own parser (see [`register_adapter_kind!`](crate::register_adapter_kind))
 //! deserializes a struct that flattens [`TargetFields`] and collects the
-//! remaining fields for [`refuse_set_options`].
+//! remaining fields for [`check_other_fields`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -172,25 +172,47 @@ pub const METADATA_FIELDS: &[&str] = &[
     "revision",
 ];
 
-/// Refuses any field of `other` (the fields a kind does not read) that is set
-/// to something other than its "off" value (null, false, `{}`, `[]`) and is
-/// not metadata: PEFT has many options, and ignoring one that is on would
-/// compute something else than PEFT does.
-pub fn refuse_set_options(other: &BTreeMap<String, Value>) -> Result<()> {
+/// Checks the fields of a config file that its kind's parser does not read
+/// (`other`):
+///
+/// - PEFT options of this kind that are not implemented here (`unimplemented`)
+///   are refused unless set to their "off" value (null, false, `{}`, `[]`):
+///   ignoring one that is on would compute something else than PEFT does;
+/// - descriptive fields ([`METADATA_FIELDS`]) are accepted;
+/// - any other field is one this PEFT version does not know (a newer PEFT
+///   saved it): ignored with a warning through the `log` crate, as PEFT's
+///   `from_pretrained` ignores unexpected keys with a warning.
+pub fn check_other_fields(other: &BTreeMap<String, Value>, unimplemented: &[&str], path: &Path) -> Result<()> {
+    let mut unknown = Vec::new();
     for (field, value) in other {
+        if METADATA_FIELDS.contains(&field.as_str()) {
+            continue;
+        }
+        if !unimplemented.contains(&field.as_str()) {
+            unknown.push(field.as_str());
+            continue;
+        }
         let off = match value {
             Value::Null | Value::Bool(false) => true,
             Value::Array(items) => items.is_empty(),
             Value::Object(fields) => fields.is_empty(),
             _ => false,
         };
-        if !off && !METADATA_FIELDS.contains(&field.as_str()) {
+        if !off {
             return Err(unsupported(
                 field,
                 value.to_string(),
                 "this PEFT option is not implemented",
             ));
         }
+    }
+    if !unknown.is_empty() {
+        let kind = other.get("peft_type").and_then(Value::as_str).unwrap_or("adapter");
+        log::warn!(
+            "{}: ignoring field(s) {unknown:?} that a {kind} config of PEFT 0.21 does not have \
+             (saved by a newer PEFT?); PEFT ignores unexpected fields the same way",
+            path.display()
+        );
     }
     Ok(())
 }

@@ -79,6 +79,58 @@ pub enum PeftError {
         /// Why the operation was refused.
         reason: &'static str,
     },
+    /// A merge (or unmerge) would put NaN or infinity into the weights of a
+    /// module, as an adapter with such values or a huge scale does: refused
+    /// before any layer changes, as PEFT's `safe_merge` refuses it.
+    #[error("module `{module}`: {operation} would give non-finite weights (NaN or infinity); the model is unchanged")]
+    NonFiniteWeights {
+        /// Dotted path of the first module at fault.
+        module: String,
+        /// `"merge"`, `"unmerge"`, ...
+        operation: &'static str,
+    },
+    /// `merge` or `merge_adapters` found nothing to merge: the adapters are
+    /// already merged, there is no active adapter, or adapters are disabled.
+    /// PEFT warns and does nothing; an error tells a script that merges twice.
+    #[error("nothing to merge: {reason}")]
+    NothingToMerge {
+        /// Why: which adapters are already merged, or what is missing.
+        reason: String,
+    },
+    /// `unmerge` on a model with no merged adapter (PEFT warns "Already
+    /// unmerged. Nothing to do.").
+    #[error("nothing to unmerge: no adapter is merged")]
+    NothingToUnmerge,
+    /// A config's rank is larger than the number of values the adapter
+    /// file holds for the module: the file cannot match, and making the
+    /// adapter would allocate whatever the rank asks for.
+    #[error("module `{module}`: rank r = {r}, but the adapter file holds only {values} values for it")]
+    RankBeyondFile {
+        /// Dotted path of the module.
+        module: String,
+        /// The rank the config asks for (after `rank_pattern`).
+        r: usize,
+        /// How many values the file holds for the module.
+        values: usize,
+    },
+    /// A tensor in the adapter file has a dtype that cannot hold adapter
+    /// weights (integers, booleans): converting it would load nonsense.
+    #[error("tensor `{key}`: dtype {found} is not a floating-point type (f32, f64, f16 or bf16)")]
+    WrongDtype {
+        /// The tensor's key in the file.
+        key: String,
+        /// The dtype in the file.
+        found: String,
+    },
+    /// The adapter file's header names a tensor twice; which one PEFT's
+    /// reader would keep is not defined, so the file is refused.
+    #[error("{path}: tensor `{key}` appears twice in the header")]
+    DuplicateTensor {
+        /// The tensor file.
+        path: std::path::PathBuf,
+        /// The repeated key.
+        key: String,
+    },
     /// A file or folder could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -114,7 +114,7 @@ use serde_json::Value;
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
 use crate::config_file::{
-    parse_json, refuse_set_options, unsupported, OneOrMany, PeftMetadata, TargetFields, WithMetadata,
+    check_other_fields, parse_json, unsupported, OneOrMany, PeftMetadata, TargetFields, WithMetadata,
 };
 use crate::error::{PeftError, Result};
 use crate::linear::Linear;
@@ -326,12 +326,16 @@ impl AdapterConfig for Ia3Config {
 
 // ---- adapter_config.json ------------------------------------------------------
 
+/// PEFT 0.21's options of this kind that are not implemented: none (every
+/// option is read), so any other field is metadata or unknown.
+const UNIMPLEMENTED_OPTIONS: &[&str] = &[];
+
 crate::register_adapter_kind!("IA3", parse_ia3_config);
 
 /// Parses an IA³ `adapter_config.json`, refusing what it cannot honour.
 fn parse_ia3_config(text: &str, path: &Path) -> Result<Box<dyn AdapterConfig>> {
     let file: Ia3ConfigFile = parse_json(text, path)?;
-    Ok(Box::new(file.into_config()?))
+    Ok(Box::new(file.into_config(path)?))
 }
 
 /// `adapter_config.json` of an IA³ adapter, as PEFT writes it.
@@ -349,7 +353,7 @@ struct Ia3ConfigFile {
     modules_to_save: Option<Vec<String>>,
     #[serde(flatten)]
     metadata: PeftMetadata,
-    /// Every other field, for [`refuse_set_options`].
+    /// Every other field, for [`check_other_fields`].
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
 }
@@ -359,7 +363,7 @@ fn default_init() -> bool {
 }
 
 impl Ia3ConfigFile {
-    fn into_config(self) -> Result<Ia3Config> {
+    fn into_config(self, path: &Path) -> Result<Ia3Config> {
         if let Some(modules) = self.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
             return Err(unsupported(
                 "modules_to_save",
@@ -378,7 +382,7 @@ impl Ia3ConfigFile {
             Some(OneOrMany::One(pattern)) => FeedforwardModules::Regex(pattern),
             Some(OneOrMany::Many(names)) => FeedforwardModules::Names(names),
         };
-        refuse_set_options(&self.other)?;
+        check_other_fields(&self.other, UNIMPLEMENTED_OPTIONS, path)?;
         // PEFT would also require a list of feedforward_modules to be a
         // literal subset of a list of target_modules; that check rejects
         // PEFT's own "all-linear" saves, and the per-module rule does not

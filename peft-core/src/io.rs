@@ -188,17 +188,37 @@ pub(crate) struct AdapterFiles<'a> {
 
 /// Adds the adapter in `files` to `model` under `name`, checking everything
 /// before the model changes.
-pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(model: &mut M, files: AdapterFiles<'_>, name: &str) -> Result<()> {
+pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(
+    model: &mut M,
+    files: AdapterFiles<'_>,
+    name: &str,
+) -> Result<()> {
     check_adapter_name(name)?;
     let config = crate::config_file::parse_config(files.config, files.config_path)?;
     config.validate()?;
 
     let weights_path = files.weights_path;
     let device = model.linear_layers().first().map_or(Device::Cpu, |l| l.layer.device());
-    let tensors = candle_core::safetensors::load_buffer(files.weights, &device).map_err(|e| PeftError::Safetensors {
-        path: weights_path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    if let Some(key) = duplicate_header_key(files.weights) {
+        return Err(PeftError::DuplicateTensor {
+            path: weights_path.to_path_buf(),
+            key,
+        });
+    }
+    // The safetensors crate checks the header against the buffer (length,
+    // offsets inside the file, shape × dtype = byte count) before candle
+    // makes a tensor of it.
+    let tensors =
+        candle_core::safetensors::load_buffer(files.weights, &device).map_err(|e| PeftError::Safetensors {
+            path: weights_path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    if let Some((key, tensor)) = tensors.iter().find(|(_, t)| !t.dtype().is_float()) {
+        return Err(PeftError::WrongDtype {
+            key: key.clone(),
+            found: tensor.dtype().as_str().to_owned(),
+        });
+    }
 
     let adapters = {
         let layers = model.linear_layers();
@@ -215,6 +235,13 @@ pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(model: &mut M, files: Ada
                     adapter: name.to_owned(),
                 });
             }
+            let prefix = format!("{KEY_PREFIX}{}.", layer.path);
+            let file_values = unused
+                .iter()
+                .filter(|(key, _)| key.starts_with(&prefix))
+                .map(|(_, tensor)| tensor.elem_count())
+                .sum();
+            config.check_layer(&layer.path, layer.layer, Some(file_values))?;
             let adapter = config.linear_adapter(&layer.path, layer.layer).in_module(&layer.path)?;
             for (key, var) in adapter.trainable_vars() {
                 let file_key = format!("{KEY_PREFIX}{}.{key}", layer.path);
@@ -251,4 +278,38 @@ pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(model: &mut M, files: Ada
         layers[i].layer.insert_adapter(name, adapter, Some(saved.clone()));
     }
     Ok(())
+}
+
+/// The first tensor key that appears twice in the JSON header of a
+/// safetensors buffer. The safetensors crate reads the header into a map,
+/// where a second entry silently replaces the first. `None` when there is
+/// none or the header cannot be read (the safetensors crate reports that).
+fn duplicate_header_key(bytes: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    struct FirstRepeat;
+    impl<'de> Visitor<'de> for FirstRepeat {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a safetensors header object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> ::core::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Ok(Some(key));
+                }
+            }
+            Ok(None)
+        }
+    }
+
+    let length = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let end = usize::try_from(length).ok()?.checked_add(8)?;
+    let header = bytes.get(8..end)?;
+    serde_json::Deserializer::from_slice(header)
+        .deserialize_map(FirstRepeat)
+        .ok()
+        .flatten()
 }

@@ -64,7 +64,7 @@ pub use adaptable::{
     Visitor, VisitorMut,
 };
 pub use adapter::{ForwardContext, LinearAdapter, LinearWeights};
-pub use config::AdapterConfig;
+pub use config::{check_rank, AdapterConfig};
 pub use conv::{conv1d, conv2d, Conv1d, Conv2d, ConvGeometry, LoraConvAdapter};
 pub use dora::DoraAdapter;
 pub use embedding::{embedding, Embedding, LoraEmbeddingAdapter};

@@ -176,6 +176,9 @@ struct AttachedAdapter {
 pub(crate) struct MergePlan {
     base: Base,
     merged: Vec<bool>,
+    /// Whether the new weights are all finite; a plan that is not is refused
+    /// before any layer changes.
+    pub(crate) finite: bool,
 }
 
 impl Linear {
@@ -415,6 +418,12 @@ impl Linear {
         self.adapters.iter().any(|a| a.merged)
     }
 
+    /// Names of the adapters merged into the base weight, in the order they
+    /// were added.
+    pub fn merged_adapter_names(&self) -> impl Iterator<Item = &str> {
+        self.adapters.iter().filter(|a| a.merged).map(|a| a.name.as_str())
+    }
+
     /// Whether adapters take part in the forward pass.
     pub fn adapters_enabled(&self) -> bool {
         self.adapters_enabled
@@ -521,20 +530,34 @@ impl Linear {
 
     /// Folds the active, unmerged adapters into the base weight. Refused for
     /// a quantized base: see [`from_qtensor`](Self::from_qtensor).
+    /// Merging what is already merged does nothing; weights that would not
+    /// be finite are refused ([`PeftError::NonFiniteWeights`]).
     pub fn merge(&mut self) -> Result<()> {
         self.check_mergeable(None)?;
-        if let Some(plan) = self.plan_merge()? {
-            self.commit(plan);
-        }
-        Ok(())
+        let plan = self.plan_merge()?;
+        self.commit_checked(plan, "merge")
     }
 
-    /// Takes every merged adapter back out of the base weight.
+    /// Takes every merged adapter back out of the base weight (nothing to do
+    /// when none is merged).
     pub fn unmerge(&mut self) -> Result<()> {
-        if let Some(plan) = self.plan_unmerge()? {
-            self.commit(plan);
+        let plan = self.plan_unmerge()?;
+        self.commit_checked(plan, "unmerge")
+    }
+
+    /// Installs `plan` if its weights are finite.
+    fn commit_checked(&mut self, plan: Option<MergePlan>, operation: &'static str) -> Result<()> {
+        match plan {
+            Some(plan) if !plan.finite => Err(PeftError::NonFiniteWeights {
+                module: self.describe(),
+                operation,
+            }),
+            Some(plan) => {
+                self.commit(plan);
+                Ok(())
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Turns adapters off, unmerging first as PEFT's `disable_adapter()`
@@ -559,20 +582,27 @@ impl Linear {
     /// Refuses to merge the adapters in `names` (the active ones when `None`)
     /// into a quantized base.
     pub(crate) fn check_mergeable(&self, names: Option<&[&str]>) -> Result<()> {
-        let pending = self.adapters.iter().any(|a| {
-            !a.merged
-                && match names {
-                    None => a.active,
-                    Some(names) => names.contains(&a.name.as_str()),
-                }
-        });
-        if self.is_quantized() && self.adapters_enabled && pending {
+        if self.is_quantized() && self.has_pending_merge(names) {
             return Err(PeftError::MergeState {
                 module: self.describe(),
                 reason: QUANTIZED_MERGE,
             });
         }
         Ok(())
+    }
+
+    /// Whether merging the adapters in `names` (the active ones when `None`)
+    /// would change this layer: adapters are enabled and one of them is not
+    /// merged yet.
+    pub(crate) fn has_pending_merge(&self, names: Option<&[&str]>) -> bool {
+        self.adapters_enabled
+            && self.adapters.iter().any(|a| {
+                !a.merged
+                    && match names {
+                        None => a.active,
+                        Some(names) => names.contains(&a.name.as_str()),
+                    }
+            })
     }
 
     /// Computes the merged weights without changing the layer.
@@ -591,7 +621,7 @@ impl Linear {
             None => a.active,
             Some(names) => names.contains(&a.name.as_str()),
         };
-        if !self.adapters_enabled || !self.adapters.iter().any(|a| chosen(a) && !a.merged) {
+        if !self.has_pending_merge(names) {
             return Ok(None);
         }
         if self.is_quantized() {
@@ -604,6 +634,7 @@ impl Linear {
             weights = self.adapters[i].adapter.merge_onto(&weights, &unmerged)?;
         }
         Ok(Some(MergePlan {
+            finite: weights.all_finite()?,
             base: self.base.rebuilt(weights)?,
             merged,
         }))
@@ -614,8 +645,10 @@ impl Linear {
         if !self.is_merged() {
             return Ok(None);
         }
+        let weights = self.unmerged_weights()?;
         Ok(Some(MergePlan {
-            base: self.base.rebuilt(self.unmerged_weights()?)?,
+            finite: weights.all_finite()?,
+            base: self.base.rebuilt(weights)?,
             merged: vec![false; self.adapters.len()],
         }))
     }

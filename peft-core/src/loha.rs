@@ -73,7 +73,7 @@ use serde_json::Value;
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
 use crate::config_file::{
-    float, number, ordered_map, parse_json, pattern_value, refuse_set_options, unsupported, PeftMetadata, TargetFields,
+    check_other_fields, float, number, ordered_map, parse_json, pattern_value, unsupported, PeftMetadata, TargetFields,
     WithMetadata,
 };
 use crate::error::{PeftError, Result};
@@ -214,6 +214,11 @@ impl AdapterConfig for LohaConfig {
         &self.target_modules
     }
 
+    fn check_layer(&self, module: &str, _: &Linear, file_values: Option<usize>) -> Result<()> {
+        let (r, _) = self.rank_and_alpha(module)?;
+        crate::config::check_rank(module, r, file_values)
+    }
+
     fn validate(&self) -> Result<()> {
         validate_common(
             self.r,
@@ -269,12 +274,16 @@ impl AdapterConfig for LohaConfig {
 
 // ---- adapter_config.json ------------------------------------------------------
 
+/// PEFT 0.21's options of this kind that are not implemented: none (every
+/// option is read), so any other field is metadata or unknown.
+const UNIMPLEMENTED_OPTIONS: &[&str] = &[];
+
 crate::register_adapter_kind!("LOHA", parse_loha_config);
 
 /// Parses a LoHa `adapter_config.json`, refusing what it cannot honour.
 fn parse_loha_config(text: &str, path: &Path) -> Result<Box<dyn AdapterConfig>> {
     let file: LohaConfigFile = parse_json(text, path)?;
-    Ok(Box::new(file.into_config()?))
+    Ok(Box::new(file.into_config(path)?))
 }
 
 /// `adapter_config.json` of a LoHa adapter, as PEFT writes it.
@@ -288,15 +297,15 @@ struct LohaConfigFile {
     metadata: PeftMetadata,
     #[serde(default = "default_true")]
     init_weights: bool,
-    /// Every other field, for [`refuse_set_options`].
+    /// Every other field, for [`check_other_fields`].
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
 }
 
 impl LohaConfigFile {
-    fn into_config(self) -> Result<LohaConfig> {
+    fn into_config(self, path: &Path) -> Result<LohaConfig> {
         self.common.refuse_modules_to_save()?;
-        refuse_set_options(&self.other)?;
+        check_other_fields(&self.other, UNIMPLEMENTED_OPTIONS, path)?;
         let mut config = LohaConfig::from(self.targets.into_targets()?)
             .rank(self.common.r)
             .alpha(self.common.alpha)

@@ -56,7 +56,7 @@ use serde_json::Value;
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
 use crate::config_file::{
-    parse_json, pattern_value, refuse_set_options, unsupported, PeftMetadata, TargetFields, WithMetadata,
+    check_other_fields, parse_json, pattern_value, unsupported, PeftMetadata, TargetFields, WithMetadata,
 };
 use crate::error::{PeftError, Result};
 use crate::linear::Linear;
@@ -409,12 +409,16 @@ fn new_factor(
 
 // ---- adapter_config.json ------------------------------------------------------
 
+/// PEFT 0.21's options of this kind that are not implemented: none (every
+/// option is read), so any other field is metadata or unknown.
+const UNIMPLEMENTED_OPTIONS: &[&str] = &[];
+
 crate::register_adapter_kind!("LOKR", parse_lokr_config);
 
 /// Parses a LoKr `adapter_config.json`, refusing what it cannot honour.
 fn parse_lokr_config(text: &str, path: &Path) -> Result<Box<dyn AdapterConfig>> {
     let file: LokrConfigFile = parse_json(text, path)?;
-    Ok(Box::new(file.into_config()?))
+    Ok(Box::new(file.into_config(path)?))
 }
 
 /// `adapter_config.json` of a LoKr adapter, as PEFT writes it.
@@ -434,7 +438,7 @@ struct LokrConfigFile {
     decompose_both: bool,
     #[serde(default = "default_factor")]
     decompose_factor: i64,
-    /// Every other field, for [`refuse_set_options`].
+    /// Every other field, for [`check_other_fields`].
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
 }
@@ -444,7 +448,7 @@ fn default_factor() -> i64 {
 }
 
 impl LokrConfigFile {
-    fn into_config(self) -> Result<LokrConfig> {
+    fn into_config(self, path: &Path) -> Result<LokrConfig> {
         self.common.refuse_modules_to_save()?;
         let init = match &self.init_weights {
             None | Some(Value::Bool(true)) => LokrInit::Default,
@@ -458,7 +462,7 @@ impl LokrConfigFile {
                 ))
             }
         };
-        refuse_set_options(&self.other)?;
+        check_other_fields(&self.other, UNIMPLEMENTED_OPTIONS, path)?;
         let mut config = LokrConfig::from(self.targets.into_targets()?)
             .rank(self.common.r)
             .alpha(self.common.alpha)

@@ -34,7 +34,7 @@ use crate::adaptable::LayerKind;
 use crate::adapter::{ForwardContext, LinearAdapter, LinearWeights};
 use crate::config::AdapterConfig;
 use crate::config_file::{
-    float, number, ordered_map, parse_json, pattern_value, refuse_set_options, unsupported, PeftMetadata, TargetFields,
+    check_other_fields, float, number, ordered_map, parse_json, pattern_value, unsupported, PeftMetadata, TargetFields,
     WithMetadata,
 };
 use crate::conv::LoraConvAdapter;
@@ -311,6 +311,11 @@ impl AdapterConfig for LoraConfig {
         &self.target_modules
     }
 
+    fn check_layer(&self, module: &str, _: &Linear, file_values: Option<usize>) -> Result<()> {
+        let (r, _) = self.rank_and_alpha(module)?;
+        crate::config::check_rank(module, r, file_values)
+    }
+
     fn validate(&self) -> Result<()> {
         let invalid = |field, value: String, reason| Err(PeftError::InvalidConfig { field, value, reason });
         let ranks = std::iter::once(self.r).chain(self.rank_pattern.iter().map(|(_, r)| *r));
@@ -406,7 +411,7 @@ crate::register_adapter_kind!("LORA", parse_lora_config);
 /// Parses a LoRA `adapter_config.json`, refusing what it cannot honour.
 fn parse_lora_config(text: &str, path: &Path) -> Result<Box<dyn AdapterConfig>> {
     let file: LoraConfigFile = parse_json(text, path)?;
-    Ok(Box::new(file.into_config()?))
+    Ok(Box::new(file.into_config(path)?))
 }
 
 /// `adapter_config.json` of a LoRA adapter, as PEFT writes it.
@@ -438,10 +443,33 @@ struct LoraConfigFile {
     modules_to_save: Option<Vec<String>>,
     #[serde(flatten)]
     metadata: PeftMetadata,
-    /// Every other field, for [`refuse_set_options`].
+    /// Every other field, for [`check_other_fields`].
     #[serde(flatten)]
     other: BTreeMap<String, Value>,
 }
+
+/// PEFT 0.21's LoRA options that this crate does not implement: refused
+/// when set (see [`check_other_fields`]).
+const UNIMPLEMENTED_OPTIONS: &[&str] = &[
+    "alora_invocation_tokens",
+    "arrow_config",
+    "corda_config",
+    "ensure_weight_tying",
+    "eva_config",
+    "kasa_config",
+    "layer_replication",
+    "loftq_config",
+    "lora_bias",
+    "lora_ga_config",
+    "megatron_config",
+    "monteclora_config",
+    "runtime_config",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_bdlora",
+    "use_qalora",
+    "velora_config",
+];
 
 fn default_rank() -> usize {
     8
@@ -452,7 +480,7 @@ fn default_alpha() -> f64 {
 }
 
 impl LoraConfigFile {
-    fn into_config(self) -> Result<LoraConfig> {
+    fn into_config(self, path: &Path) -> Result<LoraConfig> {
         if let Some(bias) = self.bias.as_deref().filter(|b| *b != "none") {
             return Err(unsupported(
                 "bias",
@@ -478,7 +506,7 @@ impl LoraConfigFile {
                     "this initialisation changes the base weights (PiSSA, OLoRA, LoftQ, ...) and is not implemented",
                 )),
             };
-        refuse_set_options(&self.other)?;
+        check_other_fields(&self.other, UNIMPLEMENTED_OPTIONS, path)?;
         let mut config = LoraConfig::from(self.targets.into_targets()?)
             .rank(self.r)
             .alpha(self.lora_alpha)

@@ -211,6 +211,7 @@ pub trait PeftModel: Adaptable {
                         adapter: name.to_owned(),
                     });
                 }
+                config.check_layer(path, layer, None)?;
                 adapters.push(config.linear_adapter(path, layer).in_module(path)?);
             }
             chosen.into_iter().zip(adapters).collect::<Vec<_>>()
@@ -381,11 +382,8 @@ pub trait PeftModel: Adaptable {
     /// costs what the base model costs.
     fn merge(&mut self) -> Result<()> {
         check_mergeable(self, None)?;
-        commit_all(self, Linear::plan_merge, |layer, plan| {
-            if let Some(plan) = plan {
-                layer.commit(plan);
-            }
-        })
+        check_pending_merge(self, None)?;
+        commit_all(self, "merge", Linear::plan_merge, commit_plan)
     }
 
     /// Merges exactly the adapters in `names` (active or not), as PEFT's
@@ -393,41 +391,33 @@ pub trait PeftModel: Adaptable {
     fn merge_adapters(&mut self, names: &[&str]) -> Result<()> {
         check_known(names, &self.adapter_names())?;
         check_mergeable(self, Some(names))?;
-        commit_all(
-            self,
-            |layer| layer.plan_merge_of(Some(names)),
-            |layer, plan| {
-                if let Some(plan) = plan {
-                    layer.commit(plan);
-                }
-            },
-        )
+        check_pending_merge(self, Some(names))?;
+        commit_all(self, "merge", |layer| layer.plan_merge_of(Some(names)), commit_plan)
     }
 
     /// Takes merged adapters back out of the base weights (PEFT subtracts the
-    /// delta too, so the base comes back up to float rounding).
+    /// delta too, so the base comes back up to float rounding). With nothing
+    /// merged it is an error ([`PeftError::NothingToUnmerge`]).
     fn unmerge(&mut self) -> Result<()> {
-        commit_all(self, Linear::plan_unmerge, |layer, plan| {
-            if let Some(plan) = plan {
-                layer.commit(plan);
-            }
-        })
+        if !self.linear_layers().iter().any(|l| l.layer.is_merged()) {
+            return Err(PeftError::NothingToUnmerge);
+        }
+        commit_all(self, "unmerge", Linear::plan_unmerge, commit_plan)
     }
 
     /// Merges the active adapters and removes every adapter: plain layers
-    /// with the adapted weights remain.
+    /// with the adapted weights remain. Adapters merged before are kept in
+    /// the weights.
     fn merge_and_unload(&mut self) -> Result<()> {
         check_mergeable(self, None)?;
-        commit_all(self, Linear::plan_merge, Linear::commit_and_unload)
+        commit_all(self, "merge", Linear::plan_merge, Linear::commit_and_unload)
     }
 
     /// Turns all adapters off (unmerging first), so the model computes the
     /// base model's output, as PEFT's `disable_adapter()`.
     fn disable_adapters(&mut self) -> Result<()> {
-        commit_all(self, Linear::plan_unmerge, |layer, plan| {
-            if let Some(plan) = plan {
-                layer.commit(plan);
-            }
+        commit_all(self, "unmerge", Linear::plan_unmerge, |layer, plan| {
+            commit_plan(layer, plan);
             layer.disable_adapters_unmerged();
         })
     }
@@ -472,19 +462,61 @@ impl<M: Adaptable + ?Sized> PeftModel for M {}
 /// before the next layer's new ones are made (merging never holds a second
 /// copy of the model). Plans are deterministic, so the second pass repeats
 /// the first; merging costs two computations of the new weights.
+///
+/// A plan whose weights are not all finite is refused in the first pass
+/// ([`PeftError::NonFiniteWeights`], naming `operation`).
 fn commit_all<M: PeftModel + ?Sized>(
     model: &mut M,
+    operation: &'static str,
     plan: impl Fn(&Linear) -> candle_core::Result<Option<MergePlan>>,
     commit: impl Fn(&mut Linear, Option<MergePlan>),
 ) -> Result<()> {
     for layer in model.linear_layers() {
-        plan(layer.layer).in_module(&layer.path)?;
+        if let Some(plan) = plan(layer.layer).in_module(&layer.path)? {
+            if !plan.finite {
+                return Err(PeftError::NonFiniteWeights {
+                    module: layer.path.clone(),
+                    operation,
+                });
+            }
+        }
     }
     for layer in model.linear_layers_mut() {
         let plan = plan(layer.layer).in_module(&layer.path)?;
         commit(layer.layer, plan);
     }
     Ok(())
+}
+
+/// Installs a plan, if there is one.
+fn commit_plan(layer: &mut Linear, plan: Option<MergePlan>) {
+    if let Some(plan) = plan {
+        layer.commit(plan);
+    }
+}
+
+/// Refuses a merge that would change nothing, saying why: the chosen
+/// adapters are already merged, none is active, or adapters are disabled.
+fn check_pending_merge<M: PeftModel + ?Sized>(model: &M, names: Option<&[&str]>) -> Result<()> {
+    let layers = model.linear_layers();
+    if layers.iter().any(|l| l.layer.has_pending_merge(names)) {
+        return Ok(());
+    }
+    let reason = if layers.iter().any(|l| !l.layer.adapters_enabled()) {
+        "adapters are disabled; enable them first".to_owned()
+    } else {
+        let chosen = |name: &str| names.map_or(true, |names| names.contains(&name));
+        let merged: BTreeSet<&str> = layers
+            .iter()
+            .flat_map(|l| l.layer.merged_adapter_names().filter(|name| chosen(name)))
+            .collect();
+        if merged.is_empty() {
+            "the model has no active adapter".to_owned()
+        } else {
+            format!("adapter(s) {merged:?} are already merged")
+        }
+    };
+    Err(PeftError::NothingToMerge { reason })
 }
 
 /// Refuses a merge that would go into a quantized base, naming the layer.
