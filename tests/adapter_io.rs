@@ -365,7 +365,7 @@ fn malformed_json_is_reported_with_the_file() {
     let (varmap, dir, _) = saved("malformed", random_lora(all_linear()));
     std::fs::write(dir.join(CONFIG_FILE), "{\"peft_type\": \"LORA\", \"r\": }").unwrap();
     match failing_load(&dir, &varmap) {
-        PeftError::Json { path, source } => {
+        PeftError::Json { path, source, .. } => {
             assert_eq!(path, dir.join(CONFIG_FILE));
             assert_eq!(source.line(), 1);
         }

@@ -26,15 +26,54 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Box<dyn AdapterConfig>> {
     struct PeftType {
         peft_type: Option<String>,
     }
+    let value: Value = parse_json(text, path)?;
+    if !value.is_object() {
+        return Err(PeftError::Json {
+            path: path.to_path_buf(),
+            field: None,
+            source: de::Error::custom(format!("expected a JSON object, found {}", json_kind(&value))),
+        });
+    }
     let kind: PeftType = parse_json(text, path)?;
-    crate::registry::adapter_kind(kind.peft_type.as_deref().unwrap_or_default())?.parse(text, path)
+    crate::registry::adapter_kind(kind.peft_type.as_deref().unwrap_or("null"))?.parse(text, path)
 }
 
-/// Deserializes JSON text, reporting errors against `path`.
+/// What kind of JSON value `value` is, for messages.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Deserializes JSON text, reporting errors against `path` and, for a value
+/// of the wrong type, naming the field.
 pub fn parse_json<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
     serde_json::from_str(text).map_err(|source| PeftError::Json {
         path: path.to_path_buf(),
+        field: if source.is_data() {
+            field_at_fault::<T>(text)
+        } else {
+            None
+        },
         source,
+    })
+}
+
+/// The top-level field of a JSON object that `T` refuses on its own.
+///
+/// serde's messages for flattened structs say what was wrong ("invalid type:
+/// string, expected usize") but not where; every field of a config has a
+/// default, so each field can be tried alone. Only runs after a failure.
+fn field_at_fault<T: DeserializeOwned>(text: &str) -> Option<String> {
+    let fields: serde_json::Map<String, Value> = serde_json::from_str(text).ok()?;
+    fields.into_iter().find_map(|(field, value)| {
+        let alone = Value::Object(serde_json::Map::from_iter([(field.clone(), value)]));
+        serde_json::from_value::<T>(alone).is_err().then_some(field)
     })
 }
 

@@ -122,14 +122,18 @@ pub enum PeftError {
         /// The dtype in the file.
         found: String,
     },
-    /// The adapter file's header names a tensor twice; which one PEFT's
-    /// reader would keep is not defined, so the file is refused.
-    #[error("{path}: tensor `{key}` appears twice in the header")]
-    DuplicateTensor {
+    /// A tensor's entry in the adapter file's header is wrong on its own:
+    /// named twice (which entry PEFT's reader would keep is not defined),
+    /// a shape and dtype whose byte count differs from what its offsets
+    /// hold, offsets outside the file.
+    #[error("{path}: tensor `{key}`: {problem}")]
+    TensorHeader {
         /// The tensor file.
         path: std::path::PathBuf,
-        /// The repeated key.
+        /// The tensor's key.
         key: String,
+        /// What is wrong with its entry.
+        problem: String,
     },
     /// A file or folder could not be read or written.
     #[error("{path}: {source}")]
@@ -141,10 +145,12 @@ pub enum PeftError {
         source: std::io::Error,
     },
     /// `adapter_config.json` is not valid JSON or has a field of the wrong type.
-    #[error("{path}: malformed adapter config: {source}")]
+    #[error("{path}: malformed adapter config{}: {source}", in_field(field))]
     Json {
         /// The config file.
         path: std::path::PathBuf,
+        /// The field whose value has the wrong type, when one alone is at fault.
+        field: Option<String>,
         /// serde_json's diagnosis, with line and column.
         #[source]
         source: serde_json::Error,
@@ -218,6 +224,13 @@ pub enum PeftError {
     /// A tensor operation failed outside any particular module.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// ` (field `name`)` for a message, or nothing.
+fn in_field(field: &Option<String>) -> String {
+    field
+        .as_ref()
+        .map_or_else(String::new, |field| format!(" (field `{field}`)"))
 }
 
 /// `Result` with [`PeftError`].

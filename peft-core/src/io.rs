@@ -199,10 +199,11 @@ pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(
 
     let weights_path = files.weights_path;
     let device = model.linear_layers().first().map_or(Device::Cpu, |l| l.layer.device());
-    if let Some(key) = duplicate_header_key(files.weights) {
-        return Err(PeftError::DuplicateTensor {
+    if let Some((key, problem)) = header_problem(files.weights) {
+        return Err(PeftError::TensorHeader {
             path: weights_path.to_path_buf(),
             key,
+            problem,
         });
     }
     // The safetensors crate checks the header against the buffer (length,
@@ -280,28 +281,46 @@ pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(
     Ok(())
 }
 
-/// The first tensor key that appears twice in the JSON header of a
-/// safetensors buffer. The safetensors crate reads the header into a map,
-/// where a second entry silently replaces the first. `None` when there is
-/// none or the header cannot be read (the safetensors crate reports that).
-fn duplicate_header_key(bytes: &[u8]) -> Option<String> {
-    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+/// The first tensor entry of a safetensors header that is wrong on its own:
+/// named twice, a shape whose byte count differs from what its offsets hold,
+/// offsets past the end of the data. Returns the key and the problem.
+///
+/// The safetensors crate checks the same (and that the tensors cover the
+/// data exactly) but its errors do not say which tensor; and it reads the
+/// header into a map, where a second entry silently replaces the first.
+/// `None` when every entry is sound or the header itself cannot be read
+/// (the safetensors crate then reports what is wrong with it).
+fn header_problem(bytes: &[u8]) -> Option<(String, String)> {
+    use safetensors::tensor::TensorInfo;
+    use serde::de::{Deserializer, MapAccess, Visitor};
 
-    struct FirstRepeat;
-    impl<'de> Visitor<'de> for FirstRepeat {
-        type Value = Option<String>;
+    struct FirstProblem {
+        data_length: usize,
+    }
+    impl<'de> Visitor<'de> for FirstProblem {
+        type Value = Option<(String, String)>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a safetensors header object")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> ::core::result::Result<Self::Value, A::Error> {
-            let mut seen = std::collections::HashSet::new();
+            let (mut seen, mut first) = (std::collections::HashSet::new(), None);
+            // Read to the end: serde_json refuses a map left half read.
             while let Some(key) = map.next_key::<String>()? {
-                map.next_value::<IgnoredAny>()?;
-                if !seen.insert(key.clone()) {
-                    return Ok(Some(key));
+                let entry: Value = map.next_value()?;
+                if first.is_some() || key == "__metadata__" {
+                    continue;
                 }
+                let problem = if !seen.insert(key.clone()) {
+                    Some("appears twice in the header".to_owned())
+                } else {
+                    match serde_json::from_value::<TensorInfo>(entry) {
+                        Ok(info) => entry_problem(&info, self.data_length),
+                        Err(e) => Some(format!("header entry is not {{dtype, shape, data_offsets}}: {e}")),
+                    }
+                };
+                first = problem.map(|problem| (key, problem));
             }
-            Ok(None)
+            Ok(first)
         }
     }
 
@@ -309,7 +328,94 @@ fn duplicate_header_key(bytes: &[u8]) -> Option<String> {
     let end = usize::try_from(length).ok()?.checked_add(8)?;
     let header = bytes.get(8..end)?;
     serde_json::Deserializer::from_slice(header)
-        .deserialize_map(FirstRepeat)
+        .deserialize_map(FirstProblem {
+            data_length: bytes.len() - end,
+        })
         .ok()
         .flatten()
+}
+
+/// What is wrong with one tensor's header entry, given the data's length.
+fn entry_problem(info: &safetensors::tensor::TensorInfo, data_length: usize) -> Option<String> {
+    let (start, end) = info.data_offsets;
+    let needed = info
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .and_then(|n| n.checked_mul(info.dtype.bitsize()))
+        .map(|bits| bits.div_ceil(8));
+    let Some(needed) = needed else {
+        return Some(format!("shape {:?} has more values than can be addressed", info.shape));
+    };
+    if end < start || end > data_length {
+        return Some(format!(
+            "offsets [{start}, {end}] lie outside the data ({data_length} bytes)"
+        ));
+    }
+    if end - start != needed {
+        return Some(format!(
+            "shape {:?} of {:?} needs {needed} bytes, but its offsets [{start}, {end}] hold {}",
+            info.shape,
+            info.dtype,
+            end - start
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_problem;
+
+    /// A safetensors buffer: `header` and 16 bytes of data.
+    fn with_header(header: &str) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[0; 16]);
+        bytes
+    }
+
+    fn problem(header: &str) -> Option<(String, String)> {
+        header_problem(&with_header(header))
+    }
+
+    const A: &str = r#""a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
+    const B: &str = r#""b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}"#;
+
+    #[test]
+    fn sound_headers_pass() {
+        assert_eq!(
+            problem(&format!(r#"{{{A},{B},"__metadata__":{{"format":"pt"}}}}"#)),
+            None
+        );
+    }
+
+    #[test]
+    fn the_first_entry_at_fault_is_named() {
+        let twice = problem(&format!("{{{A},{B},{A}}}")).unwrap();
+        assert_eq!(twice, ("a".into(), "appears twice in the header".into()));
+        let short = problem(&format!(
+            r#"{{{A},"b":{{"dtype":"F32","shape":[3],"data_offsets":[8,16]}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(short.0, "b");
+        assert!(
+            short.1.contains("needs 12 bytes") && short.1.contains("hold 8"),
+            "{}",
+            short.1
+        );
+        let outside = problem(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,99]}}"#).unwrap();
+        assert!(outside.1.contains("outside the data (16 bytes)"), "{}", outside.1);
+        let huge = problem(r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#).unwrap();
+        assert!(huge.1.contains("more values"), "{}", huge.1);
+        let odd = problem(r#"{"a":{"dtype":"F99","shape":[2],"data_offsets":[0,8]}}"#).unwrap();
+        assert!(odd.1.contains("not {dtype, shape, data_offsets}"), "{}", odd.1);
+    }
+
+    #[test]
+    fn unreadable_headers_are_left_to_the_safetensors_crate() {
+        assert_eq!(problem("{"), None);
+        assert_eq!(header_problem(&[1, 2]), None);
+        assert_eq!(header_problem(&u64::MAX.to_le_bytes()), None);
+    }
 }

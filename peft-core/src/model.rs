@@ -505,7 +505,7 @@ fn check_pending_merge<M: PeftModel + ?Sized>(model: &M, names: Option<&[&str]>)
     let reason = if layers.iter().any(|l| !l.layer.adapters_enabled()) {
         "adapters are disabled; enable them first".to_owned()
     } else {
-        let chosen = |name: &str| names.map_or(true, |names| names.contains(&name));
+        let chosen = |name: &str| names.is_none_or(|names| names.contains(&name));
         let merged: BTreeSet<&str> = layers
             .iter()
             .flat_map(|l| l.layer.merged_adapter_names().filter(|name| chosen(name)))
@@ -513,7 +513,8 @@ fn check_pending_merge<M: PeftModel + ?Sized>(model: &M, names: Option<&[&str]>)
         if merged.is_empty() {
             "the model has no active adapter".to_owned()
         } else {
-            format!("adapter(s) {merged:?} are already merged")
+            let names: Vec<String> = merged.iter().map(|name| format!("`{name}`")).collect();
+            format!("adapter(s) {} already merged", names.join(", "))
         }
     };
     Err(PeftError::NothingToMerge { reason })
