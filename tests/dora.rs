@@ -157,10 +157,10 @@ fn merge_and_unmerge_match_peft() -> TestResult {
     model.load_adapter(case_dir().join("adapter"), "default")?;
 
     model.merge()?;
-    assert_close("merged up.weight", model.up.weight(), &io["merged.up.weight"], 1e-6)?;
+    assert_close("merged up.weight", model.up.weight().unwrap(), &io["merged.up.weight"], 1e-6)?;
     assert_close(
         "merged down.weight",
-        model.down.weight(),
+        model.down.weight().unwrap(),
         &io["merged.down.weight"],
         1e-6,
     )?;
@@ -180,8 +180,8 @@ fn merge_and_unmerge_match_peft() -> TestResult {
     };
     for m in [&mut model, &mut copy] {
         m.unmerge()?;
-        assert_close("unmerged up.weight", m.up.weight(), &base["up.weight"], 1e-6)?;
-        assert_close("unmerged down.weight", m.down.weight(), &base["down.weight"], 1e-6)?;
+        assert_close("unmerged up.weight", m.up.weight().unwrap(), &base["up.weight"], 1e-6)?;
+        assert_close("unmerged down.weight", m.down.weight().unwrap(), &base["down.weight"], 1e-6)?;
         assert_close("output after unmerge", &m.forward(x)?, &io["y_adapted"], 1e-5)?;
     }
 
@@ -370,11 +370,11 @@ fn hand_computed_layer() -> TestResult {
 
     // Merge: the rows of W + s·B·A scaled by m / n; the bias stays.
     layer.merge()?;
-    assert_eq!(layer.weight().to_vec2::<f32>()?, [[4.0, 4.0, 2.0], [0.0, 1.5, 2.0]]);
+    assert_eq!(layer.weight().unwrap().to_vec2::<f32>()?, [[4.0, 4.0, 2.0], [0.0, 1.5, 2.0]]);
     assert_eq!(layer.bias().unwrap().to_vec1::<f32>()?, [1.0, -1.0]);
     assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[13.0, 4.5]]);
     layer.unmerge()?;
-    assert_eq!(layer.weight().to_vec2::<f32>()?, [[1.0, 2.0, 1.0], [0.0, 3.0, 4.0]]);
+    assert_eq!(layer.weight().unwrap().to_vec2::<f32>()?, [[1.0, 2.0, 1.0], [0.0, 3.0, 4.0]]);
     Ok(())
 }
 
@@ -406,7 +406,7 @@ fn unmerge_needs_a_merge_and_shapes_are_checked() -> TestResult {
     let layer = hand_layer()?.layer;
     let adapter = layer.adapter("default").unwrap();
     let weights = LinearWeights {
-        weight: layer.weight().clone(),
+        weight: layer.weight().unwrap().clone(),
         bias: None,
     };
     assert!(adapter.unmerge(&weights).is_err());
@@ -521,7 +521,7 @@ fn dora_after_another_adapter_takes_its_norm_from_the_unmerged_base() -> TestRes
     let (layer, lora, dora) = lora_then_dora()?;
     let x = Tensor::new(&[[1f32, -2., 0.5], [0.3, 0.2, -1.0]], &DEV)?;
     let y = layer.forward(&x)?;
-    let base = layer.base_weights();
+    let base = layer.base_weights()?;
     let with_a = lora.merge(&base)?;
     let merged = dora.merge_with_base(&with_a, &base)?;
     let merged_layer = Linear::new(merged.weight.clone(), merged.bias.clone());

@@ -89,7 +89,7 @@ fn snapshot(net: &Net) -> Snapshot {
     Snapshot {
         adapters: net.adapter_names(),
         merged: layers.iter().map(|l| l.layer.is_merged()).collect(),
-        weights: layers.iter().map(|l| bits(l.layer.weight())).collect(),
+        weights: layers.iter().map(|l| bits(l.layer.weight().unwrap())).collect(),
         output: bits(&net.forward(&input())),
     }
 }

@@ -58,8 +58,9 @@ pub struct ForwardContext<'a> {
 }
 
 impl<'a> ForwardContext<'a> {
-    /// The base weight, `[out, in]` (dequantized, once, for a quantized layer).
-    pub fn weight(&self) -> &'a Tensor {
+    /// The base weight, `[out, in]` (dequantized, once, for a quantized
+    /// layer: the only case that can fail).
+    pub fn weight(&self) -> Result<&'a Tensor> {
         self.base.weight()
     }
     /// The base bias, `[out]`.

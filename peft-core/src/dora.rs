@@ -191,7 +191,7 @@ impl LinearAdapter for DoraAdapter {
     }
 
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> CandleResult<Tensor> {
-        let weight = cx.weight();
+        let weight = cx.weight()?;
         let scale = self.scale(weight)?;
         let (x, base_result) = if cx.training() && self.lora.dropout() > 0.0 {
             // As PEFT: the correction term sees the dropped-out input too.

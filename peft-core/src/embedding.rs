@@ -27,7 +27,7 @@
 //! // token 2: [1, 1] + 0.5·3·[1, -1]; token 0: [1, 0] + 0.5·1·[1, -1]
 //! assert_eq!(embed.forward(&ids)?.to_vec2::<f32>()?, [[2.5, -0.5], [1.5, -0.5]]);
 //! embed.layer_mut().merge()?;
-//! assert_eq!(embed.embeddings().to_vec2::<f32>()?[2], [2.5, -0.5]);
+//! assert_eq!(embed.embeddings()?.to_vec2::<f32>()?[2], [2.5, -0.5]);
 //! # Ok(())
 //! # }
 //! ```
@@ -60,9 +60,12 @@ impl Embedding {
     }
 
     /// The table `[vocab, dim]` (with merged adapters folded in).
-    pub fn embeddings(&self) -> Tensor {
-        // The layer's weight is the table's transpose, a view of it.
-        self.layer.weight().t().expect("a 2-D weight transposes")
+    pub fn embeddings(&self) -> CandleResult<Tensor> {
+        match self.layer.lookup_table() {
+            Some(table) => Ok(table.clone()),
+            // A layer put in through `layer_mut`: its weight is `[dim, vocab]`.
+            None => self.layer.weight()?.t(),
+        }
     }
 
     /// The embedding dimension.
@@ -87,10 +90,13 @@ impl Embedding {
     }
 }
 
-impl From<candle_nn::Embedding> for Embedding {
-    fn from(embedding: candle_nn::Embedding) -> Self {
+impl TryFrom<candle_nn::Embedding> for Embedding {
+    type Error = candle_core::Error;
+
+    /// Fails when the table is not 2-D (`candle_nn::Embedding::new` does not check).
+    fn try_from(embedding: candle_nn::Embedding) -> CandleResult<Self> {
         let hidden_size = embedding.hidden_size();
-        Self::new(embedding.embeddings().clone(), hidden_size).expect("a candle-nn embedding table is 2-D")
+        Self::new(embedding.embeddings().clone(), hidden_size)
     }
 }
 
@@ -103,7 +109,7 @@ impl Module for Embedding {
 /// Creates or loads an embedding table `weight` `[vocab, dim]`, as
 /// [`candle_nn::embedding()`] does.
 pub fn embedding(vocab: usize, dim: usize, vb: candle_nn::VarBuilder) -> CandleResult<Embedding> {
-    candle_nn::embedding(vocab, dim, vb).map(Embedding::from)
+    candle_nn::embedding(vocab, dim, vb).and_then(Embedding::try_from)
 }
 
 /// Reported to visitors as a layer of kind [`LayerKind::Embedding`](crate::LayerKind).

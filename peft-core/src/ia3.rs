@@ -31,7 +31,7 @@
 //! layer.add_adapter("default", Box::new(Ia3Adapter::new(l, false)?))?;
 //! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[14.0, 7.0]]);
 //! layer.merge()?; // W'[o, i] = W[o, i] · l[o], b' = b · l
-//! assert_eq!(layer.weight().to_vec2::<f32>()?, [[2.0, 4.0, 6.0], [2.0, 2.5, 3.0]]);
+//! assert_eq!(layer.weight()?.to_vec2::<f32>()?, [[2.0, 4.0, 6.0], [2.0, 2.5, 3.0]]);
 //! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[14.0, 7.0]]);
 //!
 //! // Input scaling (feed-forward), l = [1, 2, 3] stored [1, in]:

@@ -8,8 +8,10 @@
 //!   `target_modules` is the list of the modules the adapter sits on.
 //! - An adapter other than `"default"` is saved in a subfolder named after it.
 //!
-//! Saving writes each file to a temporary file in the same folder and renames
-//! it over the old one, so an interrupted save never leaves a half-written file.
+//! Saving writes both files to temporary files in the same folder, syncs
+//! them, and only then renames them over the old ones (and syncs the
+//! folder), so a save that fails or is killed leaves the previous adapter
+//! whole.
 //! Loading checks everything (config, targets, every tensor's presence and
 //! shape) before it changes the model.
 
@@ -73,8 +75,11 @@ pub fn check_adapter_name(name: &str) -> Result<()> {
 pub(crate) fn save_adapter<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &str) -> Result<()> {
     check_adapter_name(name)?;
     let layers = model.linear_layers();
-    let adapted: Vec<_> = layers.iter().filter(|l| l.layer.has_adapter(name)).collect();
-    let Some(first) = adapted.first() else {
+    let adapted: Vec<_> = layers
+        .iter()
+        .filter_map(|l| l.layer.adapter(name).map(|adapter| (l, adapter)))
+        .collect();
+    let Some((first, _)) = adapted.first() else {
         return Err(PeftError::UnknownAdapter {
             adapter: name.to_owned(),
             known: model.adapter_names().join(", "),
@@ -91,17 +96,16 @@ pub(crate) fn save_adapter<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &
             })
         }
     };
-    let mut target_modules: Vec<&str> = adapted.iter().map(|l| l.path.as_str()).collect();
+    let mut target_modules: Vec<&str> = adapted.iter().map(|(l, _)| l.path.as_str()).collect();
     target_modules.sort_unstable();
     config.insert("target_modules".into(), Value::from(target_modules));
-    if adapted.iter().any(|l| l.layer.is_fan_in_fan_out()) {
+    if adapted.iter().any(|(l, _)| l.layer.is_fan_in_fan_out()) {
         // PEFT forces this for Conv1D layers too.
         config.insert("fan_in_fan_out".into(), Value::Bool(true));
     }
 
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for layer in &adapted {
-        let adapter = layer.layer.adapter(name).expect("filtered on has_adapter");
+    for (layer, adapter) in &adapted {
         for (key, var) in adapter.trainable_vars() {
             tensors.push((format!("{KEY_PREFIX}{}.{key}", layer.path), var.as_tensor().clone()));
         }
@@ -121,33 +125,90 @@ pub(crate) fn save_adapter<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &
                 message: e.to_string(),
             }
         })?;
-    // Tensors first, config last: a reader that finds the new config finds
-    // the tensors that go with it.
-    write_atomically(&weights_path, &bytes)?;
-    let mut json = serde_json::to_string_pretty(&Value::Object(config)).expect("a JSON map serializes");
+    let config_path = dir.join(CONFIG_FILE);
+    let mut json = serde_json::to_string_pretty(&Value::Object(config)).map_err(|source| PeftError::Json {
+        path: config_path.clone(),
+        field: None,
+        source,
+    })?;
     json.push('\n');
-    write_atomically(&dir.join(CONFIG_FILE), json.as_bytes())
+
+    // Both files are written and synced under temporary names before either
+    // replaces the old one: a failure or a crash while writing leaves the
+    // previous adapter whole. Tensors are renamed first, so a reader that
+    // finds the new config finds the tensors that go with it.
+    let weights = StagedFile::write(&weights_path, &bytes)?;
+    let config = StagedFile::write(&config_path, json.as_bytes())?;
+    weights.commit()?;
+    config.commit()?;
+    sync_dir(&dir)
 }
 
-/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("adapter");
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    let io_error = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| PeftError::Io { path, source }
-    };
-    let result = (|| {
+/// A file written and synced under a temporary name beside `path`, waiting
+/// to be renamed over it; dropped uncommitted, it removes itself.
+struct StagedFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl StagedFile {
+    /// Writes and syncs `bytes` to `.<name>.tmp-<pid>-<n>` beside `path`.
+    fn write(path: &Path, bytes: &[u8]) -> Result<StagedFile> {
         use std::io::Write;
-        let mut file = fs::File::create(&tmp).map_err(io_error(&tmp))?;
-        file.write_all(bytes).map_err(io_error(&tmp))?;
-        file.sync_all().map_err(io_error(&tmp))?;
-        fs::rename(&tmp, path).map_err(io_error(path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // Unique per process and per save, so concurrent saves never share one.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("adapter");
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let staged = StagedFile {
+            tmp: path.with_file_name(format!(".{file_name}.tmp-{}-{n}", std::process::id())),
+            path: path.to_path_buf(),
+            committed: false,
+        };
+        let io_error = |source| PeftError::Io {
+            path: staged.tmp.clone(),
+            source,
+        };
+        let mut file = fs::File::create(&staged.tmp).map_err(io_error)?;
+        file.write_all(bytes).map_err(io_error)?;
+        file.sync_all().map_err(io_error)?;
+        Ok(staged)
     }
-    result
+
+    /// Renames the file over its final path.
+    fn commit(mut self) -> Result<()> {
+        fs::rename(&self.tmp, &self.path).map_err(|source| PeftError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Makes the renames in `dir` durable (a rename lives in the folder's entry,
+/// which `sync_all` on the files does not write). Unix only: other systems
+/// cannot open a folder as a file.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    fs::File::open(dir)
+        .and_then(|folder| folder.sync_all())
+        .map_err(|source| PeftError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 // ---- loading ------------------------------------------------------------------

@@ -32,6 +32,18 @@
 //! # }
 //! ```
 
+// Bad input must give an error, never a panic: see docs/ERRORS.md.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
 #![warn(missing_docs)]
 
 // Lets the derive's `::peft_core::...` paths resolve inside this crate's own tests.

@@ -138,14 +138,13 @@ impl Base {
         }
     }
 
-    /// The dense weight; for a quantized base, dequantized once and kept.
-    pub(crate) fn weight(&self) -> &Tensor {
+    /// The dense weight; for a quantized base, dequantized once and kept
+    /// (the only case that can fail: candle could not dequantize it).
+    pub(crate) fn weight(&self) -> CandleResult<&Tensor> {
         match self {
-            Base::Dense(linear) => linear.weight(),
-            Base::Quantized { weight, .. } => weight
-                .dequantized()
-                .expect("a GGML quantized tensor dequantizes on its own device"),
-            Base::Lookup { weight, .. } | Base::Conv { weight, .. } => weight,
+            Base::Dense(linear) => Ok(linear.weight()),
+            Base::Quantized { weight, .. } => weight.dequantized(),
+            Base::Lookup { weight, .. } | Base::Conv { weight, .. } => Ok(weight),
         }
     }
 
@@ -287,9 +286,19 @@ impl Linear {
     /// quantized layer this is the dequantized weight, made on first call and
     /// kept, which costs the f32 memory quantization saves: prefer
     /// [`in_features`](Self::in_features), [`dtype`](Self::dtype) and
-    /// [`device`](Self::device) for what they tell.
-    pub fn weight(&self) -> &Tensor {
+    /// [`device`](Self::device) for what they tell. Fails only for a
+    /// quantized layer that candle cannot dequantize on its device.
+    pub fn weight(&self) -> CandleResult<&Tensor> {
         self.base.weight()
+    }
+
+    /// The embedding table `[vocab, dim]` of a layer made by
+    /// [`Embedding`](crate::Embedding), with merged adapters folded in.
+    pub(crate) fn lookup_table(&self) -> Option<&Tensor> {
+        match &self.base {
+            Base::Lookup { table, .. } => Some(table.embeddings()),
+            _ => None,
+        }
     }
 
     /// The base bias `[out]`.
@@ -337,11 +346,11 @@ impl Linear {
     }
 
     /// The base weights as one value (dense; see [`weight`](Self::weight)).
-    pub fn base_weights(&self) -> LinearWeights {
-        LinearWeights {
-            weight: self.base.weight().clone(),
+    pub fn base_weights(&self) -> CandleResult<LinearWeights> {
+        Ok(LinearWeights {
+            weight: self.base.weight()?.clone(),
             bias: self.base.bias().cloned(),
-        }
+        })
     }
 
     /// Forward pass with an explicit training flag (dropout in adapters is
@@ -657,7 +666,7 @@ impl Linear {
     /// reverse of the order they were merged in.
     fn unmerged_weights(&self) -> CandleResult<LinearWeights> {
         let merged: Vec<bool> = self.adapters.iter().map(|a| a.merged).collect();
-        let mut weights = self.base_weights();
+        let mut weights = self.base_weights()?;
         for i in self.merge_order(&merged).into_iter().rev() {
             weights = self.adapters[i].adapter.unmerge(&weights)?;
         }

@@ -41,7 +41,7 @@
 //! let y = layer.forward(&Tensor::new(&[[2f32, 4.]], &dev)?)?;
 //! assert_eq!(y.to_vec2::<f32>()?, [[3.0, 6.0]]);
 //! layer.merge()?;
-//! assert_eq!(layer.weight().to_vec2::<f32>()?, [[1.5, 0.0], [1.0, 1.0]]);
+//! assert_eq!(layer.weight()?.to_vec2::<f32>()?, [[1.5, 0.0], [1.0, 1.0]]);
 //!
 //! // On a model: four [out, r] / [r, in] tensors per layer; a fresh adapter
 //! // leaves the output as it was.

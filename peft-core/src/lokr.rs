@@ -41,7 +41,7 @@
 //! let y = layer.forward(&Tensor::new(&[[1f32, 2., 3., 4.]], &dev)?)?;
 //! assert_eq!(y.to_vec2::<f32>()?, [[3.0, 3.0, 11.0, 10.0]]);
 //! layer.merge()?;
-//! assert_eq!(layer.weight().to_vec2::<f32>()?[2], [0.0, 0.0, 1.0, 2.0]);
+//! assert_eq!(layer.weight()?.to_vec2::<f32>()?[2], [0.0, 0.0, 1.0, 2.0]);
 //! # Ok(())
 //! # }
 //! ```

@@ -353,7 +353,7 @@ impl AdapterConfig for LoraConfig {
         if self.use_dora {
             // The magnitude starts as the row norms of W + s·B·A, as PEFT's
             // `dora_init` (with B = 0, the norms of W), so m / n = 1 at first.
-            Ok(Box::new(DoraAdapter::from_weight(lora, layer.weight())?))
+            Ok(Box::new(DoraAdapter::from_weight(lora, layer.weight()?)?))
         } else {
             Ok(Box::new(lora))
         }

@@ -127,7 +127,7 @@ pub fn string_set(value: &Value) -> BTreeSet<String> {
 }
 
 pub fn weights_of(model: &Tiny) -> Vec<Tensor> {
-    vec![model.fc1.weight().clone(), model.fc2.weight().clone()]
+    vec![model.fc1.weight().unwrap().clone(), model.fc2.weight().unwrap().clone()]
 }
 
 impl Fixture {
