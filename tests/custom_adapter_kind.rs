@@ -73,7 +73,7 @@ impl AdapterConfig for BiasShiftConfig {
         self.targets.validate()
     }
     fn linear_adapter(&self, _: &str, layer: &Linear) -> candle_core::Result<Box<dyn LinearAdapter>> {
-        let shift = Var::zeros(layer.out_features(), layer.weight().unwrap().dtype(), layer.weight().unwrap().device())?;
+        let shift = Var::zeros(layer.out_features(), layer.dtype(), &layer.device())?;
         Ok(Box::new(BiasShift { shift }))
     }
     fn to_peft_config(&self) -> Map<String, Value> {

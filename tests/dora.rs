@@ -157,7 +157,12 @@ fn merge_and_unmerge_match_peft() -> TestResult {
     model.load_adapter(case_dir().join("adapter"), "default")?;
 
     model.merge()?;
-    assert_close("merged up.weight", model.up.weight().unwrap(), &io["merged.up.weight"], 1e-6)?;
+    assert_close(
+        "merged up.weight",
+        model.up.weight().unwrap(),
+        &io["merged.up.weight"],
+        1e-6,
+    )?;
     assert_close(
         "merged down.weight",
         model.down.weight().unwrap(),
@@ -181,7 +186,12 @@ fn merge_and_unmerge_match_peft() -> TestResult {
     for m in [&mut model, &mut copy] {
         m.unmerge()?;
         assert_close("unmerged up.weight", m.up.weight().unwrap(), &base["up.weight"], 1e-6)?;
-        assert_close("unmerged down.weight", m.down.weight().unwrap(), &base["down.weight"], 1e-6)?;
+        assert_close(
+            "unmerged down.weight",
+            m.down.weight().unwrap(),
+            &base["down.weight"],
+            1e-6,
+        )?;
         assert_close("output after unmerge", &m.forward(x)?, &io["y_adapted"], 1e-5)?;
     }
 
@@ -370,11 +380,17 @@ fn hand_computed_layer() -> TestResult {
 
     // Merge: the rows of W + s·B·A scaled by m / n; the bias stays.
     layer.merge()?;
-    assert_eq!(layer.weight().unwrap().to_vec2::<f32>()?, [[4.0, 4.0, 2.0], [0.0, 1.5, 2.0]]);
+    assert_eq!(
+        layer.weight().unwrap().to_vec2::<f32>()?,
+        [[4.0, 4.0, 2.0], [0.0, 1.5, 2.0]]
+    );
     assert_eq!(layer.bias().unwrap().to_vec1::<f32>()?, [1.0, -1.0]);
     assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[13.0, 4.5]]);
     layer.unmerge()?;
-    assert_eq!(layer.weight().unwrap().to_vec2::<f32>()?, [[1.0, 2.0, 1.0], [0.0, 3.0, 4.0]]);
+    assert_eq!(
+        layer.weight().unwrap().to_vec2::<f32>()?,
+        [[1.0, 2.0, 1.0], [0.0, 3.0, 4.0]]
+    );
     Ok(())
 }
 

@@ -134,7 +134,10 @@ fn matches_peft() {
 
     model.merge().unwrap();
     assert!(diff(&model.forward(&ids), &io["y_merged"]) < 1e-5);
-    assert!(diff(&model.embed.embeddings().unwrap(), &table) > 1e-3, "the table changed");
+    assert!(
+        diff(&model.embed.embeddings().unwrap(), &table) > 1e-3,
+        "the table changed"
+    );
     model.unmerge().unwrap();
     assert!(diff(&model.embed.embeddings().unwrap(), &table) < 1e-6);
 }

@@ -170,7 +170,10 @@ fn peft_adapter_loads_and_matches_adapted_merged_and_unmerged_logits() -> TestRe
     let base = load_llama()?;
     let mut worst = 0f32;
     for (ours, theirs) in model.linear_layers().iter().zip(base.linear_layers()) {
-        worst = worst.max(max_abs_diff(ours.layer.weight().unwrap(), theirs.layer.weight().unwrap())?);
+        worst = worst.max(max_abs_diff(
+            ours.layer.weight().unwrap(),
+            theirs.layer.weight().unwrap(),
+        )?);
     }
     eprintln!("  unmerged weights vs base: max abs diff {worst:.3e}");
     assert!(worst < 1e-6, "unmerged weights differ from the base by {worst:e}");

@@ -249,7 +249,11 @@ fn training_lowers_the_loss_and_leaves_the_base_unchanged() {
 #[test]
 fn merge_matches_unmerged_and_unmerge_restores_the_weights() {
     let (mut net, _) = net();
-    let base_weights: Vec<Tensor> = net.linear_layers().iter().map(|l| l.layer.weight().unwrap().clone()).collect();
+    let base_weights: Vec<Tensor> = net
+        .linear_layers()
+        .iter()
+        .map(|l| l.layer.weight().unwrap().clone())
+        .collect();
     net.apply_lora(random_lora(all_linear())).unwrap();
     let adapted = net.forward(&ids()).unwrap();
     net.merge().unwrap();
@@ -271,7 +275,11 @@ fn merge_matches_unmerged_and_unmerge_restores_the_weights() {
 
     net.unmerge().unwrap();
     for (layer, base) in net.linear_layers().iter().zip(&base_weights) {
-        assert!(max_abs_diff(layer.layer.weight().unwrap(), base) < 1e-6, "{}", layer.path);
+        assert!(
+            max_abs_diff(layer.layer.weight().unwrap(), base) < 1e-6,
+            "{}",
+            layer.path
+        );
     }
     assert_close(&adapted, &net.forward(&ids()).unwrap(), 1e-5);
 }
@@ -478,7 +486,11 @@ fn a_failed_merge_changes_no_layer() {
     net.apply_lora(random_lora(all_linear())).unwrap();
     net.add_adapter("broken", &UnmergeableConfig(modules(["blocks.1.down"])))
         .unwrap();
-    let before: Vec<Tensor> = net.linear_layers().iter().map(|l| l.layer.weight().unwrap().clone()).collect();
+    let before: Vec<Tensor> = net
+        .linear_layers()
+        .iter()
+        .map(|l| l.layer.weight().unwrap().clone())
+        .collect();
     match net.merge() {
         Err(PeftError::Module { module, source }) => {
             assert_eq!(module, "blocks.1.down");

@@ -142,7 +142,12 @@ fn disabling_is_a_scope() {
 fn merging_a_chosen_set() {
     let mut net = two_adapters();
     let adapted = net.forward(&x());
-    let weights = |net: &Net| -> Vec<Tensor> { net.linear_layers().iter().map(|l| l.layer.weight().unwrap().clone()).collect() };
+    let weights = |net: &Net| -> Vec<Tensor> {
+        net.linear_layers()
+            .iter()
+            .map(|l| l.layer.weight().unwrap().clone())
+            .collect()
+    };
     let before = weights(&net);
     net.merge_adapters(&["a"]).unwrap();
     let after = weights(&net);
