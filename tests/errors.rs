@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::{Device, Module, Tensor};
+use peft_core::ia3::Ia3Config;
 use peft_core::prelude::*;
 use peft_core::{PeftError, CONFIG_FILE, WEIGHTS_FILE};
 use serde_json::{json, Map, Value};
@@ -862,6 +863,50 @@ fn state_switch_active_while_merged() {
     net.merge().unwrap();
     let error = fails_unchanged(&mut net, |net| net.set_active_adapters(&["default"]));
     assert!(matches!(error, PeftError::MergeState { .. }), "{error}");
+}
+
+#[test]
+fn state_adapters_that_cannot_combine() {
+    // DoRA after IA³ scaling the same layer's output: DoRA reads the base
+    // weight and bias, which IA³ has already scaled.
+    let mut net = Net::new();
+    net.add_adapter("scale", &Ia3Config::from(all_linear())).unwrap();
+    let dora = LoraConfig::from(all_linear()).rank(2).dora(true);
+    let error = fails_unchanged(&mut net, |net| net.add_adapter("dora", &dora));
+    assert!(
+        matches!(&error, PeftError::IncompatibleAdapter { module, adapter, .. } if module == "layers.0.q" && adapter == "dora"),
+        "{error:?}"
+    );
+    // Anything but an additive adapter joining merged ones.
+    let mut net = two_adapters();
+    net.merge().unwrap();
+    let error = fails_unchanged(&mut net, |net| net.add_adapter("dora", &dora));
+    assert!(matches!(error, PeftError::IncompatibleAdapter { .. }), "{error}");
+    // An additive one may.
+    net.add_adapter("third", &LoraConfig::from(all_linear()).rank(2))
+        .unwrap();
+}
+
+#[test]
+fn state_partial_merge_not_exact() {
+    // Merging LoRA alone while DoRA stays active and unmerged: DoRA would
+    // read the base weight with LoRA merged in.
+    let mut net = Net::new();
+    let lora = LoraConfig::from(all_linear()).rank(2).init(LoraInit::Random);
+    net.add_adapter("lora", &lora).unwrap();
+    net.add_adapter("dora", &lora.clone().dora(true)).unwrap();
+    let error = fails_unchanged(&mut net, |net| net.merge_adapters(&["lora"]));
+    match &error {
+        PeftError::MergeState { module, reason } => {
+            assert_eq!(module, "layers.0.q");
+            assert!(reason.contains("additive"), "{reason}");
+        }
+        other => panic!("expected MergeState, got {other:?}"),
+    }
+    // Both at once, or one of two additive adapters, merge.
+    net.merge_adapters(&["lora", "dora"]).unwrap();
+    let mut net = two_adapters();
+    net.merge_adapters(&["default"]).unwrap();
 }
 
 // ---- the table and the tests stay in step ------------------------------------------

@@ -106,6 +106,24 @@ pub trait LinearAdapter: fmt::Debug + Send + Sync {
         false
     }
 
+    /// Whether [`forward`](Self::forward) only adds a change computed from
+    /// the input alone (LoRA, LoHa, LoKr). Such adapters commute with each
+    /// other and with merging, so they may stay unmerged while other
+    /// adapters of the layer are merged. The default, `false`, is the safe
+    /// answer for an adapter that scales or reads what came before it.
+    fn is_additive(&self) -> bool {
+        false
+    }
+
+    /// Whether this adapter's change depends on the base weight (DoRA's
+    /// norm of `W + ΔW`). Such an adapter may follow only additive or
+    /// input-transforming adapters on a layer, and may not be attached to a
+    /// layer with merged adapters: either would make the merged and the
+    /// unmerged outputs differ.
+    fn reads_base_weight(&self) -> bool {
+        false
+    }
+
     /// The base output and this adapter's change in one pass, `None` (the
     /// default) to have the layer run the base and then
     /// [`forward`](Self::forward). Asked only of the first adapter applied to

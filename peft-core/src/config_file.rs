@@ -108,7 +108,8 @@ impl TargetFields {
                     "PEFT's per-architecture default targets are not known here; list the modules",
                 ))
             }
-            Some(OneOrMany::One(s)) if s == "all-linear" => all_linear(),
+            // PEFT lower-cases the string before comparing.
+            Some(OneOrMany::One(s)) if s.eq_ignore_ascii_case("all-linear") => all_linear(),
             Some(OneOrMany::One(pattern)) => regex(&pattern),
             Some(OneOrMany::Many(names)) => modules(names),
         };
@@ -117,8 +118,13 @@ impl TargetFields {
             Some(OneOrMany::One(pattern)) => targets = targets.exclude_regex(&pattern),
             Some(OneOrMany::Many(names)) => targets = targets.exclude(names),
         }
-        if let Some(layers) = self.layers_to_transform {
-            targets = targets.layers(layers.into_vec());
+        // An empty list is no filter, as in PEFT (a falsy value).
+        if let Some(layers) = self
+            .layers_to_transform
+            .map(OneOrMany::into_vec)
+            .filter(|l| !l.is_empty())
+        {
+            targets = targets.layers(layers);
             if let Some(patterns) = self.layers_pattern {
                 targets = targets.layers_pattern(patterns.into_vec());
             }

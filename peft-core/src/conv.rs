@@ -316,6 +316,10 @@ impl LinearAdapter for LoraConvAdapter {
         "LORA"
     }
 
+    fn is_additive(&self) -> bool {
+        true
+    }
+
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> CandleResult<Tensor> {
         let x = if cx.training() && self.dropout > 0.0 {
             candle_nn::ops::dropout(x, self.dropout)?

@@ -190,6 +190,10 @@ impl LinearAdapter for DoraAdapter {
         "LORA"
     }
 
+    fn reads_base_weight(&self) -> bool {
+        true
+    }
+
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> CandleResult<Tensor> {
         let weight = cx.weight()?;
         let scale = self.scale(weight)?;

@@ -154,6 +154,10 @@ impl LinearAdapter for LoraEmbeddingAdapter {
         "LORA"
     }
 
+    fn is_additive(&self) -> bool {
+        true
+    }
+
     fn forward(&self, ids: &Tensor, base_output: Tensor, _: ForwardContext<'_>) -> CandleResult<Tensor> {
         // Aᵀ[x]: the columns of A for the tokens, [n, r]; then · s·Bᵀ.
         let columns = self.lora.a().as_tensor().index_select(&ids.flatten_all()?, 1)?;

@@ -53,6 +53,19 @@ pub enum PeftError {
         /// The adapter name.
         adapter: String,
     },
+    /// An adapter that cannot join the adapters a module holds: the merged
+    /// and unmerged outputs would no longer agree (see
+    /// [`LinearAdapter::is_additive`](crate::LinearAdapter::is_additive) and
+    /// [`reads_base_weight`](crate::LinearAdapter::reads_base_weight)).
+    #[error("module `{module}`: adapter `{adapter}` cannot be added: {reason}")]
+    IncompatibleAdapter {
+        /// Dotted path of the module.
+        module: String,
+        /// The adapter being added.
+        adapter: String,
+        /// Why.
+        reason: String,
+    },
     /// An adapter name that could not serve as a folder name under the
     /// folder adapters are saved in (empty, `.`, `..`, a path separator, a
     /// control character): refused before anything is added, read or written.

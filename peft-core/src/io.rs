@@ -305,6 +305,10 @@ pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(
                 .sum();
             config.check_layer(&layer.path, layer.layer, Some(file_values))?;
             let adapter = config.linear_adapter(&layer.path, layer.layer).in_module(&layer.path)?;
+            layer
+                .layer
+                .check_attach(name, &*adapter)
+                .map_err(|e| crate::model::relocate(e, &layer.path))?;
             for (key, var) in adapter.trainable_vars() {
                 let file_key = format!("{KEY_PREFIX}{}.{key}", layer.path);
                 let Some(tensor) = unused.remove(file_key.as_str()) else {

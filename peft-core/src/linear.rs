@@ -44,6 +44,8 @@ pub struct Linear {
 }
 
 /// Why merging into a quantized base is refused.
+const PARTIAL_MERGE: &str = "merging some adapters of this layer while other active ones stay unmerged is exact only \
+     when all of them are additive (LoRA, LoHa, LoKr); merge every active adapter, or deactivate the others first";
 const QUANTIZED_MERGE: &str = "cannot merge into a quantized base weight: requantizing the merged weight would \
      lose the adapter's precision; keep the adapter unmerged, or load the base in f32/f16 to merge";
 
@@ -441,13 +443,49 @@ impl Linear {
     /// Attaches `adapter` under `name`, active. The base weights are detached
     /// from autograd so that only adapters train.
     pub fn add_adapter(&mut self, name: &str, adapter: Box<dyn LinearAdapter>) -> Result<()> {
+        self.check_attach(name, &*adapter)?;
+        self.insert_adapter(name, adapter, None);
+        Ok(())
+    }
+
+    /// Refuses to attach `adapter` under `name` when the name is taken, or
+    /// when the merged and unmerged outputs would no longer agree: an adapter
+    /// that reads the base weight (DoRA) after one that changes the output in
+    /// any other way than adding to it or reading the base weight itself
+    /// (IA³ on a non-feed-forward layer scales it), or any adapter but an
+    /// additive one on a layer with merged adapters. PEFT cannot put these together at all
+    /// (its mixed models take LoRA, LoHa and LoKr only).
+    pub(crate) fn check_attach(&self, name: &str, adapter: &dyn LinearAdapter) -> Result<()> {
         if self.has_adapter(name) {
             return Err(PeftError::AdapterExists {
                 module: self.describe(),
                 adapter: name.to_owned(),
             });
         }
-        self.insert_adapter(name, adapter, None);
+        let incompatible = |reason| PeftError::IncompatibleAdapter {
+            module: self.describe(),
+            adapter: name.to_owned(),
+            reason,
+        };
+        if adapter.reads_base_weight() {
+            if let Some(scaling) = self
+                .adapters
+                .iter()
+                .find(|a| !a.adapter.is_additive() && !a.adapter.transforms_input() && !a.adapter.reads_base_weight())
+            {
+                return Err(incompatible(format!(
+                    "its change depends on the base weight and cannot follow `{}` ({}), which scales the output",
+                    scaling.name,
+                    scaling.adapter.peft_type()
+                )));
+            }
+        }
+        if !adapter.is_additive() && self.is_merged() {
+            return Err(incompatible(
+                "only additive adapters (LoRA, LoHa, LoKr) can join a layer with merged adapters; unmerge first"
+                    .to_owned(),
+            ));
+        }
         Ok(())
     }
 
@@ -591,10 +629,31 @@ impl Linear {
     /// Refuses to merge the adapters in `names` (the active ones when `None`)
     /// into a quantized base.
     pub(crate) fn check_mergeable(&self, names: Option<&[&str]>) -> Result<()> {
-        if self.is_quantized() && self.has_pending_merge(names) {
+        if !self.has_pending_merge(names) {
+            return Ok(());
+        }
+        if self.is_quantized() {
             return Err(PeftError::MergeState {
                 module: self.describe(),
                 reason: QUANTIZED_MERGE,
+            });
+        }
+        // After the merge, some adapters are in the weight and some active
+        // ones are not: exact only when the ones left out add a change of the
+        // input alone and nothing merged scales what they add to.
+        let merged_after = |a: &AttachedAdapter| {
+            a.merged
+                || match names {
+                    None => a.active,
+                    Some(names) => names.contains(&a.name.as_str()),
+                }
+        };
+        let partial = self.adapters.iter().any(|a| a.active && !merged_after(a));
+        let exact = |a: &AttachedAdapter| a.adapter.is_additive() || (merged_after(a) && a.adapter.transforms_input());
+        if partial && !self.adapters.iter().filter(|a| a.active || merged_after(a)).all(exact) {
+            return Err(PeftError::MergeState {
+                module: self.describe(),
+                reason: PARTIAL_MERGE,
             });
         }
         Ok(())

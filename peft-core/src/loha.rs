@@ -415,6 +415,10 @@ impl LinearAdapter for LohaAdapter {
         "LOHA"
     }
 
+    fn is_additive(&self) -> bool {
+        true
+    }
+
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> CandleResult<Tensor> {
         if cx.training() && module_dropped(self.module_dropout)? {
             return Ok(base_output);

@@ -610,6 +610,10 @@ impl LinearAdapter for LokrAdapter {
         "LOKR"
     }
 
+    fn is_additive(&self) -> bool {
+        true
+    }
+
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> CandleResult<Tensor> {
         if cx.training() && module_dropped(self.module_dropout)? {
             return Ok(base_output);

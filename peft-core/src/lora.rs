@@ -595,6 +595,10 @@ impl LinearAdapter for LoraAdapter {
         "LORA"
     }
 
+    fn is_additive(&self) -> bool {
+        true
+    }
+
     fn forward_with_base(&self, x: &Tensor, cx: ForwardContext<'_>) -> CandleResult<Option<Tensor>> {
         // With dropout active the adapter sees another input than the base.
         let dropout_active = cx.training() && self.dropout > 0.0;

@@ -212,7 +212,9 @@ pub trait PeftModel: Adaptable {
                     });
                 }
                 config.check_layer(path, layer, None)?;
-                adapters.push(config.linear_adapter(path, layer).in_module(path)?);
+                let adapter = config.linear_adapter(path, layer).in_module(path)?;
+                layer.check_attach(name, &*adapter).map_err(|e| relocate(e, path))?;
+                adapters.push(adapter);
             }
             chosen.into_iter().zip(adapters).collect::<Vec<_>>()
         };
@@ -542,7 +544,7 @@ fn check_known(names: &[&str], known: &[String]) -> Result<()> {
 }
 
 /// Fills in the module path of an error raised by a layer that does not know it.
-fn relocate(error: PeftError, path: &str) -> PeftError {
+pub(crate) fn relocate(error: PeftError, path: &str) -> PeftError {
     match error {
         PeftError::MergeState { reason, .. } => PeftError::MergeState {
             module: path.to_owned(),
@@ -551,6 +553,15 @@ fn relocate(error: PeftError, path: &str) -> PeftError {
         PeftError::AdapterExists { adapter, .. } => PeftError::AdapterExists {
             module: path.to_owned(),
             adapter,
+        },
+        PeftError::IncompatibleAdapter { adapter, reason, .. } => PeftError::IncompatibleAdapter {
+            module: path.to_owned(),
+            adapter,
+            reason,
+        },
+        PeftError::NonFiniteWeights { operation, .. } => PeftError::NonFiniteWeights {
+            module: path.to_owned(),
+            operation,
         },
         other => other,
     }

@@ -135,7 +135,7 @@ impl Targets {
     }
 
     /// Takes the layer index for [`layers`](Self::layers) from the numeric
-    /// segment that follows a segment matching one of `patterns` (PEFT's
+    /// segment that follows the first segment matching one of `patterns` (PEFT's
     /// `layers_pattern`, e.g. `"layers"` or `"h"`); each pattern is a regex
     /// that must match the whole segment.
     pub fn layers_pattern<I, S>(mut self, patterns: I) -> Self
@@ -146,7 +146,9 @@ impl Targets {
         self.layers_pattern = Some(
             patterns
                 .into_iter()
-                .map(|p| Pattern::new(&format!(r"(?:.*\.)?(?:{})\.(\d+)(?:\..*)?", p.as_ref())))
+                // Lazy prefix: the first segment matching the pattern gives
+                // the index, as in PEFT.
+                .map(|p| Pattern::new(&format!(r"(?:.*?\.)?(?:{})\.(\d+)(?:\..*)?", p.as_ref())))
                 .collect(),
         );
         self
