@@ -10,6 +10,9 @@ use peft_core::prelude::*;
 use peft_core::{PeftError, CONFIG_FILE, WEIGHTS_FILE};
 use serde_json::{json, Value};
 
+mod support;
+use support::{max_abs_diff, scratch};
+
 const DEV: Device = Device::Cpu;
 
 #[derive(Adaptable)]
@@ -69,27 +72,6 @@ fn input() -> Tensor {
         .unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-/// A fresh folder under the target dir, emptied first.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("adapter_io").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -107,7 +89,7 @@ fn saved(name: &str, config: LoraConfig) -> (VarMap, PathBuf, Tensor) {
     let varmap = VarMap::new();
     let mut net = Net::new(&varmap);
     net.apply_lora(config).unwrap();
-    let dir = scratch(name);
+    let dir = scratch("adapter_io", name);
     net.save_adapter(&dir, "default").unwrap();
     let y = net.forward(&input());
     (varmap, dir, y)
@@ -186,7 +168,7 @@ fn load_gives_back_the_same_outputs() {
     twin.load_adapter(&dir, "copy").unwrap();
     assert_eq!(twin.adapter_names(), ["copy", "default"]);
     // Saving what was loaded writes the same config.
-    let again = scratch("round_trip_again");
+    let again = scratch("adapter_io", "round_trip_again");
     twin.save_adapter(&again, "default").unwrap();
     assert_eq!(read_json(&again.join(CONFIG_FILE)), read_json(&dir.join(CONFIG_FILE)));
 }
@@ -197,7 +179,7 @@ fn other_adapters_go_in_subfolders() {
     let mut net = Net::new(&varmap);
     net.apply_lora(random_lora(modules(["q"]))).unwrap();
     net.add_adapter("second", &random_lora(modules(["v"]))).unwrap();
-    let dir = scratch("subfolders");
+    let dir = scratch("adapter_io", "subfolders");
     net.save_adapters(&dir).unwrap();
     assert!(dir.join(CONFIG_FILE).is_file());
     assert!(dir.join("second").join(CONFIG_FILE).is_file());
@@ -316,7 +298,7 @@ fn rank_pattern_takes_the_first_match_in_file_order() {
         .map(|(_, v)| v.dims()[0])
         .collect();
     assert_eq!(ranks, [5, 4, 5]);
-    let dir = scratch("rank_pattern");
+    let dir = scratch("adapter_io", "rank_pattern");
     net.save_adapter(&dir, "default").unwrap();
     let adapted = net.forward(&input());
     // Written by hand so that the order is not alphabetical.
@@ -469,7 +451,7 @@ fn loading_a_name_twice_is_refused() {
 fn saving_an_unknown_adapter_is_an_error_and_writes_nothing() {
     let varmap = VarMap::new();
     let net = Net::new(&varmap);
-    let dir = scratch("unknown").join("out");
+    let dir = scratch("adapter_io", "unknown").join("out");
     assert!(matches!(
         net.save_adapter(&dir, "default"),
         Err(PeftError::UnknownAdapter { .. })
@@ -482,7 +464,7 @@ fn saving_an_unknown_adapter_is_an_error_and_writes_nothing() {
 #[test]
 fn adapter_names_that_leave_the_folder_are_refused() {
     let (varmap, saved_dir, _) = saved("names", random_lora(all_linear()));
-    let root = scratch("names-out");
+    let root = scratch("adapter_io", "names-out");
     let dir = root.join("inner");
     std::fs::create_dir_all(&dir).unwrap();
     let bad = [

@@ -10,6 +10,9 @@ use candle_nn::{Conv1dConfig, Conv2dConfig, VarBuilder};
 use peft_core::prelude::*;
 use peft_core::{Conv1d, Conv2d, Ia3Config, LayerKind, PeftError, WEIGHTS_FILE};
 
+mod support;
+use support::{max_abs, max_abs_diff};
+
 const DEV: Device = Device::Cpu;
 
 #[derive(Adaptable)]
@@ -52,26 +55,11 @@ fn io() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("io.safetensors"), &DEV).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn diff(a: &Tensor, b: &Tensor) -> f32 {
-    max_abs(&(a - b).unwrap())
-}
-
 fn check_outputs(model: &Tiny, io: &HashMap<String, Tensor>, which: &str) {
     let (y1, y2) = model.forward(io);
     let (d1, d2) = (
-        diff(&y1, &io[&format!("y1_{which}")]),
-        diff(&y2, &io[&format!("y2_{which}")]),
+        max_abs_diff(&y1, &io[&format!("y1_{which}")]),
+        max_abs_diff(&y2, &io[&format!("y2_{which}")]),
     );
     assert!(d1 < 1e-5 && d2 < 1e-5, "{which}: {d1}, {d2}");
 }
@@ -107,7 +95,7 @@ fn matches_peft() {
     for (name, var) in &vars {
         let key = format!("grad.base_model.model.{}", name.replacen(".default", "", 1));
         let expected = &io[&key];
-        let rel = diff(grads.get(var).unwrap(), expected) / max_abs(expected);
+        let rel = max_abs_diff(grads.get(var).unwrap(), expected) / max_abs(expected);
         assert!(rel < 1e-4, "{key}: relative error {rel}");
     }
 
@@ -119,15 +107,15 @@ fn matches_peft() {
     assert_eq!(ours.len(), theirs.len());
     for (key, tensor) in &theirs {
         assert_eq!(ours[key].dims(), tensor.dims(), "{key}");
-        assert_eq!(diff(&ours[key], tensor), 0.0, "{key}");
+        assert_eq!(max_abs_diff(&ours[key], tensor), 0.0, "{key}");
     }
 
     model.merge().unwrap();
     check_outputs(&model, &io, "merged");
-    assert!(diff(&model.c2.weight(), &kernels.1) > 1e-3);
+    assert!(max_abs_diff(&model.c2.weight(), &kernels.1) > 1e-3);
     model.unmerge().unwrap();
-    assert!(diff(&model.c1.weight(), &kernels.0) < 1e-6);
-    assert!(diff(&model.c2.weight(), &kernels.1) < 1e-6);
+    assert!(max_abs_diff(&model.c1.weight(), &kernels.0) < 1e-6);
+    assert!(max_abs_diff(&model.c2.weight(), &kernels.1) < 1e-6);
 }
 
 #[test]
@@ -175,7 +163,7 @@ fn conv1d_input_gradients_are_right() {
         .unwrap();
     let y = w.matmul(x.as_tensor()).unwrap();
     let grad_mm = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-    assert!(diff(grad_conv.get(&x).unwrap(), grad_mm.get(&x).unwrap()) < 1e-4);
+    assert!(max_abs_diff(grad_conv.get(&x).unwrap(), grad_mm.get(&x).unwrap()) < 1e-4);
 }
 
 #[test]

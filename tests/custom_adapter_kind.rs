@@ -16,6 +16,9 @@ use peft_core::prelude::*;
 use peft_core::{AdapterConfig, ForwardContext, LinearAdapter, LinearWeights, CONFIG_FILE};
 use serde_json::{Map, Value};
 
+mod support;
+use support::max_abs_diff;
+
 /// The adapter on one layer.
 #[derive(Debug, Clone)]
 struct BiasShift {
@@ -123,19 +126,6 @@ impl Net {
             .forward(&self.hidden.forward(x).unwrap().tanh().unwrap())
             .unwrap()
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]

@@ -12,6 +12,9 @@ use peft_core::prelude::*;
 use peft_core::{LinearAdapter, LinearWeights, LoraAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use serde_json::Value;
 
+mod support;
+use support::scratch;
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const DEV: Device = Device::Cpu;
@@ -83,14 +86,6 @@ fn assert_close(what: &str, got: &Tensor, expected: &Tensor, tol: f32) -> TestRe
 /// The loss the fixture differentiates: `(y ** 2).mean()`.
 fn loss(y: &Tensor) -> candle_core::Result<Tensor> {
     y.sqr()?.mean_all()
-}
-
-/// A fresh folder under the target dir, emptied first.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dora").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn read_json(path: &Path) -> Result<Value, Box<dyn std::error::Error>> {
@@ -226,7 +221,7 @@ fn saved_adapter_is_what_peft_saved() -> TestResult {
     let peft_dir = case_dir().join("adapter");
     let mut model = tiny()?;
     model.load_adapter(&peft_dir, "default")?;
-    let dir = scratch("round_trip");
+    let dir = scratch("dora", "round_trip");
     model.save_adapter(&dir, "default")?;
 
     // Same keys, shapes and values.
@@ -444,7 +439,7 @@ fn dropout_is_applied_only_in_training() -> TestResult {
     let mut model = tiny()?;
     model.load_adapter(case_dir().join("adapter"), "default")?;
     let expected = model.forward(x)?;
-    let dir = scratch("dropout");
+    let dir = scratch("dora", "dropout");
     model.save_adapter(&dir, "default")?;
     let config_path = dir.join(CONFIG_FILE);
     let mut config = read_json(&config_path)?;
@@ -467,7 +462,7 @@ fn files_that_disagree_with_use_dora_are_refused() -> TestResult {
     let tensors = candle_core::safetensors::load(peft_dir.join(WEIGHTS_FILE), &DEV)?;
 
     // DoRA tensors with use_dora = false: the magnitudes belong to nothing.
-    let dir = scratch("not_dora");
+    let dir = scratch("dora", "not_dora");
     let mut plain = config.clone();
     plain["use_dora"] = Value::Bool(false);
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&plain)?)?;
@@ -485,7 +480,7 @@ fn files_that_disagree_with_use_dora_are_refused() -> TestResult {
     }
 
     // use_dora = true without the magnitudes (a plain LoRA file).
-    let dir = scratch("no_magnitude");
+    let dir = scratch("dora", "no_magnitude");
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&config)?)?;
     let lora_only: HashMap<String, Tensor> = tensors
         .into_iter()

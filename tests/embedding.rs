@@ -10,6 +10,9 @@ use candle_nn::VarBuilder;
 use peft_core::prelude::*;
 use peft_core::{Embedding, Ia3Config, LayerKind, PeftError, WEIGHTS_FILE};
 
+mod support;
+use support::{max_abs, max_abs_diff};
+
 const DEV: Device = Device::Cpu;
 
 #[derive(Adaptable)]
@@ -47,28 +50,13 @@ fn ids(io: &HashMap<String, Tensor>) -> Tensor {
     io["input_ids"].to_dtype(DType::U32).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn diff(a: &Tensor, b: &Tensor) -> f32 {
-    max_abs(&(a - b).unwrap())
-}
-
 #[test]
 fn without_adapters_the_slot_is_candle_nn_embedding() {
     let table = Tensor::randn(0f32, 1.0, (7, 3), &DEV).unwrap();
     let ids = Tensor::new(&[[0u32, 6, 2], [2, 2, 5]], &DEV).unwrap();
     let ours = Embedding::new(table.clone(), 3).unwrap().forward(&ids).unwrap();
     let theirs = candle_nn::Embedding::new(table, 3).forward(&ids).unwrap();
-    assert_eq!(diff(&ours, &theirs), 0.0);
+    assert_eq!(max_abs_diff(&ours, &theirs), 0.0);
 }
 
 #[test]
@@ -101,12 +89,16 @@ fn matches_peft() {
     let io = io();
     let ids = ids(&io);
     let mut model = Tiny::load();
-    assert!(diff(&model.forward(&ids), &io["y_base"]) < 1e-6);
+    assert!(max_abs_diff(&model.forward(&ids), &io["y_base"]) < 1e-6);
     let table = model.embed.embeddings().unwrap();
 
     model.load_adapter(fixture("adapter"), "default").unwrap();
     let y = model.forward(&ids);
-    assert!(diff(&y, &io["y_adapted"]) < 1e-5, "{}", diff(&y, &io["y_adapted"]));
+    assert!(
+        max_abs_diff(&y, &io["y_adapted"]) < 1e-5,
+        "{}",
+        max_abs_diff(&y, &io["y_adapted"])
+    );
 
     let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let vars = model.named_trainable_vars();
@@ -114,7 +106,7 @@ fn matches_peft() {
     for (name, var) in &vars {
         let key = format!("grad.base_model.model.{}", name.replacen(".default", "", 1));
         let expected = &io[&key];
-        let rel = diff(grads.get(var).unwrap(), expected) / max_abs(expected);
+        let rel = max_abs_diff(grads.get(var).unwrap(), expected) / max_abs(expected);
         assert!(rel < 1e-4, "{key}: relative error {rel}");
     }
     assert_eq!(vars[0].0, "embed.lora_embedding_A.default");
@@ -129,17 +121,17 @@ fn matches_peft() {
     assert_eq!(keys.len(), theirs.len());
     for key in keys {
         assert_eq!(ours[key].dims(), theirs[key].dims(), "{key}");
-        assert_eq!(diff(&ours[key], &theirs[key]), 0.0, "{key}");
+        assert_eq!(max_abs_diff(&ours[key], &theirs[key]), 0.0, "{key}");
     }
 
     model.merge().unwrap();
-    assert!(diff(&model.forward(&ids), &io["y_merged"]) < 1e-5);
+    assert!(max_abs_diff(&model.forward(&ids), &io["y_merged"]) < 1e-5);
     assert!(
-        diff(&model.embed.embeddings().unwrap(), &table) > 1e-3,
+        max_abs_diff(&model.embed.embeddings().unwrap(), &table) > 1e-3,
         "the table changed"
     );
     model.unmerge().unwrap();
-    assert!(diff(&model.embed.embeddings().unwrap(), &table) < 1e-6);
+    assert!(max_abs_diff(&model.embed.embeddings().unwrap(), &table) < 1e-6);
 }
 
 #[test]
@@ -149,7 +141,7 @@ fn a_fresh_embedding_lora_changes_nothing_and_trains() {
     let mut model = Tiny::load();
     let base = model.forward(&ids);
     model.apply_lora(LoraConfig::from(modules(["embed"])).rank(2)).unwrap();
-    assert_eq!(diff(&model.forward(&ids), &base), 0.0);
+    assert_eq!(max_abs_diff(&model.forward(&ids), &base), 0.0);
     // A starts at zero, B does not: B's gradient is zero, A's is not.
     let grads = model
         .forward(&ids)

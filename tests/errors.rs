@@ -5,7 +5,7 @@
 //! keeps the two in step.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{Device, Module, Tensor};
@@ -13,6 +13,9 @@ use peft_core::ia3::Ia3Config;
 use peft_core::prelude::*;
 use peft_core::{PeftError, CONFIG_FILE, WEIGHTS_FILE};
 use serde_json::{json, Map, Value};
+
+mod support;
+use support::scratch;
 
 const DEV: Device = Device::Cpu;
 
@@ -108,14 +111,6 @@ fn fails_unchanged<T: std::fmt::Debug>(
 
 // ---- a valid adapter and ways to spoil it ---------------------------------------
 
-/// A fresh folder under the target dir.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("errors").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// The two files of a valid LoRA adapter (r = 2, on every q and v) for `Net`.
 struct Files {
     config: Map<String, Value>,
@@ -126,7 +121,7 @@ fn valid_files() -> Files {
     let mut net = Net::new();
     net.apply_lora(LoraConfig::from(all_linear()).rank(2).init(LoraInit::Random))
         .unwrap();
-    let dir = scratch(&format!("valid-{:?}", std::thread::current().id()));
+    let dir = scratch("errors", &format!("valid-{:?}", std::thread::current().id()));
     net.save_adapter(&dir, "default").unwrap();
     let config = serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap();
     let weights = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
@@ -175,7 +170,7 @@ const KEY_B: &str = "base_model.model.layers.0.q.lora_B.weight";
 /// Loads `files` twice, from a folder and from memory, into fresh nets: both
 /// must fail with the same kind of error and leave the net unchanged.
 fn load_fails(files: &Files) -> PeftError {
-    let dir = scratch(&format!("case-{:?}", std::thread::current().id()));
+    let dir = scratch("errors", &format!("case-{:?}", std::thread::current().id()));
     std::fs::write(dir.join(CONFIG_FILE), files.config_text()).unwrap();
     std::fs::write(dir.join(WEIGHTS_FILE), &files.weights).unwrap();
     let from_folder = fails_unchanged(&mut Net::new(), |net| net.load_adapter(&dir, "default"));
@@ -203,7 +198,7 @@ fn config_text_fails(text: &str) -> PeftError {
     let from_memory = fails_unchanged(&mut Net::new(), |net| {
         net.load_adapter_from_bytes(text, &files.weights, "default")
     });
-    let dir = scratch(&format!("text-{:?}", std::thread::current().id()));
+    let dir = scratch("errors", &format!("text-{:?}", std::thread::current().id()));
     std::fs::write(dir.join(CONFIG_FILE), text).unwrap();
     std::fs::write(dir.join(WEIGHTS_FILE), &files.weights).unwrap();
     let from_folder = fails_unchanged(&mut Net::new(), |net| net.load_adapter(&dir, "default"));
@@ -668,7 +663,7 @@ fn weights_wrong_dtype() {
 fn weights_wrong_shape() {
     let mut net = Net::new();
     net.apply_lora(LoraConfig::from(all_linear()).rank(3)).unwrap();
-    let dir = scratch("rank3");
+    let dir = scratch("errors", "rank3");
     net.save_adapter(&dir, "default").unwrap();
     // The config says r = 2: every tensor has the wrong shape.
     let mut files = valid_files();

@@ -26,6 +26,9 @@ use peft_core::prelude::*;
 use peft_core::PeftError;
 use serde_json::Value;
 
+mod support;
+use support::scratch;
+
 const CASE: &str = "llama_ia3_all_linear";
 /// Logits: a correct float32 implementation lands within ~3e-6.
 const LOGITS_TOL: f32 = 1e-5;
@@ -40,14 +43,6 @@ fn case_dir() -> PathBuf {
 
 fn adapter_dir() -> PathBuf {
     case_dir().join("adapter")
-}
-
-/// A fresh, empty folder under the target's temporary directory.
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ia3").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch folder");
-    dir
 }
 
 fn config() -> Result<llama::Config, Box<dyn std::error::Error>> {
@@ -252,7 +247,7 @@ fn rust_save_matches_peft_files_and_loads_back() -> TestResult {
     model.load_adapter(adapter_dir(), "default")?;
     let adapted = model.forward(&ids)?;
 
-    let saved = scratch("saved");
+    let saved = scratch("ia3", "saved");
     model.save_adapter(&saved, "default")?;
 
     // Tensors: the same keys, shapes and values.
@@ -604,7 +599,7 @@ fn parameter_counts_are_out_or_in_per_layer() -> TestResult {
 
 /// A copy of the fixture's adapter folder with `config` as its config.
 fn write_adapter(name: &str, config: &Value) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let dir = scratch(name);
+    let dir = scratch("ia3", name);
     std::fs::copy(
         adapter_dir().join("adapter_model.safetensors"),
         dir.join("adapter_model.safetensors"),

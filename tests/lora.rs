@@ -8,6 +8,9 @@ use peft_core::{
     AdapterConfig, ForwardContext, LinearAdapter, LinearWeights, LoraAdapter, ParameterCount, PeftError, Role, Targets,
 };
 
+mod support;
+use support::max_abs_diff;
+
 const DEV: Device = Device::Cpu;
 
 #[derive(Adaptable)]
@@ -63,19 +66,6 @@ fn net() -> (Net, VarMap) {
 
 fn ids() -> Tensor {
     Tensor::new(&[[1u32, 5, 7, 2, 9], [3, 3, 0, 10, 4]], &DEV).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Merging reassociates float sums: compare relative to the output's scale.

@@ -7,6 +7,9 @@ use candle_nn::{VarBuilder, VarMap};
 use peft_core::prelude::*;
 use peft_core::PeftError;
 
+mod support;
+use support::max_abs_diff;
+
 #[derive(Adaptable)]
 struct Block {
     attn: Linear,
@@ -51,19 +54,6 @@ fn x() -> Tensor {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Merging reassociates float sums: compare relative to the output's scale.

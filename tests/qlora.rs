@@ -11,6 +11,9 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use peft_core::prelude::*;
 use peft_core::PeftError;
 
+mod support;
+use support::max_abs;
+
 const DEV: Device = Device::Cpu;
 const VOCAB: usize = 32;
 const HIDDEN: usize = 64;
@@ -89,17 +92,6 @@ fn twins(dtype: GgmlDType) -> (Net, Net) {
 fn ids() -> Tensor {
     let ids: Vec<u32> = (0..4 * 12).map(|i| ((i * 7 + i / 12) % VOCAB) as u32).collect();
     Tensor::from_vec(ids, (4, 12), &DEV).unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]

@@ -16,6 +16,9 @@ use candle_core::{DType, Device, Tensor};
 use peft_core::prelude::*;
 use peft_core::{PeftError, CONFIG_FILE, WEIGHTS_FILE};
 
+mod support;
+use support::scratch;
+
 const DEV: Device = Device::Cpu;
 /// Width of the layers; with `RANK` it sets the file size (2 layers × 2
 /// tensors × 64 × 512 × 4 bytes = 512 KiB), large enough that a kill often
@@ -69,16 +72,6 @@ fn generation_in(dir: &Path) -> Result<f32, String> {
     Ok(values[0])
 }
 
-/// A fresh folder under the target dir.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("save_interrupted")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// This test binary, running only the ignored test `name`, with `dir` in the
 /// environment.
 fn child(name: &str, dir: &Path) -> Command {
@@ -129,7 +122,7 @@ fn child_saves_under_a_file_size_limit() {
 
 #[test]
 fn a_failed_write_leaves_the_previous_adapter_whole() {
-    let dir = scratch("failed_write");
+    let dir = scratch("save_interrupted", "failed_write");
     net_of_generation(1.0).save_adapter(&dir, "default").unwrap();
     let before: Vec<Vec<u8>> = [CONFIG_FILE, WEIGHTS_FILE]
         .iter()
@@ -176,7 +169,7 @@ fn child_saves_generations_until_killed() {
 
 #[test]
 fn a_killed_save_leaves_one_whole_generation() {
-    let dir = scratch("killed");
+    let dir = scratch("save_interrupted", "killed");
     net_of_generation(1.0).save_adapter(&dir, "default").unwrap();
     let mut seen = Vec::new();
     // Kill times spread over a few save durations; a small deterministic
