@@ -317,6 +317,57 @@ fn rank_pattern_takes_the_first_match_in_file_order() {
     assert_eq!(max_abs_diff(&twin.forward(&input()), &adapted), 0.0);
 }
 
+#[test]
+fn saving_keeps_the_pattern_order() {
+    // "q" comes first and matches every q, so layers\.1\.q never wins: an
+    // alphabetical save would put it first and change layers.1.q's rank.
+    let varmap = VarMap::new();
+    let mut net = Net::new(&varmap);
+    let config = random_lora(modules(["q"]))
+        .rank_for("q", 3)
+        .rank_for(r"layers\.1\.q", 5)
+        .alpha_for("q", 6.0)
+        .alpha_for(r"layers\.1\.q", 1.0);
+    net.apply_lora(config).unwrap();
+    let dir = scratch("adapter_io", "pattern_order");
+    net.save_adapter(&dir, "default").unwrap();
+    let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
+    let rank_pattern = &text[text.find(r#""rank_pattern""#).unwrap()..];
+    assert!(
+        rank_pattern.find(r#""q""#) < rank_pattern.find(r#""layers\\.1\\.q""#),
+        "{text}"
+    );
+    let mut twin = Net::twin(&varmap);
+    twin.load_adapter(&dir, "default").unwrap();
+    assert_eq!(max_abs_diff(&twin.forward(&input()), &net.forward(&input())), 0.0);
+    // The top-level keys stay sorted, as PEFT writes them.
+    let keys: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("  \""))
+        .map(|l| l.trim())
+        .collect();
+    assert!(keys.is_sorted(), "{keys:?}");
+}
+
+#[test]
+fn a_repeated_pattern_key_takes_its_last_value() {
+    // Python's json.load keeps the last value of a repeated key, in the
+    // first key's place; PEFT then reads that dict.
+    let (varmap, dir, _) = saved("repeated_key", random_lora(modules(["q"])));
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(r#""rank_pattern": {}"#, r#""rank_pattern": {"q": 1, "v": 7, "q": 2}"#);
+    std::fs::write(&path, text).unwrap();
+    let mut twin = Net::twin(&varmap);
+    // The file's tensors have rank 2: the last value of "q" matches them.
+    twin.load_adapter(&dir, "default").unwrap();
+    let out = scratch("adapter_io", "repeated_key_saved");
+    twin.save_adapter(&out, "default").unwrap();
+    let saved = read_json(&out.join(CONFIG_FILE));
+    assert_eq!(saved["rank_pattern"], json!({"q": 2, "v": 7}));
+}
+
 /// Runs a load that must fail, and checks that the model did not change.
 fn failing_load(dir: &Path, varmap: &VarMap) -> PeftError {
     let mut twin = Net::twin(varmap);

@@ -288,9 +288,14 @@ where
             Ok(Vec::new())
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> ::core::result::Result<Self::Value, A::Error> {
-            let mut entries = Vec::new();
-            while let Some(entry) = map.next_entry()? {
-                entries.push(entry);
+            let mut entries: Vec<(String, V)> = Vec::new();
+            while let Some((key, value)) = map.next_entry::<String, V>()? {
+                // A repeated key keeps its first place and takes the last
+                // value, as Python's json.load builds the dict PEFT reads.
+                match entries.iter_mut().find(|(k, _)| *k == key) {
+                    Some(entry) => entry.1 = value,
+                    None => entries.push((key, value)),
+                }
             }
             Ok(entries)
         }
@@ -316,17 +321,19 @@ pub fn pattern_value<T: Copy>(patterns: &[(String, T)], path: &str) -> Result<Op
 }
 
 /// An integral value as a JSON integer (PEFT writes `lora_alpha: 8`), any
-/// other as a float.
+/// other as the shortest decimal that reads back as the same `f64`.
 pub fn number(value: f64) -> Value {
     if value.fract() == 0.0 && value.abs() < 1e15 {
         Value::from(value as i64)
     } else {
-        float(value)
+        serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number)
     }
 }
 
-/// A float as JSON; values that came from an `f32` (dropout) print as their
-/// shortest decimal, `0.05`, not `0.05000000074505806`.
+/// A float that came from an `f32` field (dropout) as JSON: values that are
+/// an `f32` print as its shortest decimal, `0.05`, not `0.05000000074505806`
+/// (read back into the `f32` field, it gives the same `f32`). Use [`number`]
+/// for `f64` fields.
 pub fn float(value: f64) -> Value {
     let single = value as f32;
     let value = if f64::from(single) == value {
@@ -353,5 +360,21 @@ mod tests {
         assert_eq!(float(f64::from(0.05f32)).to_string(), "0.05");
         assert_eq!(float(0.0).to_string(), "0.0");
         assert_eq!(float(0.1).to_string(), "0.1");
+        // An f64 that happens to be an f32 reads back as itself.
+        for value in [555555555555555555555555555555555.0, 1e-30, 0.1 + 0.2] {
+            let text = number(value).to_string();
+            assert_eq!(text.parse::<f64>().unwrap(), value, "{text}");
+        }
+    }
+
+    #[test]
+    fn repeated_pattern_keys_keep_their_place_and_last_value() {
+        #[derive(serde::Deserialize)]
+        struct Patterns {
+            #[serde(deserialize_with = "super::ordered_map")]
+            rank_pattern: Vec<(String, usize)>,
+        }
+        let parsed: Patterns = serde_json::from_str(r#"{"rank_pattern": {"q": 1, "v": 7, "q": 2}}"#).unwrap();
+        assert_eq!(parsed.rank_pattern, [("q".to_owned(), 2), ("v".to_owned(), 7)]);
     }
 }

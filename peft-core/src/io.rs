@@ -126,6 +126,9 @@ pub(crate) fn save_adapter<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &
             }
         })?;
     let config_path = dir.join(CONFIG_FILE);
+    // PEFT writes the top-level keys sorted. The patterns inside
+    // rank_pattern / alpha_pattern keep their order: the first match wins.
+    config.sort_keys();
     let mut json = serde_json::to_string_pretty(&Value::Object(config)).map_err(|source| PeftError::Json {
         path: config_path.clone(),
         field: None,
