@@ -350,6 +350,29 @@ fn saving_keeps_the_pattern_order() {
 }
 
 #[test]
+fn an_exclusion_regex_is_saved_as_it_was_read() {
+    // Saving, loading and saving again writes the same config.
+    let varmap = VarMap::new();
+    let mut net = Net::new(&varmap);
+    net.apply_lora(random_lora(modules(["q", "v"]).exclude_regex(r"layers\.0\..*")))
+        .unwrap();
+    let first = scratch("adapter_io", "exclusion_regex_first");
+    net.save_adapter(&first, "default").unwrap();
+    assert_eq!(
+        read_json(&first.join(CONFIG_FILE))["exclude_modules"],
+        json!(r"layers\.0\..*")
+    );
+    let mut twin = Net::twin(&varmap);
+    twin.load_adapter(&first, "default").unwrap();
+    let again = scratch("adapter_io", "exclusion_regex_again");
+    twin.save_adapter(&again, "default").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(first.join(CONFIG_FILE)).unwrap(),
+        std::fs::read_to_string(again.join(CONFIG_FILE)).unwrap()
+    );
+}
+
+#[test]
 fn a_repeated_pattern_key_takes_its_last_value() {
     // Python's json.load keeps the last value of a repeated key, in the
     // first key's place; PEFT then reads that dict.

@@ -809,6 +809,20 @@ fn state_name_exists() {
         net.load_adapter_from_bytes(&files.config_text(), &files.weights, "other")
     });
     assert!(matches!(error, PeftError::AdapterExists { .. }), "{error}");
+    // A name held on other layers is taken too: one name, one adapter.
+    let mut net = Net::new();
+    net.add_adapter("style", &LoraConfig::from(modules(["q"]))).unwrap();
+    let error = fails_unchanged(&mut net, |net| {
+        net.add_adapter("style", &LoraConfig::from(modules(["v"])))
+    });
+    assert!(
+        matches!(&error, PeftError::AdapterExists { module, adapter } if module == "layers.0.q" && adapter == "style"),
+        "{error:?}"
+    );
+    let error = fails_unchanged(&mut net, |net| {
+        net.load_adapter_from_bytes(&files.config_text(), &files.weights, "style")
+    });
+    assert!(matches!(error, PeftError::AdapterExists { .. }), "{error}");
 }
 
 /// A model with other module names than the adapter was saved for.

@@ -361,7 +361,12 @@ mod tests {
         assert_eq!(float(0.0).to_string(), "0.0");
         assert_eq!(float(0.1).to_string(), "0.1");
         // An f64 that happens to be an f32 reads back as itself.
-        for value in [555555555555555555555555555555555.0, 1e-30, 0.1 + 0.2] {
+        for value in [
+            555555555555555555555555555555555.0,
+            5.5555555555555556e32,
+            1e-30,
+            0.1 + 0.2,
+        ] {
             let text = number(value).to_string();
             assert_eq!(text.parse::<f64>().unwrap(), value, "{text}");
         }

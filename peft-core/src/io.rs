@@ -258,6 +258,7 @@ pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(
     name: &str,
 ) -> Result<()> {
     check_adapter_name(name)?;
+    crate::model::check_new_name(model, name)?;
     let config = crate::config_file::parse_config(files.config, files.config_path)?;
     config.validate()?;
 

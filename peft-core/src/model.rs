@@ -196,6 +196,7 @@ pub trait PeftModel: Adaptable {
     /// not layers, so a second adapter never wraps the first one's weights.
     fn add_adapter<C: AdapterConfig + ?Sized>(&mut self, name: &str, config: &C) -> Result<()> {
         crate::io::check_adapter_name(name)?;
+        check_new_name(self, name)?;
         config.validate()?;
         let chosen = {
             let layers = self.linear_layers();
@@ -488,6 +489,18 @@ fn commit_all<M: PeftModel + ?Sized>(
         commit(layer.layer, plan);
     }
     Ok(())
+}
+
+/// Refuses a name an adapter of the model already has, on any layer: one
+/// name is one adapter with one config, as PEFT's `peft_config[name]`.
+pub(crate) fn check_new_name<M: PeftModel + ?Sized>(model: &M, name: &str) -> Result<()> {
+    match model.linear_layers().into_iter().find(|l| l.layer.has_adapter(name)) {
+        Some(layer) => Err(PeftError::AdapterExists {
+            module: layer.path,
+            adapter: name.to_owned(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Installs a plan, if there is one.

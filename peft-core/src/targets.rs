@@ -196,6 +196,9 @@ impl Targets {
         };
         match self.exclude.as_slice() {
             [] => Value::Null,
+            // One regex is written as it is, so that saving what was loaded
+            // writes the same string.
+            [Selector::Regex(pattern)] => Value::from(pattern.source.clone()),
             all if all.iter().all(|s| names(s).is_some()) => {
                 Value::from(all.iter().filter_map(names).flatten().collect::<Vec<_>>())
             }
