@@ -121,7 +121,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut model = Model::from_gguf(&gguf, &device)?;
     let (quantized, dense): (usize, usize) = model
-        .linear_layers()
+        .layers()
         .iter()
         .filter_map(|l| l.layer.quantized_weight())
         .map(|w| (w.size_in_bytes(), w.shape().elem_count() * 4))

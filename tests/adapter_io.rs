@@ -11,7 +11,7 @@ use peft_core::{PeftError, CONFIG_FILE, WEIGHTS_FILE};
 use serde_json::{json, Value};
 
 mod support;
-use support::{max_abs_diff, scratch};
+use support::{max_abs_diff, read_json, scratch};
 
 const DEV: Device = Device::Cpu;
 
@@ -72,10 +72,6 @@ fn input() -> Tensor {
         .unwrap()
 }
 
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 fn write_json(path: &Path, value: &Value) {
     std::fs::write(path, serde_json::to_string_pretty(value).unwrap()).unwrap();
 }
@@ -101,7 +97,7 @@ fn saved_files_are_what_peft_writes() {
         "format",
         random_lora(all_linear().exclude(["mlp"])).task_type("CAUSAL_LM"),
     );
-    let config = read_json(&dir.join(CONFIG_FILE));
+    let config = read_json(dir.join(CONFIG_FILE));
     let expected_targets: Vec<String> = (0..3)
         .flat_map(|i| [format!("layers.{i}.q"), format!("layers.{i}.v")])
         .collect();
@@ -170,7 +166,7 @@ fn load_gives_back_the_same_outputs() {
     // Saving what was loaded writes the same config.
     let again = scratch("adapter_io", "round_trip_again");
     twin.save_adapter(&again, "default").unwrap();
-    assert_eq!(read_json(&again.join(CONFIG_FILE)), read_json(&dir.join(CONFIG_FILE)));
+    assert_eq!(read_json(again.join(CONFIG_FILE)), read_json(dir.join(CONFIG_FILE)));
 }
 
 #[test]
@@ -183,7 +179,7 @@ fn other_adapters_go_in_subfolders() {
     net.save_adapters(&dir).unwrap();
     assert!(dir.join(CONFIG_FILE).is_file());
     assert!(dir.join("second").join(CONFIG_FILE).is_file());
-    let config = read_json(&dir.join("second").join(CONFIG_FILE));
+    let config = read_json(dir.join("second").join(CONFIG_FILE));
     assert_eq!(
         config["target_modules"],
         json!(["layers.0.v", "layers.1.v", "layers.2.v"])
@@ -234,7 +230,7 @@ fn f16_and_bf16_tensors_load_into_the_model_dtype() {
 /// and returns the twin's adapted modules.
 fn load_edited(name: &str, targets: Targets, edit: impl FnOnce(&mut Value)) -> peft_core::Result<Vec<String>> {
     let (varmap, dir, adapted) = saved(name, random_lora(targets));
-    let mut config = read_json(&dir.join(CONFIG_FILE));
+    let mut config = read_json(dir.join(CONFIG_FILE));
     edit(&mut config);
     write_json(&dir.join(CONFIG_FILE), &config);
     let mut twin = Net::twin(&varmap);
@@ -359,7 +355,7 @@ fn an_exclusion_regex_is_saved_as_it_was_read() {
     let first = scratch("adapter_io", "exclusion_regex_first");
     net.save_adapter(&first, "default").unwrap();
     assert_eq!(
-        read_json(&first.join(CONFIG_FILE))["exclude_modules"],
+        read_json(first.join(CONFIG_FILE))["exclude_modules"],
         json!(r"layers\.0\..*")
     );
     let mut twin = Net::twin(&varmap);
@@ -387,7 +383,7 @@ fn a_repeated_pattern_key_takes_its_last_value() {
     twin.load_adapter(&dir, "default").unwrap();
     let out = scratch("adapter_io", "repeated_key_saved");
     twin.save_adapter(&out, "default").unwrap();
-    let saved = read_json(&out.join(CONFIG_FILE));
+    let saved = read_json(out.join(CONFIG_FILE));
     assert_eq!(saved["rank_pattern"], json!({"q": 2, "v": 7}));
 }
 
@@ -421,7 +417,9 @@ fn malformed_json_is_reported_with_the_file() {
     let (varmap, dir, _) = saved("malformed", random_lora(all_linear()));
     std::fs::write(dir.join(CONFIG_FILE), "{\"peft_type\": \"LORA\", \"r\": }").unwrap();
     match failing_load(&dir, &varmap) {
-        PeftError::Json { path, source, .. } => {
+        PeftError::Json {
+            path, cause: source, ..
+        } => {
             assert_eq!(path, dir.join(CONFIG_FILE));
             assert_eq!(source.line(), 1);
         }
@@ -437,7 +435,7 @@ fn malformed_json_is_reported_with_the_file() {
 #[test]
 fn unsupported_types_and_options_are_refused() {
     let (varmap, dir, _) = saved("unsupported", random_lora(all_linear()));
-    let original = read_json(&dir.join(CONFIG_FILE));
+    let original = read_json(dir.join(CONFIG_FILE));
     let cases = [
         ("peft_type", json!("VERA"), "peft_type"),
         ("use_qalora", json!(true), "use_qalora"),

@@ -3,7 +3,6 @@
 //! (`tests/fixtures/lora_conv_tiny`) and their own invariants.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv1dConfig, Conv2dConfig, VarBuilder};
@@ -11,7 +10,10 @@ use peft_core::prelude::*;
 use peft_core::{Conv1d, Conv2d, Ia3Config, LayerKind, PeftError, WEIGHTS_FILE};
 
 mod support;
-use support::{max_abs, max_abs_diff};
+use support::rng::Rng;
+use support::{max_abs, max_abs_diff, scratch, Fixture};
+
+const FIXTURE: Fixture = Fixture("lora_conv_tiny");
 
 const DEV: Device = Device::Cpu;
 
@@ -23,7 +25,7 @@ struct Tiny {
 
 impl Tiny {
     fn load() -> Tiny {
-        let tensors = candle_core::safetensors::load(fixture("model.safetensors"), &DEV).unwrap();
+        let tensors = candle_core::safetensors::load(FIXTURE.path("model.safetensors"), &DEV).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &DEV);
         let c1 = Conv1dConfig {
             padding: 1,
@@ -36,23 +38,16 @@ impl Tiny {
         };
         Tiny {
             c1: peft_core::conv1d(3, 4, 3, c1, vb.pp("c1")).unwrap(),
-            c2: candle_nn::conv2d_no_bias(2, 5, 3, c2, vb.pp("c2")).unwrap().into(),
+            c2: candle_nn::conv2d_no_bias(2, 5, 3, c2, vb.pp("c2"))
+                .unwrap()
+                .try_into()
+                .unwrap(),
         }
     }
 
     fn forward(&self, io: &HashMap<String, Tensor>) -> (Tensor, Tensor) {
         (self.c1.forward(&io["x1"]).unwrap(), self.c2.forward(&io["x2"]).unwrap())
     }
-}
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/lora_conv_tiny")
-        .join(path)
-}
-
-fn io() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("io.safetensors"), &DEV).unwrap()
 }
 
 fn check_outputs(model: &Tiny, io: &HashMap<String, Tensor>, which: &str) {
@@ -66,10 +61,10 @@ fn check_outputs(model: &Tiny, io: &HashMap<String, Tensor>, which: &str) {
 
 #[test]
 fn without_adapters_the_slots_are_candle_nn_convolutions() {
-    let io = io();
+    let io = FIXTURE.io();
     let model = Tiny::load();
     check_outputs(&model, &io, "base");
-    let kinds: Vec<LayerKind> = model.linear_layers().iter().map(|l| l.layer.kind()).collect();
+    let kinds: Vec<LayerKind> = model.layers().iter().map(|l| l.layer.kind()).collect();
     assert_eq!(kinds, [LayerKind::Conv, LayerKind::Conv]);
     // all_linear() leaves convolutions alone; names select them.
     assert!(matches!(
@@ -81,10 +76,10 @@ fn without_adapters_the_slots_are_candle_nn_convolutions() {
 
 #[test]
 fn matches_peft() {
-    let io = io();
+    let io = FIXTURE.io();
     let mut model = Tiny::load();
-    let kernels = (model.c1.weight(), model.c2.weight());
-    model.load_adapter(fixture("adapter"), "default").unwrap();
+    let kernels = (model.c1.weight().unwrap(), model.c2.weight().unwrap());
+    model.load_adapter(FIXTURE.path("adapter"), "default").unwrap();
     check_outputs(&model, &io, "adapted");
 
     let (y1, y2) = model.forward(&io);
@@ -99,10 +94,9 @@ fn matches_peft() {
         assert!(rel < 1e-4, "{key}: relative error {rel}");
     }
 
-    let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conv").join("saved");
-    let _ = std::fs::remove_dir_all(&saved);
+    let saved = scratch("conv", "saved");
     model.save_adapter(&saved, "default").unwrap();
-    let theirs = candle_core::safetensors::load(fixture("adapter").join(WEIGHTS_FILE), &DEV).unwrap();
+    let theirs = candle_core::safetensors::load(FIXTURE.path("adapter").join(WEIGHTS_FILE), &DEV).unwrap();
     let ours = candle_core::safetensors::load(saved.join(WEIGHTS_FILE), &DEV).unwrap();
     assert_eq!(ours.len(), theirs.len());
     for (key, tensor) in &theirs {
@@ -112,15 +106,15 @@ fn matches_peft() {
 
     model.merge().unwrap();
     check_outputs(&model, &io, "merged");
-    assert!(max_abs_diff(&model.c2.weight(), &kernels.1) > 1e-3);
+    assert!(max_abs_diff(&model.c2.weight().unwrap(), &kernels.1) > 1e-3);
     model.unmerge().unwrap();
-    assert!(max_abs_diff(&model.c1.weight(), &kernels.0) < 1e-6);
-    assert!(max_abs_diff(&model.c2.weight(), &kernels.1) < 1e-6);
+    assert!(max_abs_diff(&model.c1.weight().unwrap(), &kernels.0) < 1e-6);
+    assert!(max_abs_diff(&model.c2.weight().unwrap(), &kernels.1) < 1e-6);
 }
 
 #[test]
 fn a_fresh_conv_lora_changes_nothing() {
-    let io = io();
+    let io = FIXTURE.io();
     let mut model = Tiny::load();
     model
         .apply_lora(LoraConfig::from(modules(["c1", "c2"])).rank(3))
@@ -141,8 +135,10 @@ fn a_fresh_conv_lora_changes_nothing() {
 /// plain matmul formulation (candle's own `conv1d` backward does not).
 #[test]
 fn conv1d_input_gradients_are_right() {
-    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7), &DEV).unwrap()).unwrap();
-    let kernel = Tensor::randn(0f32, 1.0, (4, 3, 1), &DEV).unwrap();
+    // N(0, 1) values from a fixed seed: the tolerance holds on every run.
+    let mut rng = Rng(0xc0_4d1d);
+    let x = candle_core::Var::from_tensor(&rng.randn(&[2, 3, 7], 1.0)).unwrap();
+    let kernel = rng.randn(&[4, 3, 1], 1.0);
     let conv = Conv1d::new(kernel.clone(), None, Conv1dConfig::default()).unwrap();
     let grad_conv = conv
         .forward(&x)
@@ -170,7 +166,7 @@ fn conv1d_input_gradients_are_right() {
 fn kinds_without_a_conv_form_refuse_it() {
     let mut model = Tiny::load();
     match model.add_adapter("ia3", &Ia3Config::from(modules(["c1"]))) {
-        Err(PeftError::Module { module, source }) => {
+        Err(PeftError::Module { module, cause: source }) => {
             assert_eq!(module, "c1");
             assert!(
                 source.to_string().contains("not implemented for Conv layers"),

@@ -13,11 +13,13 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
 use peft_core::config_file::{check_other_fields, parse_json, TargetFields};
 use peft_core::prelude::*;
-use peft_core::{AdapterConfig, ForwardContext, LinearAdapter, LinearWeights, CONFIG_FILE};
-use serde_json::{Map, Value};
+use peft_core::{Adapter, AdapterConfig, ForwardContext, Layer, LayerWeights, PeftConfig, CONFIG_FILE};
+use serde_json::Value;
 
 mod support;
 use support::max_abs_diff;
+
+// ---- the kind: from here to the registration line -------------------------
 
 /// The adapter on one layer.
 #[derive(Debug, Clone)]
@@ -25,38 +27,36 @@ struct BiasShift {
     shift: Var,
 }
 
-impl LinearAdapter for BiasShift {
+impl Adapter for BiasShift {
     fn peft_type(&self) -> &'static str {
-        "BIAS_SHIFT"
+        BiasShiftConfig::PEFT_TYPE
     }
-    fn forward(&self, _x: &Tensor, base_output: Tensor, _: ForwardContext<'_>) -> candle_core::Result<Tensor> {
-        base_output.broadcast_add(self.shift.as_tensor())
+    fn forward(&self, _x: &Tensor, base_output: Tensor, _: ForwardContext<'_>) -> peft_core::Result<Tensor> {
+        Ok(base_output.broadcast_add(self.shift.as_tensor())?)
     }
-    fn merge(&self, base: &LinearWeights) -> candle_core::Result<LinearWeights> {
+    fn merge(&self, base: &LayerWeights) -> peft_core::Result<LayerWeights> {
         let bias = match &base.bias {
             Some(bias) => (bias + self.shift.as_tensor())?,
             None => self.shift.as_tensor().clone(),
         };
-        Ok(LinearWeights {
+        Ok(LayerWeights {
             weight: base.weight.clone(),
             bias: Some(bias),
         })
     }
-    fn unmerge(&self, merged: &LinearWeights) -> candle_core::Result<LinearWeights> {
-        let bias = match &merged.bias {
-            Some(bias) => Some((bias - self.shift.as_tensor())?),
-            None => None,
-        };
-        Ok(LinearWeights {
+    fn unmerge(&self, merged: &LayerWeights) -> peft_core::Result<LayerWeights> {
+        let bias = merged
+            .bias
+            .as_ref()
+            .map(|bias| bias - self.shift.as_tensor())
+            .transpose()?;
+        Ok(LayerWeights {
             weight: merged.weight.clone(),
             bias,
         })
     }
     fn trainable_vars(&self) -> Vec<(&'static str, Var)> {
         vec![("shift", self.shift.clone())]
-    }
-    fn clone_box(&self) -> Box<dyn LinearAdapter> {
-        Box::new(self.clone())
     }
 }
 
@@ -67,23 +67,14 @@ struct BiasShiftConfig {
 
 impl AdapterConfig for BiasShiftConfig {
     fn peft_type(&self) -> &'static str {
-        "BIAS_SHIFT"
+        Self::PEFT_TYPE
     }
     fn targets(&self) -> &Targets {
         &self.targets
     }
-    fn validate(&self) -> peft_core::Result<()> {
-        self.targets.validate()
-    }
-    fn linear_adapter(&self, _: &str, layer: &Linear) -> candle_core::Result<Box<dyn LinearAdapter>> {
+    fn new_adapter(&self, _: &str, layer: &Layer) -> peft_core::Result<Box<dyn Adapter>> {
         let shift = Var::zeros(layer.out_features(), layer.dtype(), &layer.device())?;
         Ok(Box::new(BiasShift { shift }))
-    }
-    fn to_peft_config(&self) -> Map<String, Value> {
-        let mut fields = Map::new();
-        fields.insert("peft_type".into(), "BIAS_SHIFT".into());
-        fields.insert("inference_mode".into(), true.into());
-        fields
     }
 }
 
@@ -95,16 +86,20 @@ struct BiasShiftFile {
     other: BTreeMap<String, Value>,
 }
 
-fn parse_bias_shift(text: &str, path: &Path) -> peft_core::Result<Box<dyn AdapterConfig>> {
-    let file: BiasShiftFile = parse_json(text, path)?;
-    // This kind has no option beyond its targets: any other field is unknown.
-    check_other_fields(&file.other, &[], path)?;
-    Ok(Box::new(BiasShiftConfig {
-        targets: file.targets.into_targets()?,
-    }))
+impl PeftConfig for BiasShiftConfig {
+    const PEFT_TYPE: &'static str = "BIAS_SHIFT";
+    fn from_json(text: &str, path: &Path) -> peft_core::Result<Self> {
+        let file: BiasShiftFile = parse_json(text, path)?;
+        // This kind has no option beyond its targets: any other field is unknown.
+        check_other_fields(&file.other, &[], path)?;
+        let targets = file.targets.into_targets()?;
+        Ok(BiasShiftConfig { targets })
+    }
 }
 
-peft_core::register_adapter_kind!("BIAS_SHIFT", parse_bias_shift);
+peft_core::register_adapter_kind!(BiasShiftConfig);
+
+// ---- the kind ends here ----------------------------------------------------
 
 #[derive(Adaptable)]
 struct Net {

@@ -3,17 +3,18 @@
 //! merge, unmerge, the saved files), plus a 2x3 layer computed by hand.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use peft_core::dora::DoraAdapter;
 use peft_core::prelude::*;
-use peft_core::{LinearAdapter, LinearWeights, LoraAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use peft_core::DoraAdapter;
+use peft_core::{Adapter, LayerWeights, LoraAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use serde_json::Value;
 
 mod support;
-use support::scratch;
+use support::{assert_close, max_abs, max_abs_diff_or_nan, read_json, scratch, Fixture};
+
+const FIXTURE: Fixture = Fixture("dora_tiny");
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -40,12 +41,8 @@ impl Tiny {
     }
 }
 
-fn case_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dora_tiny")
-}
-
 fn base_tensors() -> candle_core::Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(case_dir().join("model.safetensors"), &DEV)
+    candle_core::safetensors::load(FIXTURE.path("model.safetensors"), &DEV)
 }
 
 /// The base model, loaded from the fixture's `model.safetensors`.
@@ -53,50 +50,16 @@ fn tiny() -> candle_core::Result<Tiny> {
     Tiny::load(VarBuilder::from_tensors(base_tensors()?, DType::F32, &DEV))
 }
 
-/// `io.safetensors`: input, expected outputs, gradients, merged weights.
-fn io() -> candle_core::Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(case_dir().join("io.safetensors"), &DEV)
-}
-
-fn max_abs(t: &Tensor) -> candle_core::Result<f32> {
-    t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-    if a.dims() != b.dims() {
-        candle_core::bail!("shape {:?} vs expected {:?}", a.dims(), b.dims());
-    }
-    let diff = (a - b)?;
-    // A NaN anywhere makes the sum non-finite (a max may skip NaNs).
-    if !diff.sum_all()?.to_scalar::<f32>()?.is_finite() {
-        return Ok(f32::NAN);
-    }
-    max_abs(&diff)
-}
-
-fn assert_close(what: &str, got: &Tensor, expected: &Tensor, tol: f32) -> TestResult {
-    let diff = max_abs_diff(got, expected)?;
-    eprintln!("  {what}: max abs diff {diff:.3e}");
-    if diff.is_nan() || diff > tol {
-        return Err(format!("{what}: max abs diff {diff:.3e} > {tol:.0e}").into());
-    }
-    Ok(())
-}
-
 /// The loss the fixture differentiates: `(y ** 2).mean()`.
 fn loss(y: &Tensor) -> candle_core::Result<Tensor> {
     y.sqr()?.mean_all()
-}
-
-fn read_json(path: &Path) -> Result<Value, Box<dyn std::error::Error>> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }
 
 /// `(key in adapter_model.safetensors, tensor)` of adapter `default`, layer
 /// by layer in field order.
 fn saved_vars(model: &Tiny) -> Vec<(String, Var)> {
     let mut vars = Vec::new();
-    for layer in model.linear_layers() {
+    for layer in model.layers() {
         if let Some(adapter) = layer.layer.adapter("default") {
             for (key, var) in adapter.trainable_vars() {
                 vars.push((format!("base_model.model.{}.{key}", layer.path), var));
@@ -108,12 +71,12 @@ fn saved_vars(model: &Tiny) -> Vec<(String, Var)> {
 
 #[test]
 fn matches_peft_outputs_and_gradients() -> TestResult {
-    let io = io()?;
+    let io = FIXTURE.io();
     let x = &io["x"];
     let mut model = tiny()?;
     assert_close("base output", &model.forward(x)?, &io["y_base"], 1e-6)?;
 
-    model.load_adapter(case_dir().join("adapter"), "default")?;
+    model.load_adapter(FIXTURE.path("adapter"), "default")?;
     assert_eq!(model.adapted_modules(), ["down", "up"]);
     let names: Vec<String> = model.named_trainable_vars().into_iter().map(|(n, _)| n).collect();
     // PEFT's in-memory names are the same, except that its magnitude is
@@ -136,7 +99,7 @@ fn matches_peft_outputs_and_gradients() -> TestResult {
     for (key, var) in saved_vars(&model) {
         let grad = grads.get(&var).ok_or_else(|| format!("no gradient for {key}"))?;
         let expected = &io[&format!("grad.{key}")];
-        let relative = max_abs_diff(grad, expected)? / max_abs(expected)?;
+        let relative = max_abs_diff_or_nan(grad, expected)? / max_abs(expected);
         eprintln!("  grad {key}: max relative diff {relative:.3e}");
         assert!(relative < 1e-4, "grad {key}: relative diff {relative:.3e}");
     }
@@ -145,11 +108,11 @@ fn matches_peft_outputs_and_gradients() -> TestResult {
 
 #[test]
 fn merge_and_unmerge_match_peft() -> TestResult {
-    let io = io()?;
+    let io = FIXTURE.io();
     let x = &io["x"];
     let base = base_tensors()?;
     let mut model = tiny()?;
-    model.load_adapter(case_dir().join("adapter"), "default")?;
+    model.load_adapter(FIXTURE.path("adapter"), "default")?;
 
     model.merge()?;
     assert_close(
@@ -201,9 +164,9 @@ fn merge_and_unmerge_match_peft() -> TestResult {
 fn magnitude_starts_as_peft_initialises_it() -> TestResult {
     // PEFT's init with init_lora_weights=False: m = ‖W + s·B·A‖ row-wise
     // with its random B (not ‖W‖).
-    let io = io()?;
+    let io = FIXTURE.io();
     let base = base_tensors()?;
-    let adapter = candle_core::safetensors::load(case_dir().join("adapter").join(WEIGHTS_FILE), &DEV)?;
+    let adapter = candle_core::safetensors::load(FIXTURE.path("adapter").join(WEIGHTS_FILE), &DEV)?;
     for module in ["up", "down"] {
         let a = Var::from_tensor(&adapter[&format!("base_model.model.{module}.lora_A.weight")])?;
         let b = Var::from_tensor(&adapter[&format!("base_model.model.{module}.lora_B.weight")])?;
@@ -217,8 +180,8 @@ fn magnitude_starts_as_peft_initialises_it() -> TestResult {
 
 #[test]
 fn saved_adapter_is_what_peft_saved() -> TestResult {
-    let io = io()?;
-    let peft_dir = case_dir().join("adapter");
+    let io = FIXTURE.io();
+    let peft_dir = FIXTURE.path("adapter");
     let mut model = tiny()?;
     model.load_adapter(&peft_dir, "default")?;
     let dir = scratch("dora", "round_trip");
@@ -235,7 +198,7 @@ fn saved_adapter_is_what_peft_saved() -> TestResult {
     assert!(keys.contains(&&"base_model.model.up.lora_magnitude_vector".to_owned()));
     for key in keys {
         assert_eq!(ours[key].dims(), theirs[key].dims(), "{key}");
-        assert_eq!(max_abs_diff(&ours[key], &theirs[key])?, 0.0, "{key}");
+        assert_eq!(max_abs_diff_or_nan(&ours[key], &theirs[key])?, 0.0, "{key}");
     }
     assert_eq!(ours["base_model.model.up.lora_magnitude_vector"].dims(), [6]);
     assert_eq!(ours["base_model.model.down.lora_magnitude_vector"].dims(), [3]);
@@ -251,8 +214,8 @@ fn saved_adapter_is_what_peft_saved() -> TestResult {
     );
 
     // Every field we write has PEFT's value (target_modules as a set).
-    let ours = read_json(&dir.join(CONFIG_FILE))?;
-    let theirs = read_json(&peft_dir.join(CONFIG_FILE))?;
+    let ours = read_json(dir.join(CONFIG_FILE));
+    let theirs = read_json(peft_dir.join(CONFIG_FILE));
     assert_eq!(ours["use_dora"], Value::Bool(true));
     for (field, value) in ours.as_object().unwrap() {
         let mut peft_value = theirs[field].clone();
@@ -268,14 +231,14 @@ fn saved_adapter_is_what_peft_saved() -> TestResult {
     let mut reloaded = tiny()?;
     reloaded.load_adapter(&dir, "default")?;
     let (a, b) = (model.forward(&io["x"])?, reloaded.forward(&io["x"])?);
-    assert_eq!(max_abs_diff(&a, &b)?, 0.0);
+    assert_eq!(max_abs_diff_or_nan(&a, &b)?, 0.0);
     Ok(())
 }
 
 #[test]
 fn fresh_adapter_changes_nothing() -> TestResult {
     // Default init: B = 0 and m = ‖W‖, so m / n = 1 and the output is exactly the base.
-    let x = io()?["x"].clone();
+    let x = FIXTURE.io()["x"].clone();
     let mut model = tiny()?;
     let y_base = model.forward(&x)?;
     model.apply_lora(LoraConfig::from(modules(["up", "down"])).rank(2).alpha(4.0).dora(true))?;
@@ -304,7 +267,8 @@ fn fresh_random_adapter_gives_the_lora_output() -> TestResult {
         &with_dora.forward(&x)?,
         &with_lora.forward(&x)?,
         1e-6,
-    )
+    )?;
+    Ok(())
 }
 
 /// A 2x3 layer whose numbers are worked out by hand: `W + s·B·A` has rows
@@ -402,7 +366,7 @@ fn gradients_never_reach_the_base() -> TestResult {
             .init(LoraInit::Random)
             .dora(true),
     )?;
-    let y = model.forward(&io()?["x"])?;
+    let y = model.forward(&FIXTURE.io()["x"])?;
     let grads = loss(&y)?.backward()?;
     for var in varmap.all_vars() {
         assert!(grads.get(&var).is_none(), "a base tensor got a gradient");
@@ -416,7 +380,7 @@ fn gradients_never_reach_the_base() -> TestResult {
 fn unmerge_needs_a_merge_and_shapes_are_checked() -> TestResult {
     let layer = hand_layer()?.layer;
     let adapter = layer.adapter("default").unwrap();
-    let weights = LinearWeights {
+    let weights = LayerWeights {
         weight: layer.weight().unwrap().clone(),
         bias: None,
     };
@@ -434,31 +398,31 @@ fn unmerge_needs_a_merge_and_shapes_are_checked() -> TestResult {
 fn dropout_is_applied_only_in_training() -> TestResult {
     // With dropout configured, inference mode is deterministic and equal to
     // the same adapter without dropout; training mode changes the output.
-    let io = io()?;
+    let io = FIXTURE.io();
     let x = &io["x"];
     let mut model = tiny()?;
-    model.load_adapter(case_dir().join("adapter"), "default")?;
+    model.load_adapter(FIXTURE.path("adapter"), "default")?;
     let expected = model.forward(x)?;
     let dir = scratch("dora", "dropout");
     model.save_adapter(&dir, "default")?;
     let config_path = dir.join(CONFIG_FILE);
-    let mut config = read_json(&config_path)?;
+    let mut config = read_json(&config_path);
     config["lora_dropout"] = Value::from(0.5);
     std::fs::write(&config_path, serde_json::to_string(&config)?)?;
 
     let mut model = tiny()?;
     model.load_adapter(&dir, "default")?;
-    assert_eq!(max_abs_diff(&model.forward(x)?, &expected)?, 0.0);
+    assert_eq!(max_abs_diff_or_nan(&model.forward(x)?, &expected)?, 0.0);
     model.set_training(true);
-    assert!(max_abs_diff(&model.forward(x)?, &expected)? > 1e-3);
+    assert!(max_abs_diff_or_nan(&model.forward(x)?, &expected)? > 1e-3);
     Ok(())
 }
 
 #[test]
 fn files_that_disagree_with_use_dora_are_refused() -> TestResult {
     let varmap = VarMap::new();
-    let peft_dir = case_dir().join("adapter");
-    let config = read_json(&peft_dir.join(CONFIG_FILE))?;
+    let peft_dir = FIXTURE.path("adapter");
+    let config = read_json(peft_dir.join(CONFIG_FILE));
     let tensors = candle_core::safetensors::load(peft_dir.join(WEIGHTS_FILE), &DEV)?;
 
     // DoRA tensors with use_dora = false: the magnitudes belong to nothing.
@@ -544,7 +508,8 @@ fn dora_after_another_adapter_takes_its_norm_from_the_unmerged_base() -> TestRes
     )?;
     // Unmerging in reverse order gives the base back.
     let restored = lora.unmerge(&dora.unmerge(&merged)?)?;
-    assert_close("restored weight", &restored.weight, &base.weight, 1e-6)
+    assert_close("restored weight", &restored.weight, &base.weight, 1e-6)?;
+    Ok(())
 }
 
 #[test]
@@ -553,5 +518,6 @@ fn merging_lora_then_dora_keeps_the_output() -> TestResult {
     let x = Tensor::new(&[[1f32, -2., 0.5], [0.3, 0.2, -1.0]], &DEV)?;
     let y = layer.forward(&x)?;
     layer.merge()?;
-    assert_close("merged output", &layer.forward(&x)?, &y, 1e-6)
+    assert_close("merged output", &layer.forward(&x)?, &y, 1e-6)?;
+    Ok(())
 }

@@ -3,7 +3,6 @@
 //! own invariants.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -11,7 +10,9 @@ use peft_core::prelude::*;
 use peft_core::{Embedding, Ia3Config, LayerKind, PeftError, WEIGHTS_FILE};
 
 mod support;
-use support::{max_abs, max_abs_diff};
+use support::{max_abs, max_abs_diff, scratch, Fixture};
+
+const FIXTURE: Fixture = Fixture("lora_embedding_tiny");
 
 const DEV: Device = Device::Cpu;
 
@@ -23,7 +24,7 @@ struct Tiny {
 
 impl Tiny {
     fn load() -> Tiny {
-        let tensors = candle_core::safetensors::load(fixture("model.safetensors"), &DEV).unwrap();
+        let tensors = candle_core::safetensors::load(FIXTURE.path("model.safetensors"), &DEV).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &DEV);
         Tiny {
             embed: peft_core::embedding(10, 4, vb.pp("embed")).unwrap(),
@@ -34,16 +35,6 @@ impl Tiny {
     fn forward(&self, ids: &Tensor) -> Tensor {
         self.proj.forward(&self.embed.forward(ids).unwrap()).unwrap()
     }
-}
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/lora_embedding_tiny")
-        .join(path)
-}
-
-fn io() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("io.safetensors"), &DEV).unwrap()
 }
 
 fn ids(io: &HashMap<String, Tensor>) -> Tensor {
@@ -62,11 +53,7 @@ fn without_adapters_the_slot_is_candle_nn_embedding() {
 #[test]
 fn all_linear_leaves_embeddings_alone_and_names_select_them() {
     let model = Tiny::load();
-    let kinds: Vec<(String, LayerKind)> = model
-        .linear_layers()
-        .into_iter()
-        .map(|l| (l.path, l.layer.kind()))
-        .collect();
+    let kinds: Vec<(String, LayerKind)> = model.layers().into_iter().map(|l| (l.path, l.layer.kind())).collect();
     assert_eq!(
         kinds,
         [
@@ -86,13 +73,13 @@ fn all_linear_leaves_embeddings_alone_and_names_select_them() {
 /// gradient, merge, and the files Rust saves.
 #[test]
 fn matches_peft() {
-    let io = io();
+    let io = FIXTURE.io();
     let ids = ids(&io);
     let mut model = Tiny::load();
     assert!(max_abs_diff(&model.forward(&ids), &io["y_base"]) < 1e-6);
     let table = model.embed.embeddings().unwrap();
 
-    model.load_adapter(fixture("adapter"), "default").unwrap();
+    model.load_adapter(FIXTURE.path("adapter"), "default").unwrap();
     let y = model.forward(&ids);
     assert!(
         max_abs_diff(&y, &io["y_adapted"]) < 1e-5,
@@ -111,10 +98,9 @@ fn matches_peft() {
     }
     assert_eq!(vars[0].0, "embed.lora_embedding_A.default");
 
-    let saved = Path::new(env!("CARGO_TARGET_TMPDIR")).join("embedding").join("saved");
-    let _ = std::fs::remove_dir_all(&saved);
+    let saved = scratch("embedding", "saved");
     model.save_adapter(&saved, "default").unwrap();
-    let theirs = candle_core::safetensors::load(fixture("adapter").join(WEIGHTS_FILE), &DEV).unwrap();
+    let theirs = candle_core::safetensors::load(FIXTURE.path("adapter").join(WEIGHTS_FILE), &DEV).unwrap();
     let ours = candle_core::safetensors::load(saved.join(WEIGHTS_FILE), &DEV).unwrap();
     let mut keys: Vec<&String> = ours.keys().collect();
     keys.sort();
@@ -136,7 +122,7 @@ fn matches_peft() {
 
 #[test]
 fn a_fresh_embedding_lora_changes_nothing_and_trains() {
-    let io = io();
+    let io = FIXTURE.io();
     let ids = ids(&io);
     let mut model = Tiny::load();
     let base = model.forward(&ids);
@@ -164,7 +150,7 @@ fn a_fresh_embedding_lora_changes_nothing_and_trains() {
 fn kinds_without_an_embedding_form_refuse_it() {
     let mut model = Tiny::load();
     match model.add_adapter("ia3", &Ia3Config::from(modules(["embed"]))) {
-        Err(PeftError::Module { module, source }) => {
+        Err(PeftError::Module { module, cause: source }) => {
             assert_eq!(module, "embed");
             assert!(
                 source.to_string().contains("not implemented for Embedding layers"),

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{Device, Module, Tensor};
-use peft_core::ia3::Ia3Config;
 use peft_core::prelude::*;
+use peft_core::Ia3Config;
 use peft_core::{PeftError, CONFIG_FILE, WEIGHTS_FILE};
 use serde_json::{json, Map, Value};
 
@@ -89,7 +89,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn snapshot(net: &Net) -> Snapshot {
-    let layers = net.linear_layers();
+    let layers = net.layers();
     Snapshot {
         adapters: net.adapter_names(),
         merged: layers.iter().map(|l| l.layer.is_merged()).collect(),

@@ -17,12 +17,16 @@
 mod models;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use models::{gpt2, llama, tiny_lm};
 use peft_core::prelude::*;
+
+mod support;
+use support::{
+    assert_close, fixture_io, fixture_path, max_abs, max_abs_diff_or_nan, next_token_loss, read_json, scratch,
+};
 
 /// Logits: a correct float32 implementation lands within ~3e-6.
 const LOGITS_TOL: f32 = 1e-5;
@@ -54,27 +58,21 @@ impl CausalLm for tiny_lm::TinyLm {
     }
 }
 
-fn case_dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(case)
-}
-
 fn weights(case: &str) -> candle_core::Result<VarBuilder<'static>> {
-    let path = case_dir(case).join("model.safetensors");
+    let path = fixture_path(case).join("model.safetensors");
     // SAFETY: the fixture files are not modified while the test runs.
     unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }
 }
 
 fn load_llama() -> Result<llama::LlamaForCausalLM, Box<dyn std::error::Error>> {
     let case = "llama_lora_all_linear";
-    let cfg = llama::Config::from_file(case_dir(case).join("config.json"))?;
+    let cfg = llama::Config::from_file(fixture_path(case).join("config.json"))?;
     Ok(llama::LlamaForCausalLM::load(weights(case)?, &cfg)?)
 }
 
 fn load_gpt2() -> Result<gpt2::Gpt2LmHeadModel, Box<dyn std::error::Error>> {
     let case = "gpt2_lora_conv1d";
-    let cfg = gpt2::Config::from_file(case_dir(case).join("config.json"))?;
+    let cfg = gpt2::Config::from_file(fixture_path(case).join("config.json"))?;
     Ok(gpt2::Gpt2LmHeadModel::load(weights(case)?, &cfg)?)
 }
 
@@ -82,53 +80,9 @@ fn load_tiny_lm() -> Result<tiny_lm::TinyLm, Box<dyn std::error::Error>> {
     Ok(tiny_lm::TinyLm::load(weights("custom_lora_exclude_head")?)?)
 }
 
-fn read_json(path: PathBuf) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
-}
-
-/// `io.safetensors` of a case.
-fn io(case: &str) -> candle_core::Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(case_dir(case).join("io.safetensors"), &Device::Cpu)
-}
-
 /// `input_ids` (i64 in the file) as u32, for embedding lookups and the loss.
 fn input_ids(io: &HashMap<String, Tensor>) -> candle_core::Result<Tensor> {
     io["input_ids"].to_dtype(DType::U32)
-}
-
-fn max_abs(t: &Tensor) -> candle_core::Result<f32> {
-    t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-    if a.dims() != b.dims() {
-        candle_core::bail!("shape {:?} vs expected {:?}", a.dims(), b.dims());
-    }
-    let diff = (a - b)?;
-    // A NaN or infinity anywhere makes the sum non-finite (a max may skip NaNs).
-    if !diff.sum_all()?.to_scalar::<f32>()?.is_finite() {
-        return Ok(f32::NAN);
-    }
-    max_abs(&diff)
-}
-
-fn assert_close(what: &str, got: &Tensor, expected: &Tensor, tol: f32) -> Result<f32, Box<dyn std::error::Error>> {
-    let diff = max_abs_diff(got, expected)?;
-    eprintln!("  {what}: max abs diff {diff:.3e}");
-    // NaN fails too.
-    if diff.is_nan() || diff > tol {
-        return Err(format!("{what}: max abs diff {diff:.3e} > {tol:.0e}").into());
-    }
-    Ok(diff)
-}
-
-/// Next-token cross entropy, as the fixtures compute it: positions 0..T-1
-/// predict tokens 1..T, mean over all predictions.
-fn next_token_loss(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-    let t = ids.dim(1)?;
-    let predictions = logits.narrow(1, 0, t - 1)?.flatten_to(1)?;
-    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-    candle_nn::loss::cross_entropy(&predictions, &targets)
 }
 
 /// The key of an in-memory adapter tensor in PEFT's `adapter_model.safetensors`:
@@ -141,7 +95,7 @@ fn file_key(name: &str) -> String {
 /// `targeted_modules(&all_linear())` equals PEFT's sorted `targets`.
 fn check_targets<M: PeftModel>(case: &str, model: &M) -> TestResult {
     let expected: Vec<String> =
-        serde_json::from_value(read_json(case_dir(case).join("targets.json"))?["targets"].clone())?;
+        serde_json::from_value(read_json(fixture_path(case).join("targets.json"))["targets"].clone())?;
     assert!(expected.is_sorted());
     assert_eq!(model.targeted_modules(&all_linear())?, expected, "{case}");
     Ok(())
@@ -149,7 +103,7 @@ fn check_targets<M: PeftModel>(case: &str, model: &M) -> TestResult {
 
 fn check_base_logits<M: CausalLm>(case: &str, model: &M) -> TestResult {
     eprintln!("{case}:");
-    let io = io(case)?;
+    let io = fixture_io(case);
     let logits = model.logits(&input_ids(&io)?)?;
     assert_close("logits_base", &logits, &io["logits_base"], LOGITS_TOL)?;
     Ok(())
@@ -159,12 +113,12 @@ fn check_base_logits<M: CausalLm>(case: &str, model: &M) -> TestResult {
 /// merged logits, then saves the adapter from Rust and compares the files
 /// with PEFT's.
 fn check_lora<M: CausalLm>(case: &str, load: impl Fn() -> Result<M, Box<dyn std::error::Error>>) -> TestResult {
-    let dir = case_dir(case);
+    let dir = fixture_path(case);
     let mut model = load()?;
     model.load_adapter(dir.join("adapter"), "default")?;
 
     eprintln!("{case} (LoRA):");
-    let io = io(case)?;
+    let io = fixture_io(case);
     let ids = input_ids(&io)?;
     let logits = model.logits(&ids)?;
     assert_close("logits_adapted", &logits, &io["logits_adapted"], LOGITS_TOL)?;
@@ -179,7 +133,7 @@ fn check_lora<M: CausalLm>(case: &str, load: impl Fn() -> Result<M, Box<dyn std:
         let key = format!("grad.{}", file_key(name));
         let expected = &io[&key];
         let got = grads.get(var).ok_or_else(|| format!("no gradient reached {name}"))?;
-        let rel = max_abs_diff(got, expected)? / max_abs(expected)?;
+        let rel = max_abs_diff_or_nan(got, expected)? / max_abs(expected);
         if rel.is_nan() || rel > GRAD_REL_TOL {
             return Err(format!("{case}: {key}: relative error {rel:.3e} > {GRAD_REL_TOL:.0e}").into());
         }
@@ -200,10 +154,7 @@ fn check_lora<M: CausalLm>(case: &str, load: impl Fn() -> Result<M, Box<dyn std:
     );
 
     // Save from Rust and compare with PEFT's own files.
-    let saved = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("fixture_models")
-        .join(case);
-    let _ = std::fs::remove_dir_all(&saved);
+    let saved = scratch("fixture_models", case);
     model.save_adapter(&saved, "default")?;
     check_saved_files(case, &saved)?;
     let mut reloaded = load()?;
@@ -223,7 +174,7 @@ fn check_lora<M: CausalLm>(case: &str, load: impl Fn() -> Result<M, Box<dyn std:
 
 /// The files Rust saved in `saved` against PEFT's in the case's `adapter/`.
 fn check_saved_files(case: &str, saved: &std::path::Path) -> TestResult {
-    let peft_dir = case_dir(case).join("adapter");
+    let peft_dir = fixture_path(case).join("adapter");
     let theirs = candle_core::safetensors::load(peft_dir.join("adapter_model.safetensors"), &Device::Cpu)?;
     let ours = candle_core::safetensors::load(saved.join("adapter_model.safetensors"), &Device::Cpu)?;
     let mut their_keys: Vec<&String> = theirs.keys().collect();
@@ -233,11 +184,11 @@ fn check_saved_files(case: &str, saved: &std::path::Path) -> TestResult {
     assert_eq!(our_keys, their_keys, "{case}: tensor keys");
     for (key, tensor) in &theirs {
         assert_eq!(ours[key].dims(), tensor.dims(), "{case}: {key}");
-        assert_eq!(max_abs_diff(&ours[key], tensor)?, 0.0, "{case}: {key}");
+        assert_eq!(max_abs_diff_or_nan(&ours[key], tensor)?, 0.0, "{case}: {key}");
     }
 
-    let theirs = read_json(peft_dir.join("adapter_config.json"))?;
-    let ours = read_json(saved.join("adapter_config.json"))?;
+    let theirs = read_json(peft_dir.join("adapter_config.json"));
+    let ours = read_json(saved.join("adapter_config.json"));
     for field in [
         "peft_type",
         "r",
@@ -311,7 +262,7 @@ fn gpt2_base_logits() -> TestResult {
 /// Rust saves says `fan_in_fan_out: true` too.
 #[test]
 fn gpt2_lora() -> TestResult {
-    let config = read_json(case_dir("gpt2_lora_conv1d").join("adapter/adapter_config.json"))?;
+    let config = read_json(fixture_path("gpt2_lora_conv1d").join("adapter/adapter_config.json"));
     assert_eq!(config["fan_in_fan_out"], true);
     check_lora("gpt2_lora_conv1d", load_gpt2)
 }
@@ -321,7 +272,7 @@ fn gpt2_lora() -> TestResult {
 fn gpt2_tied_head_is_counted_once() -> TestResult {
     let model = load_gpt2()?;
     let expected: usize =
-        candle_core::safetensors::load(case_dir("gpt2_lora_conv1d").join("model.safetensors"), &Device::Cpu)?
+        candle_core::safetensors::load(fixture_path("gpt2_lora_conv1d").join("model.safetensors"), &Device::Cpu)?
             .values()
             .map(Tensor::elem_count)
             .sum();
@@ -339,7 +290,7 @@ fn tiny_lm_targets() -> TestResult {
     let case = "custom_lora_exclude_head";
     let model = load_tiny_lm()?;
     check_targets(case, &model)?;
-    let config = read_json(case_dir(case).join("adapter/adapter_config.json"))?;
+    let config = read_json(fixture_path(case).join("adapter/adapter_config.json"));
     assert_eq!(config["exclude_modules"], serde_json::json!(["head"]));
     // Exclusion by name, as PEFT's config says, selects the same layers.
     assert_eq!(

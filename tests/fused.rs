@@ -7,8 +7,8 @@
 use candle_core::{DType, Tensor, Var};
 use peft_core::fused;
 
-mod random;
-use random::{relative_error, Rng};
+mod support;
+use support::rng::{relative_error, Rng};
 
 fn tolerance(dtype: DType) -> f64 {
     match dtype {

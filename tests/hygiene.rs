@@ -110,7 +110,7 @@ mod shadowed {
             marker: ::core::marker::PhantomData,
         };
         let paths: ::std::vec::Vec<(::std::string::String, Role)> =
-            model.linear_layers().into_iter().map(|l| (l.path, l.role)).collect();
+            model.layers().into_iter().map(|l| (l.path, l.role)).collect();
         let expected = [
             ("layers.0.q_proj", Role::Hidden),
             ("layers.0.__path", Role::Hidden),

@@ -21,37 +21,27 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use models::llama;
-use peft_core::ia3::{Ia3Adapter, Ia3Config};
 use peft_core::prelude::*;
 use peft_core::PeftError;
+use peft_core::{Ia3Adapter, Ia3Config};
 use serde_json::Value;
 
 mod support;
-use support::scratch;
+use support::{assert_close, max_abs_diff_or_nan, next_token_loss, read_json, scratch, Fixture};
 
-const CASE: &str = "llama_ia3_all_linear";
+const FIXTURE: Fixture = Fixture("llama_ia3_all_linear");
 /// Logits: a correct float32 implementation lands within ~3e-6.
 const LOGITS_TOL: f32 = 1e-5;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-fn case_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(CASE)
-}
-
-fn adapter_dir() -> PathBuf {
-    case_dir().join("adapter")
-}
-
 fn config() -> Result<llama::Config, Box<dyn std::error::Error>> {
-    llama::Config::from_file(case_dir().join("config.json"))
+    llama::Config::from_file(FIXTURE.path("config.json"))
 }
 
 /// The fixture's base model, weights memory-mapped (plain tensors).
 fn load_llama() -> Result<llama::LlamaForCausalLM, Box<dyn std::error::Error>> {
-    let path = case_dir().join("model.safetensors");
+    let path = FIXTURE.path("model.safetensors");
     // SAFETY: the fixture files are not modified while the test runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu)? };
     Ok(llama::LlamaForCausalLM::load(vb, &config()?)?)
@@ -62,12 +52,8 @@ fn load_llama() -> Result<llama::LlamaForCausalLM, Box<dyn std::error::Error>> {
 fn load_llama_vars(varmap: &mut VarMap) -> Result<llama::LlamaForCausalLM, Box<dyn std::error::Error>> {
     let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
     let model = llama::LlamaForCausalLM::load(vb, &config()?)?;
-    varmap.load(case_dir().join("model.safetensors"))?;
+    varmap.load(FIXTURE.path("model.safetensors"))?;
     Ok(model)
-}
-
-fn io() -> candle_core::Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(case_dir().join("io.safetensors"), &Device::Cpu)
 }
 
 /// `input_ids` (i64 in the file) as u32.
@@ -75,43 +61,10 @@ fn input_ids(io: &HashMap<String, Tensor>) -> candle_core::Result<Tensor> {
     io["input_ids"].to_dtype(DType::U32)
 }
 
-fn read_json(path: PathBuf) -> Result<Value, Box<dyn std::error::Error>> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-    if a.dims() != b.dims() {
-        candle_core::bail!("shape {:?} vs expected {:?}", a.dims(), b.dims());
-    }
-    let diff = (a - b)?;
-    // A NaN or infinity anywhere makes the sum non-finite (a max may skip NaNs).
-    if !diff.sum_all()?.to_scalar::<f32>()?.is_finite() {
-        return Ok(f32::NAN);
-    }
-    diff.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-}
-
-fn assert_close(what: &str, got: &Tensor, expected: &Tensor, tol: f32) -> Result<f32, Box<dyn std::error::Error>> {
-    let diff = max_abs_diff(got, expected)?;
-    eprintln!("  {what}: max abs diff {diff:.3e}");
-    if diff.is_nan() || diff > tol {
-        return Err(format!("{what}: max abs diff {diff:.3e} > {tol:.0e}").into());
-    }
-    Ok(diff)
-}
-
-/// Next-token cross entropy: positions 0..T-1 predict tokens 1..T.
-fn next_token_loss(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-    let t = ids.dim(1)?;
-    let predictions = logits.narrow(1, 0, t - 1)?.flatten_to(1)?;
-    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-    candle_nn::loss::cross_entropy(&predictions, &targets)
-}
-
 /// `targets.json`'s list under `key`.
 fn fixture_list(key: &str) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     Ok(serde_json::from_value(
-        read_json(case_dir().join("targets.json"))?[key].clone(),
+        read_json(FIXTURE.path("targets.json"))[key].clone(),
     )?)
 }
 
@@ -123,21 +76,21 @@ fn fresh_config() -> Ia3Config {
 
 #[test]
 fn peft_adapter_loads_and_matches_adapted_merged_and_unmerged_logits() -> TestResult {
-    let io = io()?;
+    let io = FIXTURE.io();
     let ids = input_ids(&io)?;
     let mut model = load_llama()?;
-    eprintln!("{CASE}:");
+    eprintln!("{}:", FIXTURE.0);
     assert_close("logits_base", &model.forward(&ids)?, &io["logits_base"], LOGITS_TOL)?;
 
     // PEFT refuses this folder; the per-module suffix rule loads it.
-    let peft_config = read_json(adapter_dir().join("adapter_config.json"))?;
+    let peft_config = read_json(FIXTURE.path("adapter").join("adapter_config.json"));
     assert_eq!(peft_config["feedforward_modules"], serde_json::json!(["down_proj"]));
-    model.load_adapter(adapter_dir(), "default")?;
+    model.load_adapter(FIXTURE.path("adapter"), "default")?;
     assert_eq!(model.adapted_modules(), fixture_list("targets")?);
 
     // down_proj is feed-forward ([1, in]), every other layer is not ([out, 1]).
     let feedforward: BTreeSet<String> = fixture_list("feedforward_targets")?.into_iter().collect();
-    for layer in model.linear_layers() {
+    for layer in model.layers() {
         let Some(adapter) = layer.layer.adapter("default") else {
             continue;
         };
@@ -164,8 +117,8 @@ fn peft_adapter_loads_and_matches_adapted_merged_and_unmerged_logits() -> TestRe
     model.unmerge()?;
     let base = load_llama()?;
     let mut worst = 0f32;
-    for (ours, theirs) in model.linear_layers().iter().zip(base.linear_layers()) {
-        worst = worst.max(max_abs_diff(
+    for (ours, theirs) in model.layers().iter().zip(base.layers()) {
+        worst = worst.max(max_abs_diff_or_nan(
             ours.layer.weight().unwrap(),
             theirs.layer.weight().unwrap(),
         )?);
@@ -193,9 +146,9 @@ fn peft_adapter_loads_and_matches_adapted_merged_and_unmerged_logits() -> TestRe
 /// PEFT can reload) or as a regex give the same model.
 #[test]
 fn feedforward_modules_as_full_paths_or_regex_load_the_same() -> TestResult {
-    let io = io()?;
+    let io = FIXTURE.io();
     let ids = input_ids(&io)?;
-    let peft_config = read_json(adapter_dir().join("adapter_config.json"))?;
+    let peft_config = read_json(FIXTURE.path("adapter").join("adapter_config.json"));
     let full_paths = Value::from(fixture_list("feedforward_targets")?);
     for (name, feedforward) in [
         ("full_paths", full_paths),
@@ -227,7 +180,7 @@ fn feedforward_suffix_has_no_dot_boundary() -> TestResult {
     assert!(config.is_feedforward("model.layers.0.mlp.xdown_proj")?);
     assert!(!config.is_feedforward("model.layers.0.mlp.up_proj")?);
 
-    let mut peft_config = read_json(adapter_dir().join("adapter_config.json"))?;
+    let mut peft_config = read_json(FIXTURE.path("adapter").join("adapter_config.json"));
     peft_config["feedforward_modules"] = serde_json::json!(["proj"]);
     let dir = write_adapter("ff_proj", &peft_config)?;
     let mut model = load_llama()?;
@@ -241,17 +194,18 @@ fn feedforward_suffix_has_no_dot_boundary() -> TestResult {
 
 #[test]
 fn rust_save_matches_peft_files_and_loads_back() -> TestResult {
-    let io = io()?;
+    let io = FIXTURE.io();
     let ids = input_ids(&io)?;
     let mut model = load_llama()?;
-    model.load_adapter(adapter_dir(), "default")?;
+    model.load_adapter(FIXTURE.path("adapter"), "default")?;
     let adapted = model.forward(&ids)?;
 
     let saved = scratch("ia3", "saved");
     model.save_adapter(&saved, "default")?;
 
     // Tensors: the same keys, shapes and values.
-    let theirs = candle_core::safetensors::load(adapter_dir().join("adapter_model.safetensors"), &Device::Cpu)?;
+    let theirs =
+        candle_core::safetensors::load(FIXTURE.path("adapter").join("adapter_model.safetensors"), &Device::Cpu)?;
     let ours = candle_core::safetensors::load(saved.join("adapter_model.safetensors"), &Device::Cpu)?;
     let their_keys: BTreeSet<&String> = theirs.keys().collect();
     let our_keys: BTreeSet<&String> = ours.keys().collect();
@@ -259,12 +213,12 @@ fn rust_save_matches_peft_files_and_loads_back() -> TestResult {
     assert!(their_keys.iter().all(|k| k.ends_with(".ia3_l")));
     for (key, tensor) in &theirs {
         assert_eq!(ours[key].dims(), tensor.dims(), "{key}");
-        assert_eq!(max_abs_diff(&ours[key], tensor)?, 0.0, "{key}");
+        assert_eq!(max_abs_diff_or_nan(&ours[key], tensor)?, 0.0, "{key}");
     }
 
     // Config: PEFT's fields and values.
-    let theirs = read_json(adapter_dir().join("adapter_config.json"))?;
-    let ours = read_json(saved.join("adapter_config.json"))?;
+    let theirs = read_json(FIXTURE.path("adapter").join("adapter_config.json"));
+    let ours = read_json(saved.join("adapter_config.json"));
     let our_fields: Vec<&String> = ours.as_object().ok_or("config is an object")?.keys().collect();
     assert_eq!(
         our_fields,
@@ -329,7 +283,7 @@ fn rust_save_matches_peft_files_and_loads_back() -> TestResult {
 
 #[test]
 fn fresh_adapter_is_the_identity() -> TestResult {
-    let io = io()?;
+    let io = FIXTURE.io();
     let ids = input_ids(&io)?;
     let mut model = load_llama()?;
     let base = model.forward(&ids)?;
@@ -347,7 +301,7 @@ fn fresh_adapter_is_the_identity() -> TestResult {
 
 #[test]
 fn only_the_vectors_get_gradients_and_training_lowers_the_loss() -> TestResult {
-    let io = io()?;
+    let io = FIXTURE.io();
     let ids = input_ids(&io)?;
     let mut varmap = VarMap::new();
     let mut model = load_llama_vars(&mut varmap)?;
@@ -395,9 +349,9 @@ fn only_the_vectors_get_gradients_and_training_lowers_the_loss() -> TestResult {
 
     // The base weights did not move.
     let reference = load_llama()?;
-    for (ours, theirs) in model.linear_layers().iter().zip(reference.linear_layers()) {
+    for (ours, theirs) in model.layers().iter().zip(reference.layers()) {
         assert_eq!(
-            max_abs_diff(ours.layer.weight().unwrap(), theirs.layer.weight().unwrap())?,
+            max_abs_diff_or_nan(ours.layer.weight().unwrap(), theirs.layer.weight().unwrap())?,
             0.0,
             "{}",
             ours.path
@@ -571,7 +525,7 @@ fn parameter_counts_are_out_or_in_per_layer() -> TestResult {
     assert_eq!(base.trainable, 0);
     let config = fresh_config();
     let mut expected = 0;
-    for layer in model.linear_layers() {
+    for layer in model.layers() {
         if model.targeted_modules(&all_linear())?.contains(&layer.path) {
             expected += if config.is_feedforward(&layer.path)? {
                 layer.layer.in_features()
@@ -601,7 +555,7 @@ fn parameter_counts_are_out_or_in_per_layer() -> TestResult {
 fn write_adapter(name: &str, config: &Value) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let dir = scratch("ia3", name);
     std::fs::copy(
-        adapter_dir().join("adapter_model.safetensors"),
+        FIXTURE.path("adapter").join("adapter_model.safetensors"),
         dir.join("adapter_model.safetensors"),
     )?;
     std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(config)?)?;
@@ -620,7 +574,7 @@ fn refused_field(dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
 
 #[test]
 fn unsupported_options_are_refused() -> TestResult {
-    let peft_config = read_json(adapter_dir().join("adapter_config.json"))?;
+    let peft_config = read_json(FIXTURE.path("adapter").join("adapter_config.json"));
     for (field, value) in [
         ("modules_to_save", serde_json::json!(["lm_head"])),
         ("feedforward_modules", Value::Null),

@@ -3,50 +3,33 @@
 //! what Rust saved; then fresh adapters, dropout, parameter counts and the
 //! errors of configs and files.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use peft_core::loha::{LohaAdapter, LohaConfig};
 use peft_core::prelude::*;
 use peft_core::{AdapterConfig, PeftError, CONFIG_FILE};
+use peft_core::{LohaAdapter, LohaConfig};
 use serde_json::Value;
 
-#[allow(dead_code)]
-mod common;
+mod support;
 
-use common::{loss, max_abs, max_of, read_json, Fixture, Tiny, DEV};
+use support::fixture_case::{loss, Tiny, DEV};
+use support::{max_abs, max_abs_diff, read_json_object, Fixture};
 
 const FIXTURE: Fixture = Fixture("loha_tiny");
 
-fn fixture(path: &str) -> PathBuf {
-    FIXTURE.path(path)
-}
-
-fn io() -> HashMap<String, Tensor> {
-    FIXTURE.io()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    FIXTURE.scratch(name)
-}
-
-fn check_case(case: &str, folder: &str) {
-    FIXTURE.check_case(case, folder)
-}
-
 #[test]
 fn matches_peft_default_case() {
-    check_case("default", "adapter");
+    FIXTURE.check_case("default", "adapter");
 }
 
 #[test]
 fn matches_peft_with_rank_and_alpha_patterns() {
     // target_modules is the regex "fc\d"; fc2 has r = 3, alpha = 1.5.
-    check_case("patterns", "adapter_patterns");
+    FIXTURE.check_case("patterns", "adapter_patterns");
     let mut model = FIXTURE.model();
-    model.load_adapter(fixture("adapter_patterns"), "default").unwrap();
+    model.load_adapter(FIXTURE.path("adapter_patterns"), "default").unwrap();
     let fc2 = model.fc2.adapter("default").unwrap();
     let vars: BTreeMap<_, _> = fc2.trainable_vars().into_iter().collect();
     assert_eq!(vars["hada_w1_a"].dims(), [20, 3]);
@@ -56,19 +39,19 @@ fn matches_peft_with_rank_and_alpha_patterns() {
 #[test]
 fn a_fresh_adapter_changes_nothing() {
     let mut model = FIXTURE.model();
-    let x = io()["x"].clone();
+    let x = FIXTURE.io()["x"].clone();
     let y_base = model.forward(&x);
     model
         .add_adapter("default", &LohaConfig::from(modules(["fc1", "fc2"])).rank(2).alpha(4.0))
         .unwrap();
-    assert_eq!(max_abs(&model.forward(&x), &y_base), 0.0);
+    assert_eq!(max_abs_diff(&model.forward(&x), &y_base), 0.0);
 
     // init_weights = false draws all four factors, so the output moves.
     model
         .add_adapter("random", &LohaConfig::from(modules(["fc1"])).init_weights(false))
         .unwrap();
     model.set_active_adapters(&["random"]).unwrap();
-    assert!(max_abs(&model.forward(&x), &y_base) > 1e-3);
+    assert!(max_abs_diff(&model.forward(&x), &y_base) > 1e-3);
 }
 
 #[test]
@@ -91,10 +74,10 @@ fn fresh_factors_are_drawn_as_peft_draws_them() {
         ("hada_w2_a", [20, 4], 0.5),
     ] {
         assert_eq!(vars[key].dims(), dims);
-        let max = max_of(vars[key].as_tensor());
+        let max = max_abs(vars[key].as_tensor());
         assert!(max <= bound && max > 0.5 * bound, "{key}: max {max}, bound {bound}");
     }
-    assert_eq!(max_of(vars["hada_w2_b"].as_tensor()), 0.0);
+    assert_eq!(max_abs(vars["hada_w2_b"].as_tensor()), 0.0);
 }
 
 #[test]
@@ -104,7 +87,7 @@ fn gradients_reach_the_adapter_and_never_the_base() {
     model
         .add_adapter("default", &LohaConfig::from(all_linear()).rank(2).init_weights(false))
         .unwrap();
-    let x = io()["x"].clone();
+    let x = FIXTURE.io()["x"].clone();
     let grads = loss(&model.forward(&x)).backward().unwrap();
     for var in varmap.all_vars() {
         assert!(grads.get(&var).is_none(), "a base weight got a gradient");
@@ -118,7 +101,7 @@ fn parameter_counts_and_names_are_peft_s() {
     let mut model = FIXTURE.model();
     let base = 12 * 8 + 12 + 20 * 12;
     assert_eq!(model.num_parameters().total, base);
-    model.load_adapter(fixture("adapter"), "default").unwrap();
+    model.load_adapter(FIXTURE.path("adapter"), "default").unwrap();
     // r = 2: 2·(out·r + r·in) per layer.
     let trainable = 2 * (12 * 2 + 2 * 8) + 2 * (20 * 2 + 2 * 12);
     assert_eq!(
@@ -147,7 +130,7 @@ fn parameter_counts_and_names_are_peft_s() {
 
 #[test]
 fn dropouts_act_only_in_training() {
-    let x = io()["x"].clone();
+    let x = FIXTURE.io()["x"].clone();
     let mut model = FIXTURE.model();
     let y_base = model.forward(&x);
     let config = LohaConfig::from(modules(["fc2"]))
@@ -156,12 +139,12 @@ fn dropouts_act_only_in_training() {
         .module_dropout(1.0);
     model.add_adapter("default", &config).unwrap();
     let y_eval = model.forward(&x);
-    assert!(max_abs(&y_eval, &y_base) > 1e-3);
+    assert!(max_abs_diff(&y_eval, &y_base) > 1e-3);
     // module_dropout = 1: PEFT applies the adapter when rand() > 1, never.
     model.set_training(true);
-    assert_eq!(max_abs(&model.forward(&x), &y_base), 0.0);
+    assert_eq!(max_abs_diff(&model.forward(&x), &y_base), 0.0);
     model.set_training(false);
-    assert_eq!(max_abs(&model.forward(&x), &y_eval), 0.0);
+    assert_eq!(max_abs_diff(&model.forward(&x), &y_eval), 0.0);
 }
 
 #[test]
@@ -223,42 +206,39 @@ fn invalid_configs_are_refused_before_anything_changes() {
     }
 }
 
-/// Loads the fixture's default adapter with its config edited by `edit`.
-fn load_edited(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> peft_core::Result<Tiny> {
-    FIXTURE.load_edited(name, edit)
-}
-
 #[test]
 fn config_files_are_read_as_peft_writes_them() {
     // Options that do not change a linear layer, or are off, load.
-    let model = load_edited("conv_option", |c| {
-        c.insert("use_effective_conv2d".into(), Value::Bool(true));
-        c.insert("init_weights".into(), Value::Bool(false));
-        c.insert("rank_dropout".into(), 0.25.into());
-        c.insert("module_dropout".into(), 0.5.into());
-        c.insert("layers_to_transform".into(), Value::Null);
-        c.insert("modules_to_save".into(), Value::Array(vec![]));
-        // Fields PEFT's LoHaConfig does not have (a newer PEFT's, LoKr's) are
-        // ignored with a warning, as PEFT ignores them.
-        c.insert("some_future_option".into(), Value::Bool(true));
-        c.insert("rank_dropout_scale".into(), Value::Bool(true));
-    })
-    .unwrap();
+    let model = FIXTURE
+        .load_edited("conv_option", |c| {
+            c.insert("use_effective_conv2d".into(), Value::Bool(true));
+            c.insert("init_weights".into(), Value::Bool(false));
+            c.insert("rank_dropout".into(), 0.25.into());
+            c.insert("module_dropout".into(), 0.5.into());
+            c.insert("layers_to_transform".into(), Value::Null);
+            c.insert("modules_to_save".into(), Value::Array(vec![]));
+            // Fields PEFT's LoHaConfig does not have (a newer PEFT's, LoKr's) are
+            // ignored with a warning, as PEFT ignores them.
+            c.insert("some_future_option".into(), Value::Bool(true));
+            c.insert("rank_dropout_scale".into(), Value::Bool(true));
+        })
+        .unwrap();
     assert_eq!(model.adapted_modules(), ["fc1", "fc2"]);
-    let out = scratch("conv_option_saved");
+    let out = FIXTURE.scratch("conv_option_saved");
     model.save_adapter(&out, "default").unwrap();
-    let saved = read_json(&out.join(CONFIG_FILE));
+    let saved = read_json_object(out.join(CONFIG_FILE));
     assert_eq!(saved["use_effective_conv2d"], Value::Bool(true));
     assert_eq!(saved["init_weights"], Value::Bool(false));
     assert_eq!(saved["rank_dropout"], Value::from(0.25));
     assert_eq!(saved["module_dropout"], Value::from(0.5));
 
     // Missing fields take PEFT's defaults: r = 8 then does not fit the tensors.
-    let err = load_edited("no_r", |c| {
-        c.remove("r");
-    })
-    .err()
-    .unwrap();
+    let err = FIXTURE
+        .load_edited("no_r", |c| {
+            c.remove("r");
+        })
+        .err()
+        .unwrap();
     assert!(matches!(err, PeftError::ShapeMismatch { .. }), "{err}");
 }
 
@@ -268,21 +248,23 @@ fn options_it_cannot_honour_are_refused() {
         ("modules_to_save", serde_json::json!(["head"]), "modules_to_save"),
         ("target_modules", Value::Null, "target_modules"),
     ] {
-        let err = load_edited(&format!("refuse_{field}"), |c| {
-            c.insert(field.into(), value);
-        })
-        .err()
-        .unwrap();
+        let err = FIXTURE
+            .load_edited(&format!("refuse_{field}"), |c| {
+                c.insert(field.into(), value);
+            })
+            .err()
+            .unwrap();
         match &err {
             PeftError::UnsupportedOption { field, .. } => assert_eq!(field, expect),
             other => panic!("{expect}: unexpected error {other}"),
         }
     }
-    let err = load_edited("bad_rank_dropout", |c| {
-        c.insert("rank_dropout".into(), 1.0.into());
-    })
-    .err()
-    .unwrap();
+    let err = FIXTURE
+        .load_edited("bad_rank_dropout", |c| {
+            c.insert("rank_dropout".into(), 1.0.into());
+        })
+        .err()
+        .unwrap();
     assert!(
         matches!(
             err,

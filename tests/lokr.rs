@@ -3,44 +3,25 @@
 //! what Rust saved; then fresh adapters, dropout, parameter counts and the
 //! errors of configs and files.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use peft_core::lokr::{LokrAdapter, LokrConfig, LokrFactor, LokrInit};
 use peft_core::prelude::*;
 use peft_core::{AdapterConfig, PeftError, CONFIG_FILE};
+use peft_core::{LokrAdapter, LokrConfig, LokrFactor, LokrInit};
 use serde_json::Value;
 
-#[allow(dead_code)]
-mod common;
+mod support;
 
-use common::{loss, max_abs, max_of, read_json, Fixture, Tiny, DEV};
+use support::fixture_case::{loss, Tiny, DEV};
+use support::{max_abs, max_abs_diff, read_json_object, Fixture};
 
 const FIXTURE: Fixture = Fixture("lokr_tiny");
-
-fn fixture(path: &str) -> PathBuf {
-    FIXTURE.path(path)
-}
-
-fn io() -> HashMap<String, Tensor> {
-    FIXTURE.io()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    FIXTURE.scratch(name)
-}
-
-fn check_case(case: &str, folder: &str) {
-    FIXTURE.check_case(case, folder)
-}
 
 #[test]
 fn matches_peft_default_case() {
     // r = 2: fc1 (12 x 8) gets w1 [3, 2] and w2 [4, 4] whole; fc2 (20 x 12)
     // gets w1 [4, 3] whole and w2 = [5, 2] · [2, 4].
-    check_case("default", "adapter");
+    FIXTURE.check_case("default", "adapter");
     assert_eq!(
         factor_shapes("adapter"),
         [
@@ -57,7 +38,7 @@ fn matches_peft_default_case() {
 fn matches_peft_with_decompose_both_and_patterns() {
     // decompose_factor = 4, decompose_both, r = 1 (fc2: r = 2, alpha = 3):
     // fc1 gets both factors low-rank, fc2 a whole w1 and a low-rank w2.
-    check_case("decompose_both", "adapter_decompose_both");
+    FIXTURE.check_case("decompose_both", "adapter_decompose_both");
     assert_eq!(
         factor_shapes("adapter_decompose_both"),
         [
@@ -75,9 +56,9 @@ fn matches_peft_with_decompose_both_and_patterns() {
 /// `(<module>.<key>, shape)` of every tensor of the adapter in `folder`, as loaded.
 fn factor_shapes(folder: &str) -> Vec<(String, Vec<usize>)> {
     let mut model = FIXTURE.model();
-    model.load_adapter(fixture(folder), "default").unwrap();
+    model.load_adapter(FIXTURE.path(folder), "default").unwrap();
     model
-        .linear_layers()
+        .layers()
         .iter()
         .flat_map(|l| {
             let adapter = l.layer.adapter("default").unwrap();
@@ -92,7 +73,7 @@ fn factor_shapes(folder: &str) -> Vec<(String, Vec<usize>)> {
 
 #[test]
 fn fresh_adapters_start_as_peft_s() {
-    let x = io()["x"].clone();
+    let x = FIXTURE.io()["x"].clone();
     for (init, changes_output) in [
         (LokrInit::Default, false),
         (LokrInit::Lycoris, false),
@@ -106,21 +87,21 @@ fn fresh_adapters_start_as_peft_s() {
                 .decompose_both(decompose_both)
                 .init(init);
             model.add_adapter("default", &config).unwrap();
-            let d = max_abs(&model.forward(&x), &y_base);
+            let d = max_abs_diff(&model.forward(&x), &y_base);
             assert_eq!(
                 d > 0.0,
                 changes_output,
                 "{init:?}, decompose_both {decompose_both}: {d}"
             );
             // Which tensor PEFT zeroes: w1 / w1_a by default, w2 / w2_b for "lycoris".
-            for layer in model.linear_layers() {
+            for layer in model.layers() {
                 for (key, var) in layer.layer.adapter("default").unwrap().trainable_vars() {
                     let zero = match init {
                         LokrInit::Default => key == "lokr_w1" || key == "lokr_w1_a",
                         LokrInit::Lycoris => key == "lokr_w2" || key == "lokr_w2_b",
                         _ => false,
                     };
-                    let max = max_of(var.as_tensor());
+                    let max = max_abs(var.as_tensor());
                     // kaiming_uniform(a = √5): U(±1/√fan_in), fan_in the second dimension.
                     let bound = 1.0 / (var.dims()[1] as f32).sqrt();
                     assert!(
@@ -142,7 +123,7 @@ fn gradients_reach_the_adapter_and_never_the_base() {
         .decompose_both(true)
         .init(LokrInit::Random);
     model.add_adapter("default", &config).unwrap();
-    let x = io()["x"].clone();
+    let x = FIXTURE.io()["x"].clone();
     let grads = loss(&model.forward(&x)).backward().unwrap();
     for var in varmap.all_vars() {
         assert!(grads.get(&var).is_none(), "a base weight got a gradient");
@@ -156,7 +137,7 @@ fn parameter_counts_and_names_are_peft_s() {
     let mut model = FIXTURE.model();
     let base = 12 * 8 + 12 + 20 * 12;
     assert_eq!(model.num_parameters().total, base);
-    model.load_adapter(fixture("adapter"), "default").unwrap();
+    model.load_adapter(FIXTURE.path("adapter"), "default").unwrap();
     // fc1: 3·2 + 4·4; fc2: 4·3 + 5·2 + 2·4.
     let trainable = (3 * 2 + 4 * 4) + (4 * 3 + 5 * 2 + 2 * 4);
     assert_eq!(
@@ -182,7 +163,7 @@ fn parameter_counts_and_names_are_peft_s() {
 
 #[test]
 fn dropouts_act_only_in_training() {
-    let x = io()["x"].clone();
+    let x = FIXTURE.io()["x"].clone();
     let mut model = FIXTURE.model();
     let y_base = model.forward(&x);
     let config = LokrConfig::from(modules(["fc2"]))
@@ -191,12 +172,12 @@ fn dropouts_act_only_in_training() {
         .module_dropout(1.0);
     model.add_adapter("default", &config).unwrap();
     let y_eval = model.forward(&x);
-    assert!(max_abs(&y_eval, &y_base) > 1e-3);
+    assert!(max_abs_diff(&y_eval, &y_base) > 1e-3);
     // module_dropout = 1: PEFT applies the adapter when rand() > 1, never.
     model.set_training(true);
-    assert_eq!(max_abs(&model.forward(&x), &y_base), 0.0);
+    assert_eq!(max_abs_diff(&model.forward(&x), &y_base), 0.0);
     model.set_training(false);
-    assert_eq!(max_abs(&model.forward(&x), &y_eval), 0.0);
+    assert_eq!(max_abs_diff(&model.forward(&x), &y_eval), 0.0);
 }
 
 #[test]
@@ -265,46 +246,44 @@ fn invalid_configs_are_refused_before_anything_changes() {
     }
 }
 
-/// Loads the fixture's default adapter with its config edited by `edit`.
-fn load_edited(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> peft_core::Result<Tiny> {
-    FIXTURE.load_edited(name, edit)
-}
-
 #[test]
 fn config_files_are_read_as_peft_writes_them() {
-    let model = load_edited("options", |c| {
-        c.insert("use_effective_conv2d".into(), Value::Bool(true));
-        c.insert("init_weights".into(), Value::from("lycoris"));
-        c.insert("rank_dropout".into(), 0.25.into());
-        c.insert("rank_dropout_scale".into(), Value::Bool(true));
-        c.insert("module_dropout".into(), 0.5.into());
-        // A field PEFT's LoKrConfig does not have (a newer PEFT's) is ignored
-        // with a warning, as PEFT ignores it.
-        c.insert("some_future_option".into(), Value::from(3));
-    })
-    .unwrap();
+    let model = FIXTURE
+        .load_edited("options", |c| {
+            c.insert("use_effective_conv2d".into(), Value::Bool(true));
+            c.insert("init_weights".into(), Value::from("lycoris"));
+            c.insert("rank_dropout".into(), 0.25.into());
+            c.insert("rank_dropout_scale".into(), Value::Bool(true));
+            c.insert("module_dropout".into(), 0.5.into());
+            // A field PEFT's LoKrConfig does not have (a newer PEFT's) is ignored
+            // with a warning, as PEFT ignores it.
+            c.insert("some_future_option".into(), Value::from(3));
+        })
+        .unwrap();
     assert_eq!(model.adapted_modules(), ["fc1", "fc2"]);
-    let out = scratch("options_saved");
+    let out = FIXTURE.scratch("options_saved");
     model.save_adapter(&out, "default").unwrap();
-    let saved = read_json(&out.join(CONFIG_FILE));
+    let saved = read_json_object(out.join(CONFIG_FILE));
     assert_eq!(saved["use_effective_conv2d"], Value::Bool(true));
     assert_eq!(saved["init_weights"], Value::from("lycoris"));
     assert_eq!(saved["rank_dropout_scale"], Value::Bool(true));
     assert_eq!(saved["rank_dropout"], Value::from(0.25));
 
     // The decomposition comes from the config: another factor, other shapes.
-    let err = load_edited("factor_2", |c| {
-        c.insert("decompose_factor".into(), 2.into());
-    })
-    .err()
-    .unwrap();
+    let err = FIXTURE
+        .load_edited("factor_2", |c| {
+            c.insert("decompose_factor".into(), 2.into());
+        })
+        .err()
+        .unwrap();
     assert!(matches!(err, PeftError::ShapeMismatch { .. }), "{err}");
-    let err = load_edited("decompose_both", |c| {
-        c.insert("decompose_both".into(), Value::Bool(true));
-        c.insert("r".into(), 1.into());
-    })
-    .err()
-    .unwrap();
+    let err = FIXTURE
+        .load_edited("decompose_both", |c| {
+            c.insert("decompose_both".into(), Value::Bool(true));
+            c.insert("r".into(), 1.into());
+        })
+        .err()
+        .unwrap();
     assert!(matches!(err, PeftError::MissingTensor { .. }), "{err}");
 }
 
@@ -314,21 +293,23 @@ fn options_it_cannot_honour_are_refused() {
         ("modules_to_save", serde_json::json!(["head"]), "modules_to_save"),
         ("init_weights", Value::from("orthogonal"), "init_weights"),
     ] {
-        let err = load_edited(&format!("refuse_{field}"), |c| {
-            c.insert(field.into(), value);
-        })
-        .err()
-        .unwrap();
+        let err = FIXTURE
+            .load_edited(&format!("refuse_{field}"), |c| {
+                c.insert(field.into(), value);
+            })
+            .err()
+            .unwrap();
         match &err {
             PeftError::UnsupportedOption { field, .. } => assert_eq!(field, expect),
             other => panic!("{expect}: unexpected error {other}"),
         }
     }
-    let err = load_edited("bad_factor", |c| {
-        c.insert("decompose_factor".into(), 0.into());
-    })
-    .err()
-    .unwrap();
+    let err = FIXTURE
+        .load_edited("bad_factor", |c| {
+            c.insert("decompose_factor".into(), 0.into());
+        })
+        .err()
+        .unwrap();
     assert!(
         matches!(
             err,

@@ -8,7 +8,7 @@ use peft_core::prelude::*;
 use peft_core::PeftError;
 
 mod support;
-use support::max_abs_diff;
+use support::{assert_close_relative, max_abs_diff};
 
 #[derive(Adaptable)]
 struct Block {
@@ -56,21 +56,6 @@ fn x() -> Tensor {
     .unwrap()
 }
 
-/// Merging reassociates float sums: compare relative to the output's scale.
-fn close(a: &Tensor, b: &Tensor, tolerance: f32) -> bool {
-    let scale = a
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
-    max_abs_diff(a, b) <= tolerance * scale
-}
-
 fn random_lora(targets: Targets) -> LoraConfig {
     LoraConfig::from(targets).rank(2).alpha(2.0).init(LoraInit::Random)
 }
@@ -114,7 +99,7 @@ fn adapters_on_the_same_layer_add_up() {
     let b = output_with(&mut net, &["b"]);
     // base -> head is linear in the attn output: the deltas add.
     let sum = ((&a + &b).unwrap() - &base).unwrap();
-    assert!(close(&both, &sum, 1e-5), "{}", max_abs_diff(&both, &sum));
+    assert_close_relative(&both, &sum, 1e-5);
 }
 
 #[test]
@@ -132,25 +117,21 @@ fn disabling_is_a_scope() {
 fn merging_a_chosen_set() {
     let mut net = two_adapters();
     let adapted = net.forward(&x());
-    let weights = |net: &Net| -> Vec<Tensor> {
-        net.linear_layers()
-            .iter()
-            .map(|l| l.layer.weight().unwrap().clone())
-            .collect()
-    };
+    let weights =
+        |net: &Net| -> Vec<Tensor> { net.layers().iter().map(|l| l.layer.weight().unwrap().clone()).collect() };
     let before = weights(&net);
     net.merge_adapters(&["a"]).unwrap();
     let after = weights(&net);
     // Only the layers "a" sits on changed.
     let changed: Vec<String> = net
-        .linear_layers()
+        .layers()
         .iter()
         .zip(before.iter().zip(&after))
         .filter(|(_, (b, a))| max_abs_diff(b, a) > 0.0)
         .map(|(l, _)| l.path.clone())
         .collect();
     assert_eq!(changed, ["blocks.0.attn", "blocks.1.attn"]);
-    assert!(close(&net.forward(&x()), &adapted, 1e-5));
+    assert_close_relative(&net.forward(&x()), &adapted, 1e-5);
     assert!(matches!(
         net.merge_adapters(&["c"]),
         Err(PeftError::UnknownAdapter { .. })
@@ -180,7 +161,7 @@ fn merge_and_unload_folds_every_active_adapter() {
     let adapted = net.forward(&x());
     net.merge_and_unload().unwrap();
     assert!(net.adapter_names().is_empty());
-    assert!(close(&net.forward(&x()), &adapted, 1e-5));
+    assert_close_relative(&net.forward(&x()), &adapted, 1e-5);
 }
 
 #[test]
@@ -190,7 +171,7 @@ fn a_second_all_linear_adapter_wraps_only_base_layers() {
     net.add_adapter("second", &LoraConfig::from(all_linear())).unwrap();
     // The same four layers, each with two adapters; nothing inside an adapter was wrapped.
     assert_eq!(net.targeted_modules(&all_linear()).unwrap().len(), 4);
-    for layer in net.linear_layers().iter().filter(|l| l.path != "head") {
+    for layer in net.layers().iter().filter(|l| l.path != "head") {
         assert_eq!(layer.layer.adapter_names().collect::<Vec<_>>(), ["default", "second"]);
     }
 }

@@ -7,8 +7,8 @@
 use candle_core::{DType, Tensor, Var, D};
 use peft_core::ops;
 
-mod random;
-use random::{relative_error, Rng};
+mod support;
+use support::rng::{relative_error, Rng};
 
 /// f32 kernels against f64 references: sums over up to a few hundred terms.
 const TOLERANCE: f64 = 2e-5;

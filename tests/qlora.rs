@@ -13,6 +13,7 @@ use peft_core::PeftError;
 
 mod support;
 use support::max_abs;
+use support::rng::Rng;
 
 const DEV: Device = Device::Cpu;
 const VOCAB: usize = 32;
@@ -51,8 +52,10 @@ impl Net {
     }
 }
 
-/// Random dense weights for every linear layer, `[out, in]`, in field order.
-fn dense_weights() -> Vec<Tensor> {
+/// Random dense weights for every linear layer, `[out, in]`, in field order,
+/// N(0, 1/in) drawn from a fixed seed (candle's CPU draws cannot be seeded):
+/// the same on every run, so the bounds below cannot fail by chance.
+fn dense_weights(rng: &mut Rng) -> Vec<Tensor> {
     let shapes = [
         (INNER, HIDDEN),
         (HIDDEN, INNER),
@@ -62,15 +65,16 @@ fn dense_weights() -> Vec<Tensor> {
     ];
     shapes
         .iter()
-        .map(|&(out, inp)| Tensor::randn(0f32, (1.0 / inp as f64).sqrt() as f32, (out, inp), &DEV).unwrap())
+        .map(|&(out, inp)| rng.randn(&[out, inp], (1.0 / inp as f64).sqrt()))
         .collect()
 }
 
 /// The same model twice: with quantized base weights, and with those
 /// weights dequantized to f32.
 fn twins(dtype: GgmlDType) -> (Net, Net) {
-    let embed = Tensor::randn(0f32, 1.0, (VOCAB, HIDDEN), &DEV).unwrap();
-    let quantized: Vec<Arc<QTensor>> = dense_weights()
+    let mut rng = Rng(0x9_1024);
+    let embed = rng.randn(&[VOCAB, HIDDEN], 1.0);
+    let quantized: Vec<Arc<QTensor>> = dense_weights(&mut rng)
         .iter()
         .map(|w| Arc::new(QTensor::quantize(w, dtype).unwrap()))
         .collect();
@@ -97,12 +101,24 @@ fn ids() -> Tensor {
 #[test]
 fn gradients_reach_the_first_block_and_match_the_dequantized_model() {
     let (mut quantized, mut dense) = twins(GgmlDType::Q8_0);
-    assert!(quantized.linear_layers().iter().all(|l| l.layer.is_quantized()));
+    assert!(quantized.layers().iter().all(|l| l.layer.is_quantized()));
     let config = LoraConfig::from(all_linear()).rank(4).alpha(8.0).init(LoraInit::Random);
     // all_linear() covers quantized layers like any other.
     assert_eq!(quantized.targeted_modules(&all_linear()).unwrap().len(), 4);
     quantized.apply_lora(config.clone()).unwrap();
     dense.apply_lora(config).unwrap();
+    // The adapters' random init redrawn from a fixed seed, U(±1/√in) as
+    // LoraInit::Random draws them: the gradient bound holds on every run.
+    let mut rng = Rng(0x9_0a0b);
+    for (_, var) in quantized.named_trainable_vars() {
+        let bound = 1.0 / (var.dims()[1] as f64).sqrt();
+        var.set(
+            &rng.tensor(var.dims(), candle_core::DType::F32)
+                .affine(bound, 0.0)
+                .unwrap(),
+        )
+        .unwrap();
+    }
     for ((_, q), (_, f)) in quantized
         .named_trainable_vars()
         .iter()
@@ -137,6 +153,20 @@ fn a_few_adamw_steps_lower_the_loss_over_a_4_bit_base() {
     model
         .apply_lora(LoraConfig::from(all_linear()).rank(8).alpha(16.0))
         .unwrap();
+    // LoRA's A redrawn from a fixed seed, U(±1/√in) as the default init draws
+    // it (B stays 0): 20 steps start from the same point on every run.
+    let mut rng = Rng(0x9_0a0c);
+    for (name, var) in model.named_trainable_vars() {
+        if name.contains("lora_A") {
+            let bound = 1.0 / (var.dims()[1] as f64).sqrt();
+            var.set(
+                &rng.tensor(var.dims(), candle_core::DType::F32)
+                    .affine(bound, 0.0)
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+    }
     let mut opt = AdamW::new(
         model.trainable_vars(),
         ParamsAdamW {
@@ -152,7 +182,7 @@ fn a_few_adamw_steps_lower_the_loss_over_a_4_bit_base() {
     let last = model.loss(&ids()).to_scalar::<f32>().unwrap();
     assert!(last < 0.8 * first, "loss went from {first} to {last}");
     // The base stayed quantized.
-    assert!(model.linear_layers().iter().all(|l| l.layer.is_quantized()));
+    assert!(model.layers().iter().all(|l| l.layer.is_quantized()));
 }
 
 #[test]
@@ -169,7 +199,7 @@ fn merging_into_a_quantized_base_is_refused_and_changes_nothing() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert!(model.linear_layers().iter().all(|l| !l.layer.is_merged()));
+    assert!(model.layers().iter().all(|l| !l.layer.is_merged()));
     assert_eq!(max_abs(&(model.forward(&ids()) - before).unwrap()), 0.0);
     // Parameter counts see through the quantization.
     let count = model.num_parameters();
@@ -197,7 +227,7 @@ fn every_adapter_kind_trains_over_a_quantized_base() {
         ("LoHa", Box::new(LohaConfig::from(all_linear()).init_weights(false))),
         (
             "LoKr",
-            Box::new(LokrConfig::from(all_linear()).init(peft_core::lokr::LokrInit::Random)),
+            Box::new(LokrConfig::from(all_linear()).init(peft_core::LokrInit::Random)),
         ),
     ];
     for (kind, config) in configs {

@@ -115,7 +115,7 @@ fn child_saves_under_a_file_size_limit() {
         assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
     }
     match net_of_generation(2.0).save_adapter(&dir, "default") {
-        Err(PeftError::Io { path, source }) => println!("SAVE FAILED: {}: {source}", path.display()),
+        Err(PeftError::Io { path, cause: source }) => println!("SAVE FAILED: {}: {source}", path.display()),
         other => panic!("the save was expected to fail writing, got {other:?}"),
     }
 }

@@ -12,7 +12,7 @@ fn layer(out: usize, inp: usize) -> Linear {
 
 /// (path, role) of every linear layer, in visiting order.
 fn paths<M: PeftModel>(model: &M) -> Vec<(String, Role)> {
-    model.linear_layers().into_iter().map(|l| (l.path, l.role)).collect()
+    model.layers().into_iter().map(|l| (l.path, l.role)).collect()
 }
 
 fn hidden(paths: &[&str]) -> Vec<(String, Role)> {
@@ -262,11 +262,7 @@ fn mutable_visit_reaches_the_same_layers() {
         cache: vec![],
     };
     let shared = paths(&model);
-    let mutable: Vec<(String, Role)> = model
-        .linear_layers_mut()
-        .into_iter()
-        .map(|l| (l.path, l.role))
-        .collect();
+    let mutable: Vec<(String, Role)> = model.layers_mut().into_iter().map(|l| (l.path, l.role)).collect();
     assert_eq!(shared, mutable);
 }
 

@@ -15,9 +15,9 @@ use std::sync::{Arc, OnceLock};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use peft_core::config_file::parse_config;
-use peft_core::ia3::Ia3Config;
-use peft_core::loha::LohaConfig;
-use peft_core::lokr::{LokrConfig, LokrInit};
+use peft_core::Ia3Config;
+use peft_core::LohaConfig;
+use peft_core::{LokrConfig, LokrInit};
 use peft_core::prelude::*;
 use peft_core::{AdapterConfig, Conv1d, Conv2d, Embedding, CONFIG_FILE};
 use serde_json::Value;
@@ -175,7 +175,7 @@ pub struct LayerState {
 /// Every layer's [`LayerState`], in field order.
 pub fn snapshot(model: &FuzzModel) -> Vec<LayerState> {
     model
-        .linear_layers()
+        .layers()
         .into_iter()
         .map(|l| LayerState {
             weight: bits(l.layer.weight().expect("the weight of a layer")),
@@ -535,7 +535,7 @@ fn huge_rank(fields: &serde_json::Map<String, Value>) -> bool {
 /// keys, shapes and values as `PeftModel::save_adapter` writes.
 pub fn adapter_bytes(model: &FuzzModel, name: &str) -> Vec<u8> {
     let mut tensors = Vec::new();
-    for layer in model.linear_layers() {
+    for layer in model.layers() {
         if let Some(adapter) = layer.layer.adapter(name) {
             for (key, var) in adapter.trainable_vars() {
                 tensors.push((
@@ -574,7 +574,7 @@ fn comparable(config: &dyn AdapterConfig) -> Value {
 /// must compute what `model` computes, bit for bit.
 fn check_round_trip(model: &FuzzModel, template: &Template, config: &dyn AdapterConfig, name: &str) {
     let paths: Vec<String> = model
-        .linear_layers()
+        .layers()
         .into_iter()
         .filter(|l| l.layer.has_adapter(name))
         .map(|l| l.path)

@@ -183,7 +183,7 @@ fn targeted_modules(c: &mut Criterion) {
     group.bench_function("modules_q_v", |b| {
         b.iter(|| model.targeted_modules(black_box(&q_v)).unwrap())
     });
-    group.bench_function("linear_layers_walk", |b| b.iter(|| model.linear_layers()));
+    group.bench_function("linear_layers_walk", |b| b.iter(|| model.layers()));
     group.finish();
 }
 

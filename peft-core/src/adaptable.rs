@@ -9,7 +9,7 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::linear::Linear;
+use crate::layer::{Conv1d, Conv2d, Embedding, Layer};
 use crate::path::ModulePath;
 
 /// What a layer is for, as far as targeting is concerned.
@@ -23,19 +23,6 @@ pub enum Role {
     OutputHead,
 }
 
-/// What a layer computes, for targeting: `all_linear()` selects linear
-/// layers only; names and regexes select any kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum LayerKind {
-    /// `peft_core::Linear`.
-    Linear,
-    /// `peft_core::Embedding`.
-    Embedding,
-    /// `peft_core::Conv1d`, `peft_core::Conv2d`.
-    Conv,
-}
-
 /// Sees the layers of a model by shared reference.
 ///
 /// Every method has an empty default, so a visitor implements only what it
@@ -45,9 +32,9 @@ pub trait Visitor<'a> {
     fn enter_module(&mut self, _path: &ModulePath) {}
     /// Called when the walk leaves the child module entered last.
     fn exit_module(&mut self, _path: &ModulePath) {}
-    /// An adaptable layer at `path`: a `Linear`, or the layer inside an
-    /// `Embedding` / `Conv1d` / `Conv2d` slot (`layer.kind()` tells which).
-    fn visit_linear(&mut self, _path: &ModulePath, _role: Role, _layer: &'a Linear) {}
+    /// An adapter slot at `path`: the [`Layer`] inside a `Linear`,
+    /// `Embedding`, `Conv1d` or `Conv2d` field (`layer.kind()` tells which).
+    fn visit_layer(&mut self, _path: &ModulePath, _role: Role, _layer: &'a Layer) {}
     /// A frozen tensor held by a leaf (an embedding table, a norm weight...).
     /// `path` names the tensor as a checkpoint would (`embed_tokens.weight`).
     fn visit_tensor(&mut self, _path: &ModulePath, _tensor: &'a Tensor) {}
@@ -59,8 +46,8 @@ pub trait VisitorMut<'a> {
     fn enter_module(&mut self, _path: &ModulePath) {}
     /// Called when the walk leaves the child module entered last.
     fn exit_module(&mut self, _path: &ModulePath) {}
-    /// An adaptable layer at `path`, mutably (see [`Visitor::visit_linear`]).
-    fn visit_linear_mut(&mut self, _path: &ModulePath, _role: Role, _layer: &'a mut Linear) {}
+    /// An adapter slot at `path`, mutably (see [`Visitor::visit_layer`]).
+    fn visit_layer_mut(&mut self, _path: &ModulePath, _role: Role, _layer: &'a mut Layer) {}
 }
 
 /// A model, or a part of one, whose adaptable layers can be walked.
@@ -70,8 +57,7 @@ pub trait VisitorMut<'a> {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an adaptable module",
     label = "`{Self}` does not implement `Adaptable`",
-    note = "if `{Self}` is your type, add `#[derive(Adaptable)]` to it; otherwise mark this field `#[adapt(skip)]` if it holds no layer to adapt",
-    note = "a `candle_nn::Linear` cannot be adapted: use `peft_core::Linear`, its drop-in"
+    note = "if `{Self}` is your type, add `#[derive(Adaptable)]` to it; otherwise mark this field `#[adapt(skip)]` if it holds no layer to adapt"
 )]
 pub trait Adaptable {
     /// Reports every layer and frozen tensor under `self` to `visitor`, with
@@ -398,24 +384,66 @@ impl_tensor_leaf!(
     optional { "weight" => layer.weight_and_bias().map(|(w, _)| w), "bias" => layer.weight_and_bias().map(|(_, b)| b) }
 );
 
-/// The linear slot is the one layer kind `all_linear()` adapts.
-impl Adaptable for Linear {
+// ---- the slots ----------------------------------------------------------------
+
+/// A slot field (`Linear`) is reported as itself; dense and quantized ones
+/// are of kind [`LayerKind::Linear`](crate::LayerKind), the one kind
+/// `all_linear()` adapts.
+impl Adaptable for Layer {
     fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
-        visitor.visit_linear(path, Role::Hidden, self);
+        visitor.visit_layer(path, Role::Hidden, self);
     }
     fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
-        visitor.visit_linear_mut(path, Role::Hidden, self);
+        visitor.visit_layer_mut(path, Role::Hidden, self);
     }
 }
 
-impl OutputHead for Linear {
+impl OutputHead for Layer {
     fn visit_head<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
-        visitor.visit_linear(path, Role::OutputHead, self);
+        visitor.visit_layer(path, Role::OutputHead, self);
     }
     fn visit_head_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
-        visitor.visit_linear_mut(path, Role::OutputHead, self);
+        visitor.visit_layer_mut(path, Role::OutputHead, self);
     }
 }
+
+macro_rules! impl_slot {
+    ($($slot:ty => $kind:literal),* $(,)?) => {
+        $(
+            #[doc = concat!("Reported as its [`Layer`], of kind [`LayerKind::", $kind, "`](crate::LayerKind).")]
+            impl Adaptable for $slot {
+                fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+                    visitor.visit_layer(path, Role::Hidden, self.layer());
+                }
+                fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+                    visitor.visit_layer_mut(path, Role::Hidden, self.layer_mut());
+                }
+            }
+        )*
+    };
+}
+
+impl_slot!(Embedding => "Embedding", Conv1d => "Conv", Conv2d => "Conv");
+
+/// `candle_nn::Linear` keeps its weights private, so no adapter can sit in
+/// it; it "implements" [`Adaptable`] only under a bound that never holds,
+/// so that a field of that type gets an error that names the fix.
+impl<'x> Adaptable for candle_nn::Linear
+where
+    &'x candle_nn::Linear: UsePeftLinear,
+{
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, _: &mut ModulePath, _: &mut V) {}
+    fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, _: &mut ModulePath, _: &mut V) {}
+}
+
+/// Implemented for nothing: the bound that makes a `candle_nn::Linear`
+/// field a compile error with this message.
+#[diagnostic::on_unimplemented(
+    message = "a `candle_nn::Linear` cannot be adapted: use `peft_core::Linear`, its drop-in",
+    label = "this field is a `candle_nn::Linear`",
+    note = "`peft_core::Linear` loads the same tensors (`peft_core::linear(in, out, vb)`) and computes the same output"
+)]
+pub trait UsePeftLinear {}
 
 /// An optional head (absent when tied to the embedding, say).
 impl<T: OutputHead> OutputHead for Option<T> {

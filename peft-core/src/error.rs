@@ -27,13 +27,12 @@ pub enum PeftError {
         removed_by: String,
     },
     /// A regular expression given as a target or exclusion does not compile.
-    #[error("invalid target regex `{pattern}`: {source}")]
+    #[error("invalid target regex `{pattern}`: {cause}")]
     InvalidRegex {
         /// The pattern as written.
         pattern: String,
-        /// The regex crate's diagnosis.
-        #[source]
-        source: regex::Error,
+        /// The regex crate's diagnosis (part of the message).
+        cause: regex::Error,
     },
     /// A configuration value is out of its valid range.
     #[error("invalid adapter config: `{field}` = {value}: {reason}")]
@@ -55,8 +54,8 @@ pub enum PeftError {
     },
     /// An adapter that cannot join the adapters a module holds: the merged
     /// and unmerged outputs would no longer agree (see
-    /// [`LinearAdapter::is_additive`](crate::LinearAdapter::is_additive) and
-    /// [`reads_base_weight`](crate::LinearAdapter::reads_base_weight)).
+    /// [`Adapter::is_additive`](crate::Adapter::is_additive) and
+    /// [`reads_base_weight`](crate::Adapter::reads_base_weight)).
     #[error("module `{module}`: adapter `{adapter}` cannot be added: {reason}")]
     IncompatibleAdapter {
         /// Dotted path of the module.
@@ -139,7 +138,7 @@ pub enum PeftError {
     /// named twice (which entry PEFT's reader would keep is not defined),
     /// a shape and dtype whose byte count differs from what its offsets
     /// hold, offsets outside the file.
-    #[error("{path}: tensor `{key}`: {problem}")]
+    #[error("{}: tensor `{key}`: {problem}", path.display())]
     TensorHeader {
         /// The tensor file.
         path: std::path::PathBuf,
@@ -149,27 +148,25 @@ pub enum PeftError {
         problem: String,
     },
     /// A file or folder could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file or folder.
         path: std::path::PathBuf,
-        /// The operating system's error.
-        #[source]
-        source: std::io::Error,
+        /// The operating system's error (part of the message).
+        cause: std::io::Error,
     },
     /// `adapter_config.json` is not valid JSON or has a field of the wrong type.
-    #[error("{path}: malformed adapter config{}: {source}", in_field(field))]
+    #[error("{}: malformed adapter config{}: {cause}", path.display(), in_field(field))]
     Json {
         /// The config file.
         path: std::path::PathBuf,
         /// The field whose value has the wrong type, when one alone is at fault.
         field: Option<String>,
-        /// serde_json's diagnosis, with line and column.
-        #[source]
-        source: serde_json::Error,
+        /// serde_json's diagnosis, with line and column (part of the message).
+        cause: serde_json::Error,
     },
     /// `adapter_model.safetensors` could not be parsed or written.
-    #[error("{path}: {message}")]
+    #[error("{}: {message}", path.display())]
     Safetensors {
         /// The tensor file.
         path: std::path::PathBuf,
@@ -210,7 +207,7 @@ pub enum PeftError {
         key: String,
     },
     /// The adapter file holds tensors that belong to no targeted module.
-    #[error("the adapter file has {} tensor(s) that match no targeted module: {}", keys.len(), keys.join(", "))]
+    #[error("the adapter file has {} tensor(s) that match no targeted module: {}", keys.len(), capped_list(keys))]
     UnexpectedTensors {
         /// Their keys, sorted.
         keys: Vec<String>,
@@ -226,13 +223,12 @@ pub enum PeftError {
         found: Vec<usize>,
     },
     /// A tensor operation failed inside a module.
-    #[error("module `{module}`: {source}")]
+    #[error("module `{module}`: {cause}")]
     Module {
         /// Dotted path of the module.
         module: String,
-        /// candle's error.
-        #[source]
-        source: candle_core::Error,
+        /// candle's error (part of the message).
+        cause: candle_core::Error,
     },
     /// A tensor operation failed outside any particular module.
     #[error(transparent)]
@@ -246,19 +242,106 @@ fn in_field(field: &Option<String>) -> String {
         .map_or_else(String::new, |field| format!(" (field `{field}`)"))
 }
 
+/// How many items of a list an error message names before "and N more".
+pub(crate) const LISTED_ITEMS: usize = 8;
+/// How many characters of a value an error message shows.
+pub(crate) const SHOWN_CHARS: usize = 200;
+
+/// `items` joined with `, `, the first [`LISTED_ITEMS`] only, then
+/// `and N more`: a config listing 200,000 modules must not make a 2 MB message.
+pub(crate) fn capped_list<T: std::fmt::Display>(items: &[T]) -> String {
+    let mut text = items
+        .iter()
+        .take(LISTED_ITEMS)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > LISTED_ITEMS {
+        text.push_str(&format!(" and {} more", items.len() - LISTED_ITEMS));
+    }
+    text
+}
+
+/// `text` cut to [`SHOWN_CHARS`] characters, saying how much was left out.
+pub(crate) fn capped_text(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}... ({} more characters)", &text[..end], text[end..].chars().count()),
+    }
+}
+
 /// `Result` with [`PeftError`].
 pub type Result<T, E = PeftError> = ::core::result::Result<T, E>;
 
-/// Attaches a module path to a candle error.
+/// Attaches a module path to an error raised where the path was not known:
+/// a candle error becomes [`PeftError::Module`], a layer's own error gets
+/// the path in place of the layer's description.
 pub(crate) trait InModule<T> {
     fn in_module(self, module: &str) -> Result<T>;
 }
 
 impl<T> InModule<T> for candle_core::Result<T> {
     fn in_module(self, module: &str) -> Result<T> {
-        self.map_err(|source| PeftError::Module {
+        self.map_err(|cause| PeftError::Module {
             module: module.to_owned(),
-            source,
+            cause,
         })
+    }
+}
+
+impl<T> InModule<T> for Result<T> {
+    fn in_module(self, module: &str) -> Result<T> {
+        self.map_err(|error| error.in_module(module))
+    }
+}
+
+impl PeftError {
+    /// This error with the module path `path` in place of what a layer that
+    /// does not know its path wrote, and a bare candle error placed in it.
+    pub(crate) fn in_module(self, path: &str) -> PeftError {
+        let module = path.to_owned();
+        match self {
+            PeftError::Candle(cause) => PeftError::Module { module, cause },
+            PeftError::MergeState { reason, .. } => PeftError::MergeState { module, reason },
+            PeftError::AdapterExists { adapter, .. } => PeftError::AdapterExists { module, adapter },
+            PeftError::IncompatibleAdapter { adapter, reason, .. } => PeftError::IncompatibleAdapter {
+                module,
+                adapter,
+                reason,
+            },
+            PeftError::NonFiniteWeights { operation, .. } => PeftError::NonFiniteWeights { module, operation },
+            other => other,
+        }
+    }
+}
+
+/// Adapters report errors as [`PeftError`]; candle's `Module::forward` of a
+/// slot returns candle's error: a candle error inside goes back out as it
+/// was, anything else is wrapped.
+impl From<PeftError> for candle_core::Error {
+    fn from(error: PeftError) -> Self {
+        match error {
+            PeftError::Candle(error) => error,
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{capped_list, capped_text};
+
+    #[test]
+    fn long_lists_and_values_are_cut() {
+        let names: Vec<String> = (0..200_000).map(|i| format!("layers.{i}.q_proj")).collect();
+        let listed = capped_list(&names);
+        assert!(listed.ends_with("layers.7.q_proj and 199992 more"), "{listed}");
+        assert_eq!(capped_list(&["a", "b"]), "a, b");
+        let long = "x".repeat(1000);
+        assert_eq!(
+            capped_text(&long),
+            format!("{}... (800 more characters)", "x".repeat(200))
+        );
+        assert_eq!(capped_text("short"), "short");
     }
 }

@@ -1,19 +1,19 @@
-//! PEFT's file format: `adapter_config.json` and `adapter_model.safetensors`,
-//! as `PeftModel.save_pretrained` writes them and `PeftModel.from_pretrained`
-//! reads them.
+//! PEFT's file format, and only the format: `adapter_config.json` and
+//! `adapter_model.safetensors` as `PeftModel.save_pretrained` writes them and
+//! `PeftModel.from_pretrained` reads them, turned into (config, tensors) and
+//! back. Which tensor goes to which layer is the model's business
+//! ([`crate::model`]).
 //!
 //! - Tensor keys: `base_model.model.<module path>.<key>` with the adapter's own
 //!   key (`lora_A.weight`), no adapter name; metadata `{"format": "pt"}`.
 //! - The config: PEFT's field names, keys sorted, indented by two spaces.
 //!   `target_modules` is the list of the modules the adapter sits on.
-//! - An adapter other than `"default"` is saved in a subfolder named after it.
 //!
-//! Saving writes both files to temporary files in the same folder, syncs
+//! Writing puts both files in temporary files in the same folder, syncs
 //! them, and only then renames them over the old ones (and syncs the
 //! folder), so a save that fails or is killed leaves the previous adapter
-//! whole.
-//! Loading checks everything (config, targets, every tensor's presence and
-//! shape) before it changes the model.
+//! whole. Reading checks each tensor's header entry on its own first, so a
+//! message can name the tensor at fault.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -22,99 +22,93 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::{Map, Value};
 
-use crate::adapter::LinearAdapter;
-use crate::error::{InModule, PeftError, Result};
-use crate::model::{PeftModel, DEFAULT_ADAPTER};
+use crate::error::{PeftError, Result};
+use crate::kinds::{parse_config, AdapterConfig};
 
 /// The config file's name.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// The tensor file's name.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The prefix PEFT puts before module paths in tensor keys.
-const KEY_PREFIX: &str = "base_model.model.";
+pub(crate) const KEY_PREFIX: &str = "base_model.model.";
 
-/// Where PEFT saves adapter `name` under `dir`: `dir` itself for `"default"`,
-/// `dir/<name>` otherwise. A name that would not stay one folder below `dir`
-/// (see [`check_adapter_name`]) is an error.
-pub fn adapter_dir(dir: &Path, name: &str) -> Result<PathBuf> {
-    check_adapter_name(name)?;
-    Ok(if name == DEFAULT_ADAPTER {
-        dir.to_path_buf()
-    } else {
-        dir.join(name)
+/// The two files of a saved adapter, already read, with the paths errors name.
+pub(crate) struct AdapterFiles<'a> {
+    /// The text of `adapter_config.json`.
+    pub config: &'a str,
+    /// Where it came from.
+    pub config_path: &'a Path,
+    /// The bytes of `adapter_model.safetensors`.
+    pub weights: &'a [u8],
+    /// Where they came from.
+    pub weights_path: &'a Path,
+}
+
+/// A saved adapter as read: its config and its tensors by file key.
+pub(crate) struct DecodedAdapter {
+    pub config: Box<dyn AdapterConfig>,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// Reads the two files of the adapter in `dir` and hands them to `read`.
+pub(crate) fn with_adapter_files<T>(dir: &Path, read: impl FnOnce(AdapterFiles<'_>) -> Result<T>) -> Result<T> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&config_path).map_err(|cause| PeftError::Io {
+        path: config_path.clone(),
+        cause,
+    })?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let bytes = fs::read(&weights_path).map_err(|cause| PeftError::Io {
+        path: weights_path.clone(),
+        cause,
+    })?;
+    read(AdapterFiles {
+        config: &text,
+        config_path: &config_path,
+        weights: &bytes,
+        weights_path: &weights_path,
     })
 }
 
-/// Refuses adapter names that cannot be a single folder name below the folder
-/// adapters are saved in: empty, `.` or `..`, with a path separator (`/`, or
-/// `\` as Windows reads it; an absolute path has one too) or a control
-/// character. [`PeftModel::add_adapter`], `load_adapter` and `save_adapter`
-/// check this first. PEFT uses the name as a subfolder the same way but does
-/// not check it.
-pub fn check_adapter_name(name: &str) -> Result<()> {
-    let reason = if name.is_empty() {
-        "it is empty"
-    } else if name == "." || name == ".." {
-        "it names a folder itself or its parent, not a subfolder"
-    } else if name.contains(['/', '\\']) {
-        "it contains a path separator, so it would not be one folder below the one given"
-    } else if name.chars().any(char::is_control) {
-        "it contains a control character"
-    } else {
-        return Ok(());
-    };
-    Err(PeftError::InvalidAdapterName {
-        name: name.to_owned(),
-        reason,
-    })
-}
-
-// ---- saving -------------------------------------------------------------------
-
-/// Writes adapter `name` of `model` into `dir` (created if needed).
-pub(crate) fn save_adapter<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &str) -> Result<()> {
-    check_adapter_name(name)?;
-    let layers = model.linear_layers();
-    let adapted: Vec<_> = layers
-        .iter()
-        .filter_map(|l| l.layer.adapter(name).map(|adapter| (l, adapter)))
-        .collect();
-    let Some((first, _)) = adapted.first() else {
-        return Err(PeftError::UnknownAdapter {
-            adapter: name.to_owned(),
-            known: model.adapter_names().join(", "),
+/// Parses the config (dispatching on its `peft_type`) and the tensors (on
+/// `device`), checking what the format alone can tell: valid JSON of a
+/// known kind, a sound safetensors header, floating-point tensors.
+pub(crate) fn decode(files: AdapterFiles<'_>, device: &Device) -> Result<DecodedAdapter> {
+    let config = parse_config(files.config, files.config_path)?;
+    config.validate()?;
+    let weights_path = files.weights_path;
+    if let Some((key, problem)) = header_problem(files.weights) {
+        return Err(PeftError::TensorHeader {
+            path: weights_path.to_path_buf(),
+            key,
+            problem,
         });
-    };
-    let mut config = match first.layer.adapter_config(name) {
-        Some(config) => Map::clone(config),
-        None => {
-            return Err(PeftError::UnsupportedOption {
-                field: "config".into(),
-                value: format!("{name:?}"),
-                reason: "the adapter was attached by hand with Linear::add_adapter, so its config is unknown; \
-                         add it with PeftModel::add_adapter to save it",
-            })
-        }
-    };
-    let mut target_modules: Vec<&str> = adapted.iter().map(|(l, _)| l.path.as_str()).collect();
-    target_modules.sort_unstable();
-    config.insert("target_modules".into(), Value::from(target_modules));
-    if adapted.iter().any(|(l, _)| l.layer.is_fan_in_fan_out()) {
-        // PEFT forces this for Conv1D layers too.
-        config.insert("fan_in_fan_out".into(), Value::Bool(true));
     }
-
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (layer, adapter) in &adapted {
-        for (key, var) in adapter.trainable_vars() {
-            tensors.push((format!("{KEY_PREFIX}{}.{key}", layer.path), var.as_tensor().clone()));
-        }
+    // The safetensors crate checks the header against the buffer (length,
+    // offsets inside the file, shape × dtype = byte count) before candle
+    // makes a tensor of it.
+    let tensors = candle_core::safetensors::load_buffer(files.weights, device).map_err(|e| PeftError::Safetensors {
+        path: weights_path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if let Some((key, tensor)) = tensors.iter().find(|(_, t)| !t.dtype().is_float()) {
+        return Err(PeftError::WrongDtype {
+            key: key.clone(),
+            found: tensor.dtype().as_str().to_owned(),
+        });
     }
+    Ok(DecodedAdapter {
+        config,
+        tensors: tensors.into_iter().collect(),
+    })
+}
 
-    let dir = adapter_dir(dir, name)?;
-    fs::create_dir_all(&dir).map_err(|source| PeftError::Io {
-        path: dir.clone(),
-        source,
+/// Writes an adapter into `dir` (created if needed): `config` (PEFT's
+/// fields, `target_modules` included) and `tensors` (by file key).
+pub(crate) fn write_adapter(dir: &Path, mut config: Map<String, Value>, tensors: &[(String, Tensor)]) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|cause| PeftError::Io {
+        path: dir.to_path_buf(),
+        cause,
     })?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
@@ -129,10 +123,10 @@ pub(crate) fn save_adapter<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &
     // PEFT writes the top-level keys sorted. The patterns inside
     // rank_pattern / alpha_pattern keep their order: the first match wins.
     config.sort_keys();
-    let mut json = serde_json::to_string_pretty(&Value::Object(config)).map_err(|source| PeftError::Json {
+    let mut json = serde_json::to_string_pretty(&Value::Object(config)).map_err(|cause| PeftError::Json {
         path: config_path.clone(),
         field: None,
-        source,
+        cause,
     })?;
     json.push('\n');
 
@@ -144,7 +138,7 @@ pub(crate) fn save_adapter<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &
     let config = StagedFile::write(&config_path, json.as_bytes())?;
     weights.commit()?;
     config.commit()?;
-    sync_dir(&dir)
+    sync_dir(dir)
 }
 
 /// A file written and synced under a temporary name beside `path`, waiting
@@ -169,9 +163,9 @@ impl StagedFile {
             path: path.to_path_buf(),
             committed: false,
         };
-        let io_error = |source| PeftError::Io {
+        let io_error = |cause| PeftError::Io {
             path: staged.tmp.clone(),
-            source,
+            cause,
         };
         let mut file = fs::File::create(&staged.tmp).map_err(io_error)?;
         file.write_all(bytes).map_err(io_error)?;
@@ -181,9 +175,9 @@ impl StagedFile {
 
     /// Renames the file over its final path.
     fn commit(mut self) -> Result<()> {
-        fs::rename(&self.tmp, &self.path).map_err(|source| PeftError::Io {
+        fs::rename(&self.tmp, &self.path).map_err(|cause| PeftError::Io {
             path: self.path.clone(),
-            source,
+            cause,
         })?;
         self.committed = true;
         Ok(())
@@ -205,150 +199,16 @@ fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
     fs::File::open(dir)
         .and_then(|folder| folder.sync_all())
-        .map_err(|source| PeftError::Io {
+        .map_err(|cause| PeftError::Io {
             path: dir.to_path_buf(),
-            source,
+            cause,
         })?;
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())
 }
 
-// ---- loading ------------------------------------------------------------------
-
-/// Reads the adapter in `dir` and adds it to `model` under `name`.
-pub(crate) fn load_adapter<M: PeftModel + ?Sized>(model: &mut M, dir: &Path, name: &str) -> Result<()> {
-    check_adapter_name(name)?;
-    let config_path = dir.join(CONFIG_FILE);
-    let text = fs::read_to_string(&config_path).map_err(|source| PeftError::Io {
-        path: config_path.clone(),
-        source,
-    })?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let bytes = fs::read(&weights_path).map_err(|source| PeftError::Io {
-        path: weights_path.clone(),
-        source,
-    })?;
-    let files = AdapterFiles {
-        config: &text,
-        config_path: &config_path,
-        weights: &bytes,
-        weights_path: &weights_path,
-    };
-    load_adapter_from(model, files, name)
-}
-
-/// The two files of a saved adapter, already read, with the paths errors name.
-pub(crate) struct AdapterFiles<'a> {
-    /// The text of `adapter_config.json`.
-    pub config: &'a str,
-    /// Where it came from.
-    pub config_path: &'a Path,
-    /// The bytes of `adapter_model.safetensors`.
-    pub weights: &'a [u8],
-    /// Where they came from.
-    pub weights_path: &'a Path,
-}
-
-/// Adds the adapter in `files` to `model` under `name`, checking everything
-/// before the model changes.
-pub(crate) fn load_adapter_from<M: PeftModel + ?Sized>(
-    model: &mut M,
-    files: AdapterFiles<'_>,
-    name: &str,
-) -> Result<()> {
-    check_adapter_name(name)?;
-    crate::model::check_new_name(model, name)?;
-    let config = crate::config_file::parse_config(files.config, files.config_path)?;
-    config.validate()?;
-
-    let weights_path = files.weights_path;
-    let device = model.linear_layers().first().map_or(Device::Cpu, |l| l.layer.device());
-    if let Some((key, problem)) = header_problem(files.weights) {
-        return Err(PeftError::TensorHeader {
-            path: weights_path.to_path_buf(),
-            key,
-            problem,
-        });
-    }
-    // The safetensors crate checks the header against the buffer (length,
-    // offsets inside the file, shape × dtype = byte count) before candle
-    // makes a tensor of it.
-    let tensors =
-        candle_core::safetensors::load_buffer(files.weights, &device).map_err(|e| PeftError::Safetensors {
-            path: weights_path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    if let Some((key, tensor)) = tensors.iter().find(|(_, t)| !t.dtype().is_float()) {
-        return Err(PeftError::WrongDtype {
-            key: key.clone(),
-            found: tensor.dtype().as_str().to_owned(),
-        });
-    }
-
-    let adapters = {
-        let layers = model.linear_layers();
-        let chosen = config
-            .targets()
-            .resolve(layers.iter().map(|l| (l.path.as_str(), l.role, l.layer.kind())))?;
-        let mut unused: BTreeMap<&str, &Tensor> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        let mut adapters: Vec<(usize, Box<dyn LinearAdapter>)> = Vec::with_capacity(chosen.len());
-        for i in chosen {
-            let layer = &layers[i];
-            if layer.layer.has_adapter(name) {
-                return Err(PeftError::AdapterExists {
-                    module: layer.path.clone(),
-                    adapter: name.to_owned(),
-                });
-            }
-            let prefix = format!("{KEY_PREFIX}{}.", layer.path);
-            let file_values = unused
-                .iter()
-                .filter(|(key, _)| key.starts_with(&prefix))
-                .map(|(_, tensor)| tensor.elem_count())
-                .sum();
-            config.check_layer(&layer.path, layer.layer, Some(file_values))?;
-            let adapter = config.linear_adapter(&layer.path, layer.layer).in_module(&layer.path)?;
-            layer
-                .layer
-                .check_attach(name, &*adapter)
-                .map_err(|e| crate::model::relocate(e, &layer.path))?;
-            for (key, var) in adapter.trainable_vars() {
-                let file_key = format!("{KEY_PREFIX}{}.{key}", layer.path);
-                let Some(tensor) = unused.remove(file_key.as_str()) else {
-                    return Err(PeftError::MissingTensor {
-                        module: layer.path.clone(),
-                        key: file_key,
-                    });
-                };
-                if tensor.dims() != var.dims() {
-                    return Err(PeftError::ShapeMismatch {
-                        key: file_key,
-                        expected: var.dims().to_vec(),
-                        found: tensor.dims().to_vec(),
-                    });
-                }
-                // f16/bf16 files load into the model's dtype.
-                var.set(&tensor.to_dtype(var.dtype()).in_module(&layer.path)?)
-                    .in_module(&layer.path)?;
-            }
-            adapters.push((i, adapter));
-        }
-        if !unused.is_empty() {
-            return Err(PeftError::UnexpectedTensors {
-                keys: unused.keys().map(|k| k.to_string()).collect(),
-            });
-        }
-        adapters
-    };
-
-    let saved = std::sync::Arc::new(config.to_peft_config());
-    let mut layers = model.linear_layers_mut();
-    for (i, adapter) in adapters {
-        layers[i].layer.insert_adapter(name, adapter, Some(saved.clone()));
-    }
-    Ok(())
-}
+// ---- header checks ---------------------------------------------------------
 
 /// The first tensor entry of a safetensors header that is wrong on its own:
 /// named twice, a shape whose byte count differs from what its offsets hold,

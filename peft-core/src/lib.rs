@@ -31,6 +31,32 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Where things are
+//!
+//! Folders show the architecture; imports run one way, from the left to
+//! the right of this list and never back (`tests/architecture.rs` checks
+//! it on every `cargo test`):
+//!
+//! | room | what it holds |
+//! | --- | --- |
+//! | `error.rs`, `path.rs` | [`PeftError`], [`ModulePath`] |
+//! | `kernels/` | CPU kernels, no PEFT logic: [`fused`], [`ops`] |
+//! | `layer/` | the adapter slot [`Layer`] and the drop-ins that hold one ([`Linear`], [`Embedding`], [`Conv1d`], [`Conv2d`]); the adapter contract [`Adapter`]. Knows no adapter kind. |
+//! | `adaptable.rs` | the walk: [`Adaptable`], [`Visitor`], the containers and the slots' impls |
+//! | `targets.rs` | [`Targets`]: which layers an adapter goes on |
+//! | `kinds/` | what a kind is ([`AdapterConfig`], [`PeftConfig`], [`RankSettings`], the registry), then one room per kind: `lora/`, `ia3.rs`, `lycoris/` (LoHa, LoKr). Sibling kinds never import each other. |
+//! | `io.rs` | PEFT's file format only: bytes to (config, tensors) and back, atomic writes |
+//! | `model/` | [`PeftModel`]: the one attach routine used by `add_adapter` and loading, merging, counting |
+//!
+//! To add a kind, add a folder (or file) under `kinds/` with its config and
+//! adapter, and one registration line: `register_adapter_kind!(MyConfig);`.
+//! A crate of your own does the same through the public API
+//! ([`PeftConfig`], [`register_adapter_kind!`]).
+//!
+//! Types are re-exported here, flat; the kind modules are private. The
+//! public modules are namespaces of helpers: [`ops`] and [`fused`] (CPU
+//! kernels), [`config_file`] (for writing a kind's parser) and [`prelude`].
 
 // Bad input must give an error, never a panic: see docs/ERRORS.md.
 #![cfg_attr(
@@ -50,69 +76,68 @@
 extern crate self as peft_core;
 
 mod adaptable;
-mod adapter;
-mod config;
-pub mod config_file;
-mod conv;
-pub mod dora;
-mod embedding;
 mod error;
-pub mod fused;
-pub mod ia3;
 mod io;
-mod linear;
-pub mod loha;
-pub mod lokr;
-mod lora;
+mod kernels;
+mod kinds;
+mod layer;
 mod model;
-pub mod ops;
 mod path;
-pub mod quantized;
-mod registry;
 mod targets;
 
 pub use adaptable::{
-    visit_child, visit_child_mut, visit_child_with, visit_child_with_mut, Adaptable, LayerKind, OutputHead, Role,
-    Visitor, VisitorMut,
+    visit_child, visit_child_mut, visit_child_with, visit_child_with_mut, Adaptable, OutputHead, Role, Visitor,
+    VisitorMut,
 };
-pub use adapter::{ForwardContext, LinearAdapter, LinearWeights};
-pub use config::{check_rank, AdapterConfig};
-pub use conv::{conv1d, conv2d, Conv1d, Conv2d, ConvGeometry, LoraConvAdapter};
-pub use dora::DoraAdapter;
-pub use embedding::{embedding, Embedding, LoraEmbeddingAdapter};
 pub use error::{PeftError, Result};
-pub use ia3::{FeedforwardModules, Ia3Adapter, Ia3Config};
-pub use io::{adapter_dir, check_adapter_name, CONFIG_FILE, WEIGHTS_FILE};
-pub use linear::{linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Linear};
-pub use loha::{LohaAdapter, LohaConfig};
-pub use lokr::{LokrAdapter, LokrConfig};
-pub use lora::{LoraAdapter, LoraConfig, LoraInit};
-pub use model::{LayerMut, LayerRef, ParameterCount, PeftModel, DEFAULT_ADAPTER};
+pub use io::{CONFIG_FILE, WEIGHTS_FILE};
+pub use kernels::{fused, ops};
+pub use kinds::config_file::{PeftMetadata, WithMetadata};
+pub use kinds::{
+    adapter_kind, adapter_kinds, check_rank, factorization, AdapterConfig, AdapterKind, DoraAdapter,
+    FeedforwardModules, Ia3Adapter, Ia3Config, LohaAdapter, LohaConfig, LokrAdapter, LokrConfig, LokrFactor, LokrInit,
+    LokrShapes, LoraAdapter, LoraConfig, LoraConvAdapter, LoraEmbeddingAdapter, LoraInit, LycorisOptions, ParseConfig,
+    PeftConfig, RankSettings, WithLycoris, WithRank,
+};
+pub use layer::{
+    conv1d, conv2d, embedding, linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Adapter, CloneAdapter,
+    Composition, Conv1d, Conv2d, ConvGeometry, Embedding, ForwardContext, Layer, LayerKind, LayerWeights, Linear,
+    QuantizedWeight,
+};
+pub use model::{adapter_dir, check_adapter_name, LayerMut, LayerRef, ParameterCount, PeftModel, DEFAULT_ADAPTER};
 pub use path::ModulePath;
-pub use quantized::QuantizedWeight;
-pub use registry::{adapter_kind, adapter_kinds, AdapterKind, ParseConfig};
 pub use targets::{all_linear, layer_index, modules, name_matches, regex, Targets};
 
-/// `#[derive(Adaptable)]`: see the crate's README for the attributes.
+/// Helpers for writing an adapter kind's parser of `adapter_config.json`:
+/// the target fields, the "is this option set?" check, JSON numbers as
+/// Python writes them; and [`parse_config`](config_file::parse_config),
+/// which dispatches a file to its kind.
+pub mod config_file {
+    pub use crate::kinds::config_file::*;
+    pub use crate::kinds::parse_config;
+}
+
+/// `#[derive(Adaptable)]`: see `docs/guide/derive.md` for the attributes.
 #[cfg(feature = "derive")]
 pub use peft_derive::Adaptable;
 
-/// What a model file needs: the derive, the layer slot and its constructors,
-/// targets, LoRA and the model API.
+/// What a model file needs: the derive, the slots and their constructors,
+/// targets, LoRA, the model API and the config builders.
 pub mod prelude {
-    pub use crate::config_file::WithMetadata;
     #[cfg(feature = "derive")]
     pub use crate::Adaptable;
     pub use crate::{
         all_linear, linear, linear_b, linear_fan_in_fan_out, linear_no_bias, modules, regex, Linear, LoraConfig,
-        LoraInit, PeftModel, Targets,
+        LoraInit, PeftModel, Targets, WithLycoris, WithMetadata, WithRank,
     };
 }
 
 /// Used by the code `#[derive(Adaptable)]` generates; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::adaptable::{visit_child_with, visit_child_with_mut, Adaptable, OutputHead, Visitor, VisitorMut};
+    pub use crate::adaptable::{
+        visit_child_with, visit_child_with_mut, Adaptable, OutputHead, UsePeftLinear, Visitor, VisitorMut,
+    };
     pub use crate::path::ModulePath;
     pub use inventory;
 }

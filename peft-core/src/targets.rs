@@ -15,8 +15,9 @@ use std::fmt;
 
 use regex::Regex;
 
-use crate::adaptable::{LayerKind, Role};
-use crate::error::{PeftError, Result};
+use crate::adaptable::Role;
+use crate::error::{capped_list, PeftError, Result};
+use crate::layer::LayerKind;
 
 /// A set of target layers. Build it with [`all_linear`], [`modules`] or
 /// [`regex()`], then narrow it with [`exclude`](Self::exclude),
@@ -179,7 +180,7 @@ impl Targets {
             if let Err(error) = &pattern.compiled {
                 return Err(PeftError::InvalidRegex {
                     pattern: pattern.source.clone(),
-                    source: error.clone(),
+                    cause: error.clone(),
                 });
             }
         }
@@ -262,7 +263,10 @@ impl Targets {
             return Err(PeftError::AllTargetsExcluded {
                 requested: self.describe_include(),
                 matched: kept.len(),
-                removed_by: format!("layers_to_transform {:?}", self.layers.as_deref().unwrap_or_default()),
+                removed_by: format!(
+                    "layers_to_transform [{}]",
+                    capped_list(self.layers.as_deref().unwrap_or_default())
+                ),
             });
         }
         Ok(in_layers)
@@ -312,7 +316,11 @@ impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Selector::AllLinear => f.write_str("all_linear()"),
-            Selector::Names(names) => write!(f, "{names:?}"),
+            // A config may list thousands of modules: name the first few.
+            Selector::Names(names) => {
+                let quoted: Vec<String> = names.iter().map(|name| format!("{name:?}")).collect();
+                write!(f, "[{}]", capped_list(&quoted))
+            }
             Selector::Regex(pattern) => write!(f, "regex({:?})", pattern.source),
         }
     }
@@ -340,7 +348,7 @@ impl fmt::Display for Targets {
             write!(f, " excluding {}", List(&self.exclude))?;
         }
         if let Some(layers) = &self.layers {
-            write!(f, " in layers {layers:?}")?;
+            write!(f, " in layers [{}]", capped_list(layers))?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ struct Model<H> {
 }
 
 fn count<M: PeftModel>(model: &M) -> usize {
-    model.linear_layers().len()
+    model.layers().len()
 }
 
 fn main() {

@@ -22,7 +22,7 @@ fn layer() -> Linear {
 }
 
 fn count<M: PeftModel>(model: &M) -> usize {
-    model.linear_layers().len()
+    model.layers().len()
 }
 
 fn main() {
@@ -32,7 +32,7 @@ fn main() {
         cls_head: layer(),
         cache: Vec::new(),
     };
-    let _ = PeftModel::linear_layers(&model);
+    let _ = PeftModel::layers(&model);
     let _ = count(&model);
     let _ = model.apply_lora(all_linear());
 }

@@ -1,0 +1,7 @@
+//! CPU kernels: fused products and differentiable ops for training on the
+//! CPU. Plain tensor code with no PEFT logic, used by the slots and the
+//! adapters, and public as [`crate::fused`] and [`crate::ops`].
+
+pub mod fused;
+pub(crate) mod matmul;
+pub mod ops;

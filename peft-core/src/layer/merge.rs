@@ -1,0 +1,222 @@
+//! Merging a [`Layer`]'s adapters into its base and taking them out again.
+//!
+//! Every change is planned first ([`MergePlan`]: the new base and which
+//! adapters it holds), without touching the layer, and committed only when
+//! every layer of a model has a plan: a failure anywhere leaves the model
+//! as it was.
+
+use crate::error::{PeftError, Result};
+use crate::layer::adapter::Composition;
+use crate::layer::base::{Base, LayerWeights};
+use crate::layer::slot::{AttachedAdapter, Layer};
+
+/// Why a partial merge is refused.
+const PARTIAL_MERGE: &str = "merging some adapters of this layer while other active ones stay unmerged is exact only \
+     when all of them are additive (LoRA, LoHa, LoKr); merge every active adapter, or deactivate the others first";
+/// Why merging into a quantized base is refused.
+const QUANTIZED_MERGE: &str = "cannot merge into a quantized base weight: requantizing the merged weight would \
+     lose the adapter's precision; keep the adapter unmerged, or load the base in f32/f16 to merge";
+
+/// A new base for the layer, and which adapters are merged into it.
+pub(crate) struct MergePlan {
+    base: Base,
+    merged: Vec<bool>,
+    /// Whether the new weights are all finite; a plan that is not is refused
+    /// before any layer changes.
+    pub(crate) finite: bool,
+}
+
+impl Layer {
+    /// Folds the active, unmerged adapters into the base weight. Refused for
+    /// a quantized base: see [`from_qtensor`](Self::from_qtensor).
+    /// Merging what is already merged does nothing; weights that would not
+    /// be finite are refused ([`PeftError::NonFiniteWeights`]).
+    pub fn merge(&mut self) -> Result<()> {
+        self.check_mergeable(None)?;
+        let plan = self.plan_merge()?;
+        self.commit_checked(plan, "merge")
+    }
+
+    /// Takes every merged adapter back out of the base weight (nothing to do
+    /// when none is merged).
+    pub fn unmerge(&mut self) -> Result<()> {
+        let plan = self.plan_unmerge()?;
+        self.commit_checked(plan, "unmerge")
+    }
+
+    /// Installs `plan` if its weights are finite.
+    fn commit_checked(&mut self, plan: Option<MergePlan>, operation: &'static str) -> Result<()> {
+        match plan {
+            Some(plan) if !plan.finite => Err(PeftError::NonFiniteWeights {
+                module: self.describe(),
+                operation,
+            }),
+            Some(plan) => {
+                self.commit(plan);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Turns adapters off, unmerging first as PEFT's `disable_adapter()`
+    /// does, so the output is the base layer's.
+    pub fn disable_adapters(&mut self) -> Result<()> {
+        self.unmerge()?;
+        self.disable_adapters_unmerged();
+        Ok(())
+    }
+
+    /// Turns adapters back on.
+    pub fn enable_adapters(&mut self) {
+        self.adapters_enabled = true;
+    }
+
+    /// Turns adapters off; the caller has unmerged them.
+    pub(crate) fn disable_adapters_unmerged(&mut self) {
+        debug_assert!(!self.is_merged());
+        self.adapters_enabled = false;
+    }
+
+    /// Refuses to merge the adapters in `names` (the active ones when `None`)
+    /// into a quantized base.
+    pub(crate) fn check_mergeable(&self, names: Option<&[&str]>) -> Result<()> {
+        if !self.has_pending_merge(names) {
+            return Ok(());
+        }
+        if self.is_quantized() {
+            return Err(PeftError::MergeState {
+                module: self.describe(),
+                reason: QUANTIZED_MERGE,
+            });
+        }
+        // After the merge, some adapters are in the weight and some active
+        // ones are not: exact only when the ones left out add a change of the
+        // input alone and nothing merged scales what they add to.
+        let merged_after = |a: &AttachedAdapter| {
+            a.merged
+                || match names {
+                    None => a.active,
+                    Some(names) => names.contains(&a.name.as_str()),
+                }
+        };
+        let partial = self.adapters.iter().any(|a| a.active && !merged_after(a));
+        let exact = |a: &AttachedAdapter| match a.adapter.composition() {
+            Composition::Additive => true,
+            Composition::TransformsInput => merged_after(a),
+            _ => false,
+        };
+        if partial && !self.adapters.iter().filter(|a| a.active || merged_after(a)).all(exact) {
+            return Err(PeftError::MergeState {
+                module: self.describe(),
+                reason: PARTIAL_MERGE,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether merging the adapters in `names` (the active ones when `None`)
+    /// would change this layer: adapters are enabled and one of them is not
+    /// merged yet.
+    pub(crate) fn has_pending_merge(&self, names: Option<&[&str]>) -> bool {
+        self.adapters_enabled
+            && self.adapters.iter().any(|a| {
+                !a.merged
+                    && match names {
+                        None => a.active,
+                        Some(names) => names.contains(&a.name.as_str()),
+                    }
+            })
+    }
+
+    /// Computes the merged weights without changing the layer.
+    pub(crate) fn plan_merge(&self) -> Result<Option<MergePlan>> {
+        self.plan_merge_of(None)
+    }
+
+    /// Computes the weights with the adapters in `names` (all active ones
+    /// when `None`) merged, without changing the layer.
+    ///
+    /// The weights are rebuilt from the unmerged base with every adapter that
+    /// ends up merged, in [`merge_order`](Self::merge_order), so that merging
+    /// one adapter after another gives what the forward pass computes.
+    pub(crate) fn plan_merge_of(&self, names: Option<&[&str]>) -> Result<Option<MergePlan>> {
+        let chosen = |a: &AttachedAdapter| match names {
+            None => a.active,
+            Some(names) => names.contains(&a.name.as_str()),
+        };
+        if !self.has_pending_merge(names) {
+            return Ok(None);
+        }
+        if self.is_quantized() {
+            return Err(PeftError::MergeState {
+                module: self.describe(),
+                reason: QUANTIZED_MERGE,
+            });
+        }
+        let merged: Vec<bool> = self.adapters.iter().map(|a| a.merged || chosen(a)).collect();
+        let unmerged = self.unmerged_weights()?;
+        let mut weights = unmerged.clone();
+        for i in self.merge_order(&merged) {
+            weights = self.adapters[i].adapter.merge_onto(&weights, &unmerged)?;
+        }
+        Ok(Some(MergePlan {
+            finite: weights.all_finite()?,
+            base: self.base.rebuilt(weights)?,
+            merged,
+        }))
+    }
+
+    /// Computes the unmerged weights without changing the layer.
+    pub(crate) fn plan_unmerge(&self) -> Result<Option<MergePlan>> {
+        if !self.is_merged() {
+            return Ok(None);
+        }
+        let weights = self.unmerged_weights()?;
+        Ok(Some(MergePlan {
+            finite: weights.all_finite()?,
+            base: self.base.rebuilt(weights)?,
+            merged: vec![false; self.adapters.len()],
+        }))
+    }
+
+    /// The base weights with every merged adapter taken out again, in the
+    /// reverse of the order they were merged in.
+    fn unmerged_weights(&self) -> Result<LayerWeights> {
+        let merged: Vec<bool> = self.adapters.iter().map(|a| a.merged).collect();
+        let mut weights = self.base_weights()?;
+        for i in self.merge_order(&merged).into_iter().rev() {
+            weights = self.adapters[i].adapter.unmerge(&weights)?;
+        }
+        Ok(weights)
+    }
+
+    /// The order to merge the adapters flagged in `selected`: those that
+    /// transform the input first (the forward pass applies them to the base
+    /// weight only), then the others in the order they were added.
+    fn merge_order(&self, selected: &[bool]) -> Vec<usize> {
+        let (mut first, rest): (Vec<usize>, Vec<usize>) = (0..self.adapters.len())
+            .filter(|&i| selected[i])
+            .partition(|&i| self.adapters[i].adapter.composition() == Composition::TransformsInput);
+        first.extend(rest);
+        first
+    }
+
+    /// Installs a plan made by `plan_merge`/`plan_unmerge` on this same layer.
+    pub(crate) fn commit(&mut self, plan: MergePlan) {
+        debug_assert_eq!(plan.merged.len(), self.adapters.len());
+        self.base = plan.base;
+        for (attached, merged) in self.adapters.iter_mut().zip(plan.merged) {
+            attached.merged = merged;
+        }
+    }
+
+    /// Installs a merge plan and drops every adapter: a plain layer remains.
+    pub(crate) fn commit_and_unload(&mut self, plan: Option<MergePlan>) {
+        if let Some(plan) = plan {
+            self.base = plan.base;
+        }
+        self.adapters.clear();
+        self.adapters_enabled = true;
+    }
+}

@@ -1,0 +1,229 @@
+//! Adding an adapter to a model: the one attach routine that
+//! [`PeftModel::add_adapter`] and loading share, the name checks, and
+//! saving an adapter's config and tensors for [`crate::io`] to write.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use serde_json::{Map, Value};
+
+use crate::error::{capped_list, InModule, PeftError, Result};
+use crate::io::{write_adapter, KEY_PREFIX};
+use crate::kinds::AdapterConfig;
+use crate::layer::Adapter;
+use crate::model::{LayerRef, PeftModel, DEFAULT_ADAPTER};
+
+/// Adds an adapter made from `config` under `name` on every layer `config`
+/// targets. With `file`, each new adapter's tensors are then set from it
+/// (a saved adapter being loaded) and every tensor of the file must be used.
+///
+/// Everything that can fail (names, targets, each layer's check, the
+/// adapters, their tensors) happens before the model changes: on error it
+/// is as it was.
+pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
+    model: &mut M,
+    name: &str,
+    config: &C,
+    mut file: Option<FileTensors>,
+) -> Result<()> {
+    check_adapter_name(name)?;
+    check_new_name(model, name)?;
+    config.validate()?;
+    let adapters = {
+        let layers = model.layers();
+        let chosen = config
+            .targets()
+            .resolve(layers.iter().map(|l| (l.path.as_str(), l.role, l.layer.kind())))?;
+        let mut adapters = Vec::with_capacity(chosen.len());
+        for i in chosen {
+            let LayerRef { path, layer, .. } = &layers[i];
+            let file_values = file.as_ref().map(|file| file.values_under(path));
+            config.check_layer(path, layer, file_values)?;
+            let adapter = config.new_adapter(path, layer).in_module(path)?;
+            layer.check_attach(name, &*adapter).in_module(path)?;
+            if let Some(file) = file.as_mut() {
+                file.fill(path, &*adapter)?;
+            }
+            adapters.push((i, adapter));
+        }
+        if let Some(file) = file {
+            file.check_all_used()?;
+        }
+        adapters
+    };
+    let saved = Arc::new(config.to_peft_config());
+    let mut layers = model.layers_mut();
+    for (i, adapter) in adapters {
+        layers[i].layer.insert_adapter(name, adapter, Some(saved.clone()));
+    }
+    Ok(())
+}
+
+/// The tensors of an adapter file, by file key, handed out to the layers
+/// as their adapters are made.
+pub(crate) struct FileTensors {
+    unused: BTreeMap<String, Tensor>,
+}
+
+impl FileTensors {
+    pub(crate) fn new(tensors: BTreeMap<String, Tensor>) -> Self {
+        Self { unused: tensors }
+    }
+
+    /// How many values the file holds for the module at `path`.
+    fn values_under(&self, path: &str) -> usize {
+        let prefix = format!("{KEY_PREFIX}{path}.");
+        self.unused
+            .range(prefix.clone()..)
+            .take_while(|(key, _)| key.starts_with(&prefix))
+            .map(|(_, tensor)| tensor.elem_count())
+            .sum()
+    }
+
+    /// Sets every trainable tensor of `adapter` (at `path`) from the file,
+    /// converting f16/bf16 to the adapter's dtype.
+    fn fill(&mut self, path: &str, adapter: &dyn Adapter) -> Result<()> {
+        for (key, var) in adapter.trainable_vars() {
+            let file_key = format!("{KEY_PREFIX}{path}.{key}");
+            let Some(tensor) = self.unused.remove(&file_key) else {
+                return Err(PeftError::MissingTensor {
+                    module: path.to_owned(),
+                    key: file_key,
+                });
+            };
+            if tensor.dims() != var.dims() {
+                return Err(PeftError::ShapeMismatch {
+                    key: file_key,
+                    expected: var.dims().to_vec(),
+                    found: tensor.dims().to_vec(),
+                });
+            }
+            var.set(&tensor.to_dtype(var.dtype()).in_module(path)?)
+                .in_module(path)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses tensors that no targeted module took.
+    fn check_all_used(self) -> Result<()> {
+        if self.unused.is_empty() {
+            return Ok(());
+        }
+        Err(PeftError::UnexpectedTensors {
+            keys: self.unused.into_keys().collect(),
+        })
+    }
+}
+
+/// What saving an adapter writes: its config fields and its tensors.
+pub(crate) struct SavedAdapter {
+    /// PEFT's config fields, `target_modules` the adapted modules.
+    pub config: Map<String, Value>,
+    /// The tensors under their file keys.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+/// The config and tensors of adapter `name` of `model`, as PEFT saves them.
+pub(crate) fn saved_adapter<M: PeftModel + ?Sized>(model: &M, name: &str) -> Result<SavedAdapter> {
+    let layers = model.layers();
+    let adapted: Vec<_> = layers
+        .iter()
+        .filter_map(|l| l.layer.adapter(name).map(|adapter| (l, adapter)))
+        .collect();
+    let Some((first, _)) = adapted.first() else {
+        return Err(PeftError::UnknownAdapter {
+            adapter: name.to_owned(),
+            known: capped_list(&model.adapter_names()),
+        });
+    };
+    let Some(config) = first.layer.adapter_config(name) else {
+        return Err(PeftError::UnsupportedOption {
+            field: "config".into(),
+            value: format!("{name:?}"),
+            reason: "the adapter was attached by hand with Layer::add_adapter, so its config is unknown; \
+                     add it with PeftModel::add_adapter to save it",
+        });
+    };
+    let mut config = Map::clone(config);
+    let mut target_modules: Vec<&str> = adapted.iter().map(|(l, _)| l.path.as_str()).collect();
+    target_modules.sort_unstable();
+    config.insert("target_modules".into(), Value::from(target_modules));
+    if adapted.iter().any(|(l, _)| l.layer.is_fan_in_fan_out()) {
+        // PEFT forces this for Conv1D layers too.
+        config.insert("fan_in_fan_out".into(), Value::Bool(true));
+    }
+    let mut tensors = Vec::new();
+    for (layer, adapter) in &adapted {
+        for (key, var) in adapter.trainable_vars() {
+            tensors.push((format!("{KEY_PREFIX}{}.{key}", layer.path), var.as_tensor().clone()));
+        }
+    }
+    Ok(SavedAdapter { config, tensors })
+}
+
+/// Writes adapter `name` of `model` in PEFT's layout under `dir`.
+pub(crate) fn save<M: PeftModel + ?Sized>(model: &M, dir: &Path, name: &str) -> Result<()> {
+    let folder = adapter_dir(dir, name)?;
+    let saved = saved_adapter(model, name)?;
+    write_adapter(&folder, saved.config, &saved.tensors)
+}
+
+/// Where PEFT saves adapter `name` under `dir`: `dir` itself for `"default"`,
+/// `dir/<name>` otherwise. A name that would not stay one folder below `dir`
+/// (see [`check_adapter_name`]) is an error.
+pub fn adapter_dir(dir: &Path, name: &str) -> Result<PathBuf> {
+    check_adapter_name(name)?;
+    Ok(if name == DEFAULT_ADAPTER {
+        dir.to_path_buf()
+    } else {
+        dir.join(name)
+    })
+}
+
+/// Refuses adapter names that cannot be a single folder name below the folder
+/// adapters are saved in: empty, `.` or `..`, with a path separator (`/`, or
+/// `\` as Windows reads it; an absolute path has one too) or a control
+/// character. [`PeftModel::add_adapter`], `load_adapter` and `save_adapter`
+/// check this first. PEFT uses the name as a subfolder the same way but does
+/// not check it.
+pub fn check_adapter_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "it is empty"
+    } else if name == "." || name == ".." {
+        "it names a folder itself or its parent, not a subfolder"
+    } else if name.contains(['/', '\\']) {
+        "it contains a path separator, so it would not be one folder below the one given"
+    } else if name.chars().any(char::is_control) {
+        "it contains a control character"
+    } else {
+        return Ok(());
+    };
+    Err(PeftError::InvalidAdapterName {
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+/// Refuses a name an adapter of the model already has, on any layer: one
+/// name is one adapter with one config, as PEFT's `peft_config[name]`.
+pub(crate) fn check_new_name<M: PeftModel + ?Sized>(model: &M, name: &str) -> Result<()> {
+    match model.layers().into_iter().find(|l| l.layer.has_adapter(name)) {
+        Some(layer) => Err(PeftError::AdapterExists {
+            module: layer.path,
+            adapter: name.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn check_known(names: &[&str], known: &[String]) -> Result<()> {
+    match names.iter().find(|name| !known.iter().any(|k| k == *name)) {
+        None => Ok(()),
+        Some(missing) => Err(PeftError::UnknownAdapter {
+            adapter: (*missing).to_owned(),
+            known: capped_list(known),
+        }),
+    }
+}

@@ -1,0 +1,83 @@
+//! Merging and unmerging every layer, all or nothing.
+
+use std::collections::BTreeSet;
+
+use crate::error::{InModule, PeftError, Result};
+use crate::layer::merge::MergePlan;
+use crate::layer::Layer;
+use crate::model::PeftModel;
+
+/// Plans a change on every layer and commits it, so that nothing changes if
+/// any plan fails and at most one layer's new weights exist at a time.
+///
+/// The first pass makes every plan and drops it at once: a failure there
+/// leaves the model untouched. The second pass makes each plan again and
+/// commits it before making the next, so the old weights of a layer are freed
+/// before the next layer's new ones are made (merging never holds a second
+/// copy of the model). Plans are deterministic, so the second pass repeats
+/// the first; merging costs two computations of the new weights.
+///
+/// A plan whose weights are not all finite is refused in the first pass
+/// ([`PeftError::NonFiniteWeights`], naming `operation`).
+pub(crate) fn commit_all<M: PeftModel + ?Sized>(
+    model: &mut M,
+    operation: &'static str,
+    plan: impl Fn(&Layer) -> Result<Option<MergePlan>>,
+    commit: impl Fn(&mut Layer, Option<MergePlan>),
+) -> Result<()> {
+    for layer in model.layers() {
+        if let Some(plan) = plan(layer.layer).in_module(&layer.path)? {
+            if !plan.finite {
+                return Err(PeftError::NonFiniteWeights {
+                    module: layer.path.clone(),
+                    operation,
+                });
+            }
+        }
+    }
+    for layer in model.layers_mut() {
+        let plan = plan(layer.layer).in_module(&layer.path)?;
+        commit(layer.layer, plan);
+    }
+    Ok(())
+}
+
+/// Installs a plan, if there is one.
+pub(crate) fn commit_plan(layer: &mut Layer, plan: Option<MergePlan>) {
+    if let Some(plan) = plan {
+        layer.commit(plan);
+    }
+}
+
+/// Refuses a merge that would change nothing, saying why: the chosen
+/// adapters are already merged, none is active, or adapters are disabled.
+pub(crate) fn check_pending_merge<M: PeftModel + ?Sized>(model: &M, names: Option<&[&str]>) -> Result<()> {
+    let layers = model.layers();
+    if layers.iter().any(|l| l.layer.has_pending_merge(names)) {
+        return Ok(());
+    }
+    let reason = if layers.iter().any(|l| !l.layer.adapters_enabled()) {
+        "adapters are disabled; enable them first".to_owned()
+    } else {
+        let chosen = |name: &str| names.is_none_or(|names| names.contains(&name));
+        let merged: BTreeSet<&str> = layers
+            .iter()
+            .flat_map(|l| l.layer.merged_adapter_names().filter(|name| chosen(name)))
+            .collect();
+        if merged.is_empty() {
+            "the model has no active adapter".to_owned()
+        } else {
+            let names: Vec<String> = merged.iter().map(|name| format!("`{name}`")).collect();
+            format!("adapter(s) {} already merged", names.join(", "))
+        }
+    };
+    Err(PeftError::NothingToMerge { reason })
+}
+
+/// Refuses a merge that would go into a quantized base, naming the layer.
+pub(crate) fn check_mergeable<M: PeftModel + ?Sized>(model: &M, names: Option<&[&str]>) -> Result<()> {
+    for layer in model.layers() {
+        layer.layer.check_mergeable(names).in_module(&layer.path)?;
+    }
+    Ok(())
+}
