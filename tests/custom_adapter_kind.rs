@@ -6,14 +6,13 @@
 //! The kind, `BIAS_SHIFT`, learns one vector per layer added to the output:
 //! `y = base(x) + shift`; merging adds it to the bias.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
-use peft_core::config_file::{check_other_fields, parse_json, TargetFields};
+use peft_core::config_file::{KindFields, NoFields};
 use peft_core::prelude::*;
-use peft_core::{Adapter, AdapterConfig, ForwardContext, Layer, LayerWeights, PeftConfig, CONFIG_FILE};
+use peft_core::{Adapter, AdapterConfig, ForwardContext, Layer, LayerWeights, PeftConfig, PeftMetadata, CONFIG_FILE};
 use serde_json::Value;
 
 mod support;
@@ -78,23 +77,22 @@ impl AdapterConfig for BiasShiftConfig {
     }
 }
 
+/// Its own fields of `adapter_config.json`: none beyond what every kind has,
+/// so any other field is unknown.
 #[derive(serde::Deserialize)]
-struct BiasShiftFile {
-    #[serde(flatten)]
-    targets: TargetFields,
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
+struct BiasShiftFields {}
+
+impl KindFields for BiasShiftFields {
+    type Config = BiasShiftConfig;
+    type Family = NoFields;
+    fn into_config(self, _: NoFields, targets: Targets, _: PeftMetadata) -> peft_core::Result<BiasShiftConfig> {
+        Ok(BiasShiftConfig { targets })
+    }
 }
 
 impl PeftConfig for BiasShiftConfig {
     const PEFT_TYPE: &'static str = "BIAS_SHIFT";
-    fn from_json(text: &str, path: &Path) -> peft_core::Result<Self> {
-        let file: BiasShiftFile = parse_json(text, path)?;
-        // This kind has no option beyond its targets: any other field is unknown.
-        check_other_fields(&file.other, &[], path)?;
-        let targets = file.targets.into_targets()?;
-        Ok(BiasShiftConfig { targets })
-    }
+    type Fields = BiasShiftFields;
 }
 
 peft_core::register_adapter_kind!(BiasShiftConfig);

@@ -237,6 +237,40 @@ fn config_not_json() {
 }
 
 #[test]
+fn errors_say_their_cause_once() {
+    // The message holds the cause's text, and the error does not also hand
+    // the cause out as its `source()`: a program printing the cause chain
+    // (as `peft` and anyhow do) says the position once.
+    let text = format!("{{\"peft_type\": \"LORA\", \"r\": {}", " ".repeat(400));
+    let error = config_text_fails(&text);
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        chain.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    assert!(matches!(error, PeftError::Json { .. }), "{error}");
+    assert_eq!(chain.matches("line 1 column").count(), 1, "{chain}");
+}
+
+#[test]
+fn config_listing_many_targets_gets_a_short_message() {
+    // 200,000 target names that match nothing: the message names the first
+    // few and counts the rest, instead of echoing 2 MB back.
+    let names: Vec<String> = (0..200_000).map(|i| format!("blocks.{i}.attn.q_proj")).collect();
+    let error = config_fails(|c| {
+        c.insert("target_modules".into(), json!(names));
+    });
+    let message = error.to_string();
+    assert!(matches!(error, PeftError::NoTargetMatched { .. }), "{message}");
+    assert!(message.len() < 1_000, "{} bytes: {}", message.len(), &message[..1_000]);
+    assert!(
+        message.contains("\"blocks.0.attn.q_proj\"") && message.contains("and 199992 more"),
+        "{message}"
+    );
+}
+
+#[test]
 fn config_field_of_wrong_type() {
     for (field, value) in [
         ("r", json!("8")),
@@ -485,6 +519,23 @@ fn config_unknown_fields() {
         loads(&valid_files());
     });
     assert!(warnings.is_empty(), "{warnings:?}");
+    // Nor does any field PEFT wrote in the fixtures of every kind: each kind
+    // reads all of its own fields.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for case in [
+        "loha_tiny",
+        "lokr_tiny",
+        "llama_ia3_all_linear",
+        "dora_tiny",
+        "lora_conv_tiny",
+    ] {
+        let path = fixtures.join(case).join("adapter").join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let warnings = warnings_of(|| {
+            peft_core::config_file::parse_config(&text, &path).unwrap();
+        });
+        assert!(warnings.is_empty(), "{case}: {warnings:?}");
+    }
 }
 
 // ---- adapter_model.safetensors ----------------------------------------------------

@@ -54,8 +54,7 @@ pub enum PeftError {
     },
     /// An adapter that cannot join the adapters a module holds: the merged
     /// and unmerged outputs would no longer agree (see
-    /// [`Adapter::is_additive`](crate::Adapter::is_additive) and
-    /// [`reads_base_weight`](crate::Adapter::reads_base_weight)).
+    /// [`Composition`](crate::Composition)).
     #[error("module `{module}`: adapter `{adapter}` cannot be added: {reason}")]
     IncompatibleAdapter {
         /// Dotted path of the module.

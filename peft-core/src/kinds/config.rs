@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::error::{PeftError, Result};
-use crate::kinds::config_file::pattern_value;
+use crate::kinds::config_file::{pattern_value, KindFields, KindFile};
 use crate::layer::{Adapter, Layer, LayerKind};
 use crate::targets::Targets;
 
@@ -49,16 +49,23 @@ pub trait AdapterConfig {
     }
 }
 
-/// A config type that PEFT's files name: its `peft_type` and its parser.
-/// Register it with one line, `register_adapter_kind!(MyConfig);`, and
-/// `load_adapter` dispatches to it.
+/// A config type that PEFT's files name: its `peft_type` and how it is read
+/// from `adapter_config.json`. Register it with one line,
+/// `register_adapter_kind!(MyConfig);`, and `load_adapter` dispatches to it.
 pub trait PeftConfig: AdapterConfig + Sized + 'static {
     /// PEFT's `peft_type` for this kind (`"LORA"`).
     const PEFT_TYPE: &'static str;
 
+    /// The kind's own fields of `adapter_config.json`, read beside the
+    /// fields every kind shares (targets, metadata, `modules_to_save`).
+    type Fields: KindFields<Config = Self>;
+
     /// Parses `adapter_config.json` (its text, and its path for error
-    /// messages), refusing what this kind cannot honour.
-    fn from_json(text: &str, path: &Path) -> Result<Self>;
+    /// messages), refusing what this kind cannot honour. The default reads
+    /// a [`KindFile`] of [`Fields`](Self::Fields).
+    fn from_json(text: &str, path: &Path) -> Result<Self> {
+        KindFile::<Self::Fields>::parse(text, path)
+    }
 }
 
 /// Refuses a layer that is not a plain linear layer, for adapter kinds that
@@ -71,6 +78,15 @@ pub(crate) fn require_linear(peft_type: &str, module: &str, layer: &Layer) -> Re
         )));
     }
     Ok(())
+}
+
+/// [`PeftError::InvalidConfig`]: `field` = `value` is out of its range.
+pub(crate) fn invalid_config(field: &'static str, value: impl ToString, reason: &'static str) -> PeftError {
+    PeftError::InvalidConfig {
+        field,
+        value: value.to_string(),
+        reason,
+    }
 }
 
 /// An adapter kind's refusal of a layer it has no form for.
@@ -143,14 +159,13 @@ impl RankSettings {
     /// positive, and every pattern compiles. `alpha_field` is the kind's
     /// name for alpha in error messages (`lora_alpha` or `alpha`).
     pub fn validate(&self, alpha_field: &'static str) -> Result<()> {
-        let invalid = |field, value: String, reason| Err(PeftError::InvalidConfig { field, value, reason });
         let ranks = std::iter::once(self.r).chain(self.rank_pattern.iter().map(|(_, r)| *r));
         if let Some(r) = ranks.into_iter().find(|&r| r == 0) {
-            return invalid("r", r.to_string(), "the rank must be at least 1");
+            return Err(invalid_config("r", r, "the rank must be at least 1"));
         }
         let alphas = std::iter::once(self.alpha).chain(self.alpha_pattern.iter().map(|(_, a)| *a));
         if let Some(alpha) = alphas.into_iter().find(|a| !(*a > 0.0 && a.is_finite())) {
-            return invalid(alpha_field, alpha.to_string(), "must be a finite number > 0");
+            return Err(invalid_config(alpha_field, alpha, "must be a finite number > 0"));
         }
         // Compile every pattern once, so a bad one is reported before any layer changes.
         pattern_value(&self.rank_pattern, "")?;
@@ -191,6 +206,16 @@ impl RankSettings {
     }
 }
 
+/// PEFT's default rank, for a kind's `#[serde(default = ...)]`.
+pub(crate) fn default_rank() -> usize {
+    RankSettings::default().r
+}
+
+/// PEFT's default alpha, for a kind's `#[serde(default = ...)]`.
+pub(crate) fn default_alpha() -> f64 {
+    RankSettings::default().alpha
+}
+
 /// Builder methods for the [`RankSettings`] of LoRA, LoHa and LoKr configs.
 pub trait WithRank: Sized {
     /// The config's rank settings.
@@ -228,3 +253,64 @@ pub trait WithRank: Sized {
         self.ranks().rank_and_alpha(path)
     }
 }
+
+// ---- what every kind's config writes alike ----------------------------------
+
+/// Builder methods that set one field each: `setters! { /// doc
+/// name => field: Type, ... }` inside an `impl` block gives
+/// `pub fn name(mut self, value: Type) -> Self`.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident => $field:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.$field = value;
+                self
+            }
+        )*
+    };
+}
+pub(crate) use setters;
+
+/// For a kind's config struct with the fields `target_modules: Targets`
+/// and `metadata: PeftMetadata`: `Default` (targets [`all_linear()`](crate::all_linear)),
+/// the `target_modules` builder and `WithMetadata`.
+macro_rules! config_basics {
+    ($config:ty) => {
+        impl Default for $config {
+            fn default() -> Self {
+                $crate::targets::all_linear().into()
+            }
+        }
+
+        impl $config {
+            /// Sets the targets (`target_modules` and the filters that go with it).
+            pub fn target_modules(mut self, targets: $crate::targets::Targets) -> Self {
+                self.target_modules = targets;
+                self
+            }
+        }
+
+        impl $crate::kinds::config_file::WithMetadata for $config {
+            fn metadata_mut(&mut self) -> &mut $crate::kinds::config_file::PeftMetadata {
+                &mut self.metadata
+            }
+        }
+    };
+}
+pub(crate) use config_basics;
+
+/// `peft_type()` and `targets()` of an `impl AdapterConfig` for a config
+/// struct with a `target_modules` field: `config_identity!(PEFT_TYPE);`.
+macro_rules! config_identity {
+    ($peft_type:expr) => {
+        fn peft_type(&self) -> &'static str {
+            $peft_type
+        }
+
+        fn targets(&self) -> &$crate::targets::Targets {
+            &self.target_modules
+        }
+    };
+}
+pub(crate) use config_identity;

@@ -46,6 +46,66 @@ fn field_at_fault<T: DeserializeOwned>(text: &str) -> Option<String> {
     })
 }
 
+/// A kind's own fields of `adapter_config.json`, read inside a [`KindFile`]
+/// beside the fields every kind shares.
+///
+/// serde's `flatten` works one level deep here: a flattened struct that
+/// itself flattens another does not consume its fields, which would then
+/// reach [`check_other_fields`] as unknown. So a kind's fields flatten
+/// nothing, and fields a family of kinds shares (LoHa's and LoKr's) are a
+/// second struct, [`Family`](Self::Family), that `KindFile` reads beside them.
+pub trait KindFields: DeserializeOwned {
+    /// The config these fields make.
+    type Config;
+
+    /// The fields this kind shares with its family, [`NoFields`] for none.
+    type Family: DeserializeOwned;
+
+    /// PEFT 0.21's options of this kind that are not implemented here:
+    /// refused when set (see [`check_other_fields`]). Default: none.
+    const UNIMPLEMENTED_OPTIONS: &'static [&'static str] = &[];
+
+    /// The config, from these fields, the family's and the targets and
+    /// metadata read beside them; refuses values this kind cannot honour.
+    fn into_config(self, family: Self::Family, targets: Targets, metadata: PeftMetadata) -> Result<Self::Config>;
+}
+
+/// No fields: the [`KindFields::Family`] of a kind with no family.
+#[derive(Debug, Default, Deserialize)]
+pub struct NoFields {}
+
+/// `adapter_config.json` of one kind, as PEFT writes it: the target fields,
+/// the kind's family's and own fields, `modules_to_save`, the descriptive
+/// fields and every other field (for [`check_other_fields`]).
+#[derive(Deserialize)]
+#[serde(bound = "F: KindFields")]
+pub struct KindFile<F: KindFields> {
+    #[serde(flatten)]
+    targets: TargetFields,
+    #[serde(flatten)]
+    family: F::Family,
+    #[serde(flatten)]
+    fields: F,
+    #[serde(default)]
+    modules_to_save: Option<Vec<String>>,
+    #[serde(flatten)]
+    metadata: PeftMetadata,
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+impl<F: KindFields> KindFile<F> {
+    /// Reads the text of `adapter_config.json` (its path for messages) into
+    /// the kind's config, refusing what it cannot honour.
+    pub fn parse(text: &str, path: &Path) -> Result<F::Config> {
+        let file: KindFile<F> = parse_json(text, path)?;
+        refuse_modules_to_save(file.modules_to_save.as_ref())?;
+        check_other_fields(&file.other, F::UNIMPLEMENTED_OPTIONS, path)?;
+        let targets = file.targets.into_targets()?;
+        file.fields.into_config(file.family, targets, file.metadata)
+    }
+}
+
 /// `target_modules`, `exclude_modules`, `layers_to_transform` and
 /// `layers_pattern`, as PEFT writes them.
 #[derive(Debug, Default, Deserialize)]

@@ -1,110 +1,7 @@
 //! IA³ (`peft_type: "IA3"`): a learned vector `l` per layer that rescales
 //! activations, as PEFT's `ia3.Linear`.
 //!
-//! - On an ordinary layer it scales the output features:
-//!   `y = base(x) · l`, `l` stored `[out, 1]` (the bias is scaled too, being
-//!   part of `base(x)`).
-//! - On a *feed-forward* layer it scales the input features:
-//!   `y = base(x · l)`, `l` stored `[1, in]` (the bias is not scaled).
-//!
-//! Which layers are feed-forward is [`Ia3Config::feedforward_modules`]; a
-//! fresh adapter starts at `l = 1` ([`Ia3Config::init_ia3_weights`]), so it
-//! changes nothing until trained. Merging multiplies the weight (and, for an
-//! ordinary layer, the bias) by `l`; unmerging divides it back out.
-//!
-//! ```
-//! use candle_core::{DType, Device, Module, Tensor, Var};
-//! use candle_nn::{VarBuilder, VarMap};
-//! use peft_core::{Ia3Adapter, Ia3Config};
-//! use peft_core::prelude::*;
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dev = Device::Cpu;
-//! // W = [[1, 2, 3], [4, 5, 6]], b = [1, -1]: base([1, 1, 1]) = [7, 14]
-//! let w = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &dev)?;
-//! let b = Tensor::new(&[1f32, -1.], &dev)?;
-//! let x = Tensor::new(&[[1f32, 1., 1.]], &dev)?;
-//!
-//! // Output scaling, l = [2, 0.5] stored [out, 1]: [7 · 2, 14 · 0.5]
-//! let mut layer = Linear::new(w.clone(), Some(b.clone()));
-//! let l = Var::from_tensor(&Tensor::new(&[[2f32], [0.5]], &dev)?)?;
-//! layer.add_adapter("default", Box::new(Ia3Adapter::new(l, false)?))?;
-//! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[14.0, 7.0]]);
-//! layer.merge()?; // W'[o, i] = W[o, i] · l[o], b' = b · l
-//! assert_eq!(layer.weight()?.to_vec2::<f32>()?, [[2.0, 4.0, 6.0], [2.0, 2.5, 3.0]]);
-//! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[14.0, 7.0]]);
-//!
-//! // Input scaling (feed-forward), l = [1, 2, 3] stored [1, in]:
-//! // W · [1, 2, 3] + b = [14 + 1, 32 - 1]
-//! let mut layer = Linear::new(w, Some(b));
-//! let l = Var::from_tensor(&Tensor::new(&[[1f32, 2., 3.]], &dev)?)?;
-//! layer.add_adapter("default", Box::new(Ia3Adapter::new(l, true)?))?;
-//! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[15.0, 31.0]]);
-//!
-//! // On a model: one vector per targeted layer, [out] or [in] elements.
-//! #[derive(Adaptable)]
-//! struct Mlp {
-//!     up: Linear,
-//!     down: Linear,
-//!     #[output_head]
-//!     head: Linear,
-//! }
-//! let varmap = VarMap::new();
-//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-//! let mut model = Mlp {
-//!     up: linear(4, 16, vb.pp("up"))?,
-//!     down: linear(16, 4, vb.pp("down"))?,
-//!     head: linear(4, 10, vb.pp("head"))?,
-//! };
-//! let config = Ia3Config::from(all_linear()).feedforward_modules(["down"]);
-//! model.add_adapter("default", &config)?;
-//! // up: l scales its 16 outputs; down (feed-forward): l scales its 16 inputs
-//! assert_eq!(model.num_parameters().trainable, 16 + 16);
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! # Feed-forward modules: PEFT's rule, exactly
-//!
-//! PEFT decides per module, when it creates the layer
-//! (`IA3Model._check_target_module_feedforward`):
-//!
-//! - a list of names: feed-forward when the module path ends with one of the
-//!   names, **as a plain string suffix** (`str.endswith`). Unlike the
-//!   `target_modules` rule there is no dot boundary: `"proj"` makes
-//!   `mlp.down_proj` feed-forward, and `"down_proj"` matches `mlp.xdown_proj`
-//!   too. This is implemented as PEFT does it, so a config means the same on
-//!   both sides;
-//! - a string: a regex that must match the whole path (`re.fullmatch`).
-//!
-//! # Better than PEFT at loading, and at saving
-//!
-//! PEFT's `IA3Config` refuses a config whose `feedforward_modules` list is not
-//! literally a subset of its `target_modules` list. Saving `"all-linear"`
-//! writes `target_modules` as full paths while `feedforward_modules` keeps the
-//! short names, so PEFT cannot reload its own save. Here that check is not
-//! made: each targeted module is feed-forward or not by the rule above, and
-//! such a file loads.
-//!
-//! Saving writes `target_modules` as the full paths of the adapted modules
-//! (as for every adapter kind), so a list of short `feedforward_modules`
-//! names would hit the same PEFT check. To keep the saved folder loadable by
-//! Python PEFT, a non-empty list is saved as the equivalent regex string:
-//! `["down_proj", "w0"]` becomes `".*(?:down_proj|w0)"` (`re.fullmatch` of
-//! `.*` followed by a name is exactly `endswith`), which PEFT does not check
-//! against `target_modules`. A regex is saved as given.
-//!
-//! # Unmerging
-//!
-//! PEFT unmerges by dividing by `l + 1e-8`, which silently returns wrong
-//! weights when an entry of `l` is (close to) zero: the merge destroyed that
-//! row or column. Here unmerging divides by `l` itself and refuses, with a
-//! candle error naming the entry, when some `|l| < 1e-8` or an entry is not
-//! finite; the model then stays merged, unchanged. Otherwise the base weights
-//! come back up to float rounding.
-
-use std::collections::BTreeMap;
-use std::path::Path;
+//! The maths, PEFT's keys and an example are on [`Ia3Adapter`].
 
 use candle_core::{DType, Result as CandleResult, Tensor, Var};
 use regex::Regex;
@@ -112,13 +9,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{PeftError, Result};
-use crate::kinds::config::{require_linear, AdapterConfig, PeftConfig};
-use crate::kinds::config_file::{
-    check_other_fields, parse_json, refuse_modules_to_save, saved_fields, unsupported, OneOrMany, PeftMetadata,
-    TargetFields, WithMetadata,
-};
+use crate::kinds::config::{config_basics, config_identity, require_linear, setters, AdapterConfig};
+use crate::kinds::config_file::{saved_fields, unsupported, KindFields, NoFields, OneOrMany, PeftMetadata};
+use crate::kinds::registry::kind;
 use crate::layer::{Adapter, Composition, ForwardContext, Layer, LayerWeights};
-use crate::targets::{all_linear, Targets};
+use crate::targets::Targets;
 
 /// PEFT's `peft_type` for IA³.
 pub const PEFT_TYPE: &str = "IA3";
@@ -193,7 +88,7 @@ fn whole_path_regex(pattern: &str) -> Result<Regex> {
 #[derive(Debug, Clone)]
 pub struct Ia3Config {
     /// Which layers to adapt (PEFT's `target_modules`, `exclude_modules`).
-    /// Default: [`all_linear()`].
+    /// Default: [`all_linear()`](crate::all_linear).
     pub target_modules: Targets,
     /// Which of the targeted layers scale their input rather than their
     /// output. Default: none.
@@ -208,14 +103,8 @@ pub struct Ia3Config {
     /// tests).
     pub init_ia3_weights: bool,
     /// PEFT's descriptive fields (`task_type`, `base_model_name_or_path`,
-    /// `revision`), saved as given; set them with [`WithMetadata`].
+    /// `revision`), saved as given; set them with [`WithMetadata`](crate::WithMetadata).
     pub metadata: PeftMetadata,
-}
-
-impl Default for Ia3Config {
-    fn default() -> Self {
-        all_linear().into()
-    }
 }
 
 impl From<Targets> for Ia3Config {
@@ -231,11 +120,6 @@ impl From<Targets> for Ia3Config {
 }
 
 impl Ia3Config {
-    /// Sets the targets (`target_modules` and the filters that go with it).
-    pub fn target_modules(mut self, targets: Targets) -> Self {
-        self.target_modules = targets;
-        self
-    }
     /// Sets `feedforward_modules` to a list of names: a module is feed-forward
     /// when its path ends with one of them (plain suffix, as PEFT).
     pub fn feedforward_modules<I, S>(mut self, names: I) -> Self
@@ -251,15 +135,11 @@ impl Ia3Config {
         self.feedforward_modules = FeedforwardModules::Regex(pattern.to_owned());
         self
     }
-    /// Sets `fan_in_fan_out`.
-    pub fn fan_in_fan_out(mut self, on: bool) -> Self {
-        self.fan_in_fan_out = on;
-        self
-    }
-    /// Sets `init_ia3_weights` (true: ones; false: N(0, 1)).
-    pub fn init(mut self, init_ia3_weights: bool) -> Self {
-        self.init_ia3_weights = init_ia3_weights;
-        self
+    setters! {
+        /// Sets `fan_in_fan_out`.
+        fan_in_fan_out => fan_in_fan_out: bool,
+        /// Sets `init_ia3_weights` (true: ones; false: N(0, 1)).
+        init => init_ia3_weights: bool,
     }
 
     /// Whether the module at `path` is feed-forward, by PEFT's rule (see
@@ -269,20 +149,11 @@ impl Ia3Config {
     }
 }
 
-impl WithMetadata for Ia3Config {
-    fn metadata_mut(&mut self) -> &mut PeftMetadata {
-        &mut self.metadata
-    }
-}
+config_basics!(Ia3Config);
+kind!(Ia3Config, PEFT_TYPE, Ia3Fields);
 
 impl AdapterConfig for Ia3Config {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn targets(&self) -> &Targets {
-        &self.target_modules
-    }
+    config_identity!(PEFT_TYPE);
 
     fn validate(&self) -> Result<()> {
         if let FeedforwardModules::Regex(pattern) = &self.feedforward_modules {
@@ -320,49 +191,29 @@ impl AdapterConfig for Ia3Config {
     }
 }
 
-impl PeftConfig for Ia3Config {
-    const PEFT_TYPE: &'static str = PEFT_TYPE;
-
-    fn from_json(text: &str, path: &Path) -> Result<Self> {
-        parse_json::<Ia3ConfigFile>(text, path)?.into_config(path)
-    }
-}
-
-crate::register_adapter_kind!(Ia3Config);
-
 // ---- adapter_config.json ------------------------------------------------------
 
-/// PEFT 0.21's options of this kind that are not implemented: none (every
-/// option is read), so any other field is metadata or unknown.
-const UNIMPLEMENTED_OPTIONS: &[&str] = &[];
-
-/// `adapter_config.json` of an IA³ adapter, as PEFT writes it.
+/// IA³'s own fields of `adapter_config.json`, as PEFT writes them (every
+/// PEFT 0.21 option of this kind is read).
 #[derive(Deserialize)]
-struct Ia3ConfigFile {
-    #[serde(flatten)]
-    targets: TargetFields,
+pub struct Ia3Fields {
     #[serde(default)]
     feedforward_modules: Option<OneOrMany<String>>,
     #[serde(default)]
     fan_in_fan_out: bool,
     #[serde(default = "default_init")]
     init_ia3_weights: bool,
-    #[serde(default)]
-    modules_to_save: Option<Vec<String>>,
-    #[serde(flatten)]
-    metadata: PeftMetadata,
-    /// Every other field, for [`check_other_fields`].
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
 }
 
 fn default_init() -> bool {
     true
 }
 
-impl Ia3ConfigFile {
-    fn into_config(self, path: &Path) -> Result<Ia3Config> {
-        refuse_modules_to_save(self.modules_to_save.as_ref())?;
+impl KindFields for Ia3Fields {
+    type Config = Ia3Config;
+    type Family = NoFields;
+
+    fn into_config(self, _: NoFields, targets: Targets, metadata: PeftMetadata) -> Result<Ia3Config> {
         let feedforward_modules = match self.feedforward_modules {
             None => {
                 return Err(unsupported(
@@ -374,22 +225,126 @@ impl Ia3ConfigFile {
             Some(OneOrMany::One(pattern)) => FeedforwardModules::Regex(pattern),
             Some(OneOrMany::Many(names)) => FeedforwardModules::Names(names),
         };
-        check_other_fields(&self.other, UNIMPLEMENTED_OPTIONS, path)?;
         // PEFT would also require a list of feedforward_modules to be a
         // literal subset of a list of target_modules; that check rejects
         // PEFT's own "all-linear" saves, and the per-module rule does not
         // need it, so it is not made.
-        let mut config = Ia3Config::from(self.targets.into_targets()?)
+        let mut config = Ia3Config::from(targets)
             .fan_in_fan_out(self.fan_in_fan_out)
             .init(self.init_ia3_weights);
         config.feedforward_modules = feedforward_modules;
-        config.metadata = self.metadata;
+        config.metadata = metadata;
         Ok(config)
     }
 }
 
 // ---- the adapter ----------------------------------------------------------------
 
+/// IA³ (`peft_type: "IA3"`): a learned vector `l` per layer that rescales
+/// activations, as PEFT's `ia3.Linear`.
+///
+/// - On an ordinary layer it scales the output features:
+///   `y = base(x) · l`, `l` stored `[out, 1]` (the bias is scaled too, being
+///   part of `base(x)`).
+/// - On a *feed-forward* layer it scales the input features:
+///   `y = base(x · l)`, `l` stored `[1, in]` (the bias is not scaled).
+///
+/// Which layers are feed-forward is [`Ia3Config::feedforward_modules`]; a
+/// fresh adapter starts at `l = 1` ([`Ia3Config::init_ia3_weights`]), so it
+/// changes nothing until trained. Merging multiplies the weight (and, for an
+/// ordinary layer, the bias) by `l`; unmerging divides it back out.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor, Var};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use peft_core::{Ia3Adapter, Ia3Config};
+/// use peft_core::prelude::*;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// // W = [[1, 2, 3], [4, 5, 6]], b = [1, -1]: base([1, 1, 1]) = [7, 14]
+/// let w = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &dev)?;
+/// let b = Tensor::new(&[1f32, -1.], &dev)?;
+/// let x = Tensor::new(&[[1f32, 1., 1.]], &dev)?;
+///
+/// // Output scaling, l = [2, 0.5] stored [out, 1]: [7 · 2, 14 · 0.5]
+/// let mut layer = Linear::new(w.clone(), Some(b.clone()));
+/// let l = Var::from_tensor(&Tensor::new(&[[2f32], [0.5]], &dev)?)?;
+/// layer.add_adapter("default", Box::new(Ia3Adapter::new(l, false)?))?;
+/// assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[14.0, 7.0]]);
+/// layer.merge()?; // W'[o, i] = W[o, i] · l[o], b' = b · l
+/// assert_eq!(layer.weight()?.to_vec2::<f32>()?, [[2.0, 4.0, 6.0], [2.0, 2.5, 3.0]]);
+/// assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[14.0, 7.0]]);
+///
+/// // Input scaling (feed-forward), l = [1, 2, 3] stored [1, in]:
+/// // W · [1, 2, 3] + b = [14 + 1, 32 - 1]
+/// let mut layer = Linear::new(w, Some(b));
+/// let l = Var::from_tensor(&Tensor::new(&[[1f32, 2., 3.]], &dev)?)?;
+/// layer.add_adapter("default", Box::new(Ia3Adapter::new(l, true)?))?;
+/// assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[15.0, 31.0]]);
+///
+/// // On a model: one vector per targeted layer, [out] or [in] elements.
+/// #[derive(Adaptable)]
+/// struct Mlp {
+///     up: Linear,
+///     down: Linear,
+///     #[output_head]
+///     head: Linear,
+/// }
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+/// let mut model = Mlp {
+///     up: linear(4, 16, vb.pp("up"))?,
+///     down: linear(16, 4, vb.pp("down"))?,
+///     head: linear(4, 10, vb.pp("head"))?,
+/// };
+/// let config = Ia3Config::from(all_linear()).feedforward_modules(["down"]);
+/// model.add_adapter("default", &config)?;
+/// // up: l scales its 16 outputs; down (feed-forward): l scales its 16 inputs
+/// assert_eq!(model.num_parameters().trainable, 16 + 16);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Feed-forward modules: PEFT's rule, exactly
+///
+/// PEFT decides per module, when it creates the layer
+/// (`IA3Model._check_target_module_feedforward`):
+///
+/// - a list of names: feed-forward when the module path ends with one of the
+///   names, **as a plain string suffix** (`str.endswith`). Unlike the
+///   `target_modules` rule there is no dot boundary: `"proj"` makes
+///   `mlp.down_proj` feed-forward, and `"down_proj"` matches `mlp.xdown_proj`
+///   too. This is implemented as PEFT does it, so a config means the same on
+///   both sides;
+/// - a string: a regex that must match the whole path (`re.fullmatch`).
+///
+/// # Better than PEFT at loading, and at saving
+///
+/// PEFT's `IA3Config` refuses a config whose `feedforward_modules` list is not
+/// literally a subset of its `target_modules` list. Saving `"all-linear"`
+/// writes `target_modules` as full paths while `feedforward_modules` keeps the
+/// short names, so PEFT cannot reload its own save. Here that check is not
+/// made: each targeted module is feed-forward or not by the rule above, and
+/// such a file loads.
+///
+/// Saving writes `target_modules` as the full paths of the adapted modules
+/// (as for every adapter kind), so a list of short `feedforward_modules`
+/// names would hit the same PEFT check. To keep the saved folder loadable by
+/// Python PEFT, a non-empty list is saved as the equivalent regex string:
+/// `["down_proj", "w0"]` becomes `".*(?:down_proj|w0)"` (`re.fullmatch` of
+/// `.*` followed by a name is exactly `endswith`), which PEFT does not check
+/// against `target_modules`. A regex is saved as given.
+///
+/// # Unmerging
+///
+/// PEFT unmerges by dividing by `l + 1e-8`, which silently returns wrong
+/// weights when an entry of `l` is (close to) zero: the merge destroyed that
+/// row or column. Here unmerging divides by `l` itself and refuses, with a
+/// candle error naming the entry, when some `|l| < 1e-8` or an entry is not
+/// finite; the model then stays merged, unchanged. Otherwise the base weights
+/// come back up to float rounding.
+///
 /// An IA³ adapter on one linear layer: a trainable vector `l`, `[out, 1]`
 /// (scales the output) or, on a feed-forward layer, `[1, in]` (scales the
 /// input). Saved as `ia3_l`, in the shape PEFT saves it.
@@ -451,6 +406,24 @@ impl Ia3Adapter {
         self.l.as_tensor().to_dtype(weight.dtype())
     }
 
+    /// `weights` with the weight, and the bias of a layer whose output `l`
+    /// scales, multiplied (merge) or divided (unmerge) by `l`.
+    fn rescaled(
+        &self,
+        weights: &LayerWeights,
+        apply: impl Fn(&Tensor, &Tensor) -> CandleResult<Tensor>,
+    ) -> Result<LayerWeights> {
+        let factor = self.weight_factor(&weights.weight)?;
+        let bias = match (&weights.bias, self.feedforward) {
+            (Some(bias), false) => Some(apply(bias, &self.scaling(bias.dtype())?)?),
+            (bias, _) => bias.clone(),
+        };
+        Ok(LayerWeights {
+            weight: apply(&weights.weight, &factor)?,
+            bias,
+        })
+    }
+
     /// Refuses to divide by an entry that merging has made irreversible.
     fn check_invertible(&self) -> CandleResult<()> {
         let values = self
@@ -502,28 +475,13 @@ impl Adapter for Ia3Adapter {
     }
 
     fn merge(&self, base: &LayerWeights) -> Result<LayerWeights> {
-        let factor = self.weight_factor(&base.weight)?;
-        let bias = match (&base.bias, self.feedforward) {
-            (Some(bias), false) => Some(bias.broadcast_mul(&self.scaling(bias.dtype())?)?),
-            (bias, _) => bias.clone(),
-        };
-        Ok(LayerWeights {
-            weight: base.weight.broadcast_mul(&factor)?,
-            bias,
-        })
+        self.rescaled(base, Tensor::broadcast_mul)
     }
 
     fn unmerge(&self, merged: &LayerWeights) -> Result<LayerWeights> {
-        let factor = self.weight_factor(&merged.weight)?;
+        self.weight_factor(&merged.weight)?;
         self.check_invertible()?;
-        let bias = match (&merged.bias, self.feedforward) {
-            (Some(bias), false) => Some(bias.broadcast_div(&self.scaling(bias.dtype())?)?),
-            (bias, _) => bias.clone(),
-        };
-        Ok(LayerWeights {
-            weight: merged.weight.broadcast_div(&factor)?,
-            bias,
-        })
+        self.rescaled(merged, Tensor::broadcast_div)
     }
 
     fn trainable_vars(&self) -> Vec<(&'static str, Var)> {

@@ -5,9 +5,13 @@
 //! `lycoris/` (LoHa, LoKr). Sibling kinds never import each other.
 //!
 //! To add a kind: add a folder (or file) here with its config (implementing
-//! `AdapterConfig` and `PeftConfig`) and its adapter (implementing
-//! [`Adapter`](crate::Adapter)), declare it below, and register it with one
-//! line, `crate::register_adapter_kind!(MyConfig);`.
+//! [`AdapterConfig`]; `config_basics!` and `config_identity!` write what
+//! every kind's config has alike), the fields it reads from
+//! `adapter_config.json` ([`KindFields`](crate::config_file::KindFields))
+//! and its adapter (implementing [`Adapter`](crate::Adapter)), declare it
+//! below, and make it loadable with one line:
+//! `kind!(MyConfig, PEFT_TYPE, MyFields);` (a crate of its own writes the
+//! [`PeftConfig`] impl and `register_adapter_kind!(MyConfig);`).
 
 pub(crate) mod config;
 pub mod config_file;

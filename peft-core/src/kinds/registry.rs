@@ -76,6 +76,22 @@ macro_rules! register_adapter_kind {
     };
 }
 
+/// Makes one of this crate's kinds loadable, in one line:
+/// `kind!(LohaConfig, PEFT_TYPE, LohaFields);` implements [`PeftConfig`]
+/// (its `peft_type` and the fields it reads from `adapter_config.json`) and
+/// registers it.
+macro_rules! kind {
+    ($config:ty, $peft_type:expr, $fields:ty) => {
+        impl $crate::kinds::config::PeftConfig for $config {
+            const PEFT_TYPE: &'static str = $peft_type;
+            type Fields = $fields;
+        }
+
+        $crate::register_adapter_kind!($config);
+    };
+}
+pub(crate) use kind;
+
 /// Every registered kind, sorted by `peft_type`. Two registrations of the
 /// same `peft_type` are an error: which one would load is not knowable.
 pub fn adapter_kinds() -> Result<Vec<&'static AdapterKind>> {

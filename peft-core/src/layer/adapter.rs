@@ -153,6 +153,22 @@ pub trait Adapter: CloneAdapter + fmt::Debug + Send + Sync {
     }
 }
 
+/// The two methods that say what an adapter is, written once for every
+/// `impl Adapter` of this crate: `adapter_identity!(PEFT_TYPE, Composition::Additive);`
+/// gives `peft_type()` and `composition()`.
+macro_rules! adapter_identity {
+    ($peft_type:expr, $composition:expr) => {
+        fn peft_type(&self) -> &'static str {
+            $peft_type
+        }
+
+        fn composition(&self) -> $crate::layer::Composition {
+            $composition
+        }
+    };
+}
+pub(crate) use adapter_identity;
+
 /// [`Adapter::delta_weight`] in the dtype of `weights`, or an error naming
 /// the kind when the adapter has none (it must then implement `merge` and
 /// `unmerge` itself).

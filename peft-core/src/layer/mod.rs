@@ -21,6 +21,7 @@ pub(crate) mod merge;
 pub(crate) mod quantized;
 pub(crate) mod slot;
 
+pub(crate) use adapter::adapter_identity;
 pub use adapter::{Adapter, CloneAdapter, Composition, ForwardContext};
 pub use base::{LayerKind, LayerWeights};
 pub use conv::{conv1d, conv2d, Conv1d, Conv2d, ConvGeometry};

@@ -1,44 +1,46 @@
-//! Quantized base weights for [`Linear`](crate::Linear): QLoRA.
-//!
-//! The weight stays a candle [`QTensor`] (Q4_0, Q4K, Q8_0, ... as read from a
-//! GGUF file) and is multiplied in its quantized form. candle's own
-//! `QMatMul` has no backward pass, so adapters in earlier layers would never
-//! receive a gradient; [`QuantizedWeight::forward`] gives it one with respect
-//! to the input, `grad_x = grad_y · dequant(W)`, with `W` frozen.
-//!
-//! ```
-//! use candle_core::quantized::{GgmlDType, QTensor};
-//! use candle_core::{DType, Device, Module, Tensor, Var, D};
-//! use peft_core::Linear;
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dev = Device::Cpu;
-//! let w = Tensor::arange(0f32, 64., &dev)?.reshape((2, 32))?.affine(1.0 / 32.0, -1.0)?;
-//! let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-//! let w_deq = q.dequantize(&dev)?;
-//! let layer = Linear::from_qtensor(q, None)?;
-//! assert!(layer.is_quantized());
-//!
-//! let x = Var::from_tensor(&Tensor::ones((1, 32), DType::F32, &dev)?)?;
-//! let y = layer.forward(&x)?;
-//! // Within 8-bit quantization error of the dense product.
-//! let dense = x.matmul(&w.t()?)?;
-//! let err = (&y - &dense)?.abs()?.max_keepdim(D::Minus1)?.to_vec2::<f32>()?[0][0];
-//! assert!(err < 0.05, "{err}");
-//! // The gradient reaches the input: d(sum y)/dx = column sums of dequant(W).
-//! let grad = y.sum_all()?.backward()?;
-//! let expected = w_deq.sum(0)?.unsqueeze(0)?;
-//! assert_eq!(grad.get(&x).unwrap().to_vec2::<f32>()?, expected.to_vec2::<f32>()?);
-//! # Ok(())
-//! # }
-//! ```
+//! Quantized base weights (QLoRA): see [`QuantizedWeight`].
 
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-/// A frozen quantized weight `[out, in]`.
+/// A frozen quantized weight `[out, in]`: the base of a QLoRA layer.
+///
+/// Quantized base weights for [`Linear`](crate::Linear): QLoRA.
+///
+/// The weight stays a candle [`QTensor`] (Q4_0, Q4K, Q8_0, ... as read from a
+/// GGUF file) and is multiplied in its quantized form. candle's own
+/// `QMatMul` has no backward pass, so adapters in earlier layers would never
+/// receive a gradient; [`QuantizedWeight::forward`] gives it one with respect
+/// to the input, `grad_x = grad_y · dequant(W)`, with `W` frozen.
+///
+/// ```
+/// use candle_core::quantized::{GgmlDType, QTensor};
+/// use candle_core::{DType, Device, Module, Tensor, Var, D};
+/// use peft_core::Linear;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// let w = Tensor::arange(0f32, 64., &dev)?.reshape((2, 32))?.affine(1.0 / 32.0, -1.0)?;
+/// let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+/// let w_deq = q.dequantize(&dev)?;
+/// let layer = Linear::from_qtensor(q, None)?;
+/// assert!(layer.is_quantized());
+///
+/// let x = Var::from_tensor(&Tensor::ones((1, 32), DType::F32, &dev)?)?;
+/// let y = layer.forward(&x)?;
+/// // Within 8-bit quantization error of the dense product.
+/// let dense = x.matmul(&w.t()?)?;
+/// let err = (&y - &dense)?.abs()?.max_keepdim(D::Minus1)?.to_vec2::<f32>()?[0][0];
+/// assert!(err < 0.05, "{err}");
+/// // The gradient reaches the input: d(sum y)/dx = column sums of dequant(W).
+/// let grad = y.sum_all()?.backward()?;
+/// let expected = w_deq.sum(0)?.unsqueeze(0)?;
+/// assert_eq!(grad.get(&x).unwrap().to_vec2::<f32>()?, expected.to_vec2::<f32>()?);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct QuantizedWeight {
     weight: Arc<QTensor>,

@@ -33,7 +33,7 @@ use candle_core::{DType, Result as CandleResult, Tensor, Var};
 
 use crate::error::Result;
 use crate::kinds::lora::PEFT_TYPE;
-use crate::layer::{Adapter, Composition, ConvGeometry, ForwardContext};
+use crate::layer::{adapter_identity, Adapter, Composition, ConvGeometry, ForwardContext};
 
 /// LoRA on a convolution, as PEFT's `lora.Conv1d` / `lora.Conv2d`.
 #[derive(Debug, Clone)]
@@ -76,13 +76,7 @@ impl LoraConvAdapter {
 }
 
 impl Adapter for LoraConvAdapter {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn composition(&self) -> Composition {
-        Composition::Additive
-    }
+    adapter_identity!(PEFT_TYPE, Composition::Additive);
 
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor> {
         let x = if cx.training() && self.dropout > 0.0 {

@@ -1,65 +1,7 @@
 //! DoRA (weight-decomposed LoRA): LoRA plus a learned magnitude per output,
 //! as PEFT's `LoraConfig(use_dora=True)` computes it (`lora.dora.DoraLinearLayer`).
 //!
-//! With the base weight `W` `[out, in]`, LoRA's `A` `[r, in]`, `B` `[out, r]`
-//! and scaling `s`, and the trainable magnitude `m` `[out]`:
-//!
-//! - `n = ‖W + s·B·A‖`, the L2 norm of each row (over the input dimension),
-//!   treated as a constant: no gradient flows through it (DoRA paper, §4.3);
-//! - forward: `y = base(x) + (m/n − 1)·(base(x) − bias) + (m/n)·s·B(A(x))`,
-//!   that is `(m/n)·(W + s·B·A)·x + bias`;
-//! - merge: `W' = (m/n)·(W + s·B·A)`, bias unchanged; unmerge divides by the
-//!   `m/n` of merge time (kept by the adapter) and subtracts `s·B·A`;
-//! - `m` starts as `n` itself, so a fresh adapter computes what LoRA would
-//!   (with the default init, `B = 0`: exactly the base layer).
-//!
-//! The forward pass takes `n` from the base weight without other adapters;
-//! [`DoraAdapter::merge_with_base`] merges on top of adapters merged before
-//! it with that same `n`, as PEFT 0.21 does, while [`Adapter::merge`]
-//! takes `n` from the weights it is given.
-//!
-//! In training mode with dropout, PEFT applies the base weight to the
-//! dropped-out input in the correction term: `y = base(x) + (m/n − 1)·W·d(x) +
-//! (m/n)·s·B(A(d(x)))` with `d` the dropout; so does this adapter.
-//!
-//! Saved tensors: `lora_A.weight`, `lora_B.weight` and `lora_magnitude_vector`
-//! (`[out]`), as in PEFT's `adapter_model.safetensors`.
-//!
-//! ```
-//! use candle_core::{DType, Device, Module, Tensor, Var};
-//! use peft_core::{Adapter, DoraAdapter, LayerWeights, Linear, LoraAdapter};
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dev = Device::Cpu;
-//! // W = [[3, 4], [0, 2]]: row norms n = [5, 2] (B = 0, so W + s·B·A = W).
-//! let weight = Tensor::new(&[[3f32, 4.], [0., 2.]], &dev)?;
-//! let a = Var::from_tensor(&Tensor::new(&[[1f32, 0.]], &dev)?)?;
-//! let b = Var::zeros((2, 1), DType::F32, &dev)?;
-//! let lora = LoraAdapter::new(a, b, 2.0, 0.0)?;
-//!
-//! // A fresh adapter starts with m = n: the output is the base layer's.
-//! let fresh = DoraAdapter::from_weight(lora.clone(), &weight)?;
-//! assert_eq!(fresh.magnitude().to_vec1::<f32>()?, [5.0, 2.0]);
-//! let x = Tensor::new(&[[1f32, 1.]], &dev)?;
-//! let mut layer = Linear::new(weight.clone(), None);
-//! layer.add_adapter("default", Box::new(fresh))?;
-//! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[7.0, 2.0]]); // W x
-//!
-//! // m = [10, 1]: m / n = [2, 0.5], so y = [2, 0.5] · W x.
-//! let m = Var::from_tensor(&Tensor::new(&[10f32, 1.], &dev)?)?;
-//! let dora = DoraAdapter::new(lora, m)?;
-//! layer.remove_adapter("default")?;
-//! layer.add_adapter("default", Box::new(dora.clone()))?;
-//! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[14.0, 1.0]]);
-//!
-//! // Merging scales the rows of W + s·B·A by m / n; unmerging undoes it.
-//! let merged = dora.merge(&LayerWeights { weight, bias: None })?;
-//! assert_eq!(merged.weight.to_vec2::<f32>()?, [[6.0, 8.0], [0.0, 1.0]]);
-//! let restored = dora.unmerge(&merged)?;
-//! assert_eq!(restored.weight.to_vec2::<f32>()?, [[3.0, 4.0], [0.0, 2.0]]);
-//! # Ok(())
-//! # }
-//! ```
+//! The maths, PEFT's keys and an example are on [`DoraAdapter`].
 
 use std::sync::{Mutex, PoisonError};
 
@@ -67,15 +9,75 @@ use candle_core::{DType, Module, Result as CandleResult, Tensor, Var};
 
 use crate::error::{PeftError, Result};
 use crate::kinds::lora::{LoraAdapter, PEFT_TYPE};
-use crate::layer::{Adapter, Composition, ForwardContext, LayerWeights};
+use crate::layer::{adapter_identity, Adapter, Composition, ForwardContext, LayerWeights};
 
 /// PEFT's key for the magnitude vector in `adapter_model.safetensors`
 /// (its in-memory parameter is `lora_magnitude_vector.<adapter>.weight`;
 /// PEFT drops the `.weight` when saving).
 pub const MAGNITUDE_KEY: &str = "lora_magnitude_vector";
 
-/// A DoRA adapter on one linear layer: LoRA's `A` and `B` and a trainable
-/// magnitude `m` `[out]`. See the [module documentation](self) for the maths.
+/// DoRA (weight-decomposed LoRA): LoRA plus a learned magnitude per output,
+/// as PEFT's `LoraConfig(use_dora=True)` computes it (`lora.dora.DoraLinearLayer`).
+///
+/// With the base weight `W` `[out, in]`, LoRA's `A` `[r, in]`, `B` `[out, r]`
+/// and scaling `s`, and the trainable magnitude `m` `[out]`:
+///
+/// - `n = ‖W + s·B·A‖`, the L2 norm of each row (over the input dimension),
+///   treated as a constant: no gradient flows through it (DoRA paper, §4.3);
+/// - forward: `y = base(x) + (m/n − 1)·(base(x) − bias) + (m/n)·s·B(A(x))`,
+///   that is `(m/n)·(W + s·B·A)·x + bias`;
+/// - merge: `W' = (m/n)·(W + s·B·A)`, bias unchanged; unmerge divides by the
+///   `m/n` of merge time (kept by the adapter) and subtracts `s·B·A`;
+/// - `m` starts as `n` itself, so a fresh adapter computes what LoRA would
+///   (with the default init, `B = 0`: exactly the base layer).
+///
+/// The forward pass takes `n` from the base weight without other adapters;
+/// [`DoraAdapter::merge_with_base`] merges on top of adapters merged before
+/// it with that same `n`, as PEFT 0.21 does, while [`Adapter::merge`]
+/// takes `n` from the weights it is given.
+///
+/// In training mode with dropout, PEFT applies the base weight to the
+/// dropped-out input in the correction term: `y = base(x) + (m/n − 1)·W·d(x) +
+/// (m/n)·s·B(A(d(x)))` with `d` the dropout; so does this adapter.
+///
+/// Saved tensors: `lora_A.weight`, `lora_B.weight` and `lora_magnitude_vector`
+/// (`[out]`), as in PEFT's `adapter_model.safetensors`.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor, Var};
+/// use peft_core::{Adapter, DoraAdapter, LayerWeights, Linear, LoraAdapter};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// // W = [[3, 4], [0, 2]]: row norms n = [5, 2] (B = 0, so W + s·B·A = W).
+/// let weight = Tensor::new(&[[3f32, 4.], [0., 2.]], &dev)?;
+/// let a = Var::from_tensor(&Tensor::new(&[[1f32, 0.]], &dev)?)?;
+/// let b = Var::zeros((2, 1), DType::F32, &dev)?;
+/// let lora = LoraAdapter::new(a, b, 2.0, 0.0)?;
+///
+/// // A fresh adapter starts with m = n: the output is the base layer's.
+/// let fresh = DoraAdapter::from_weight(lora.clone(), &weight)?;
+/// assert_eq!(fresh.magnitude().to_vec1::<f32>()?, [5.0, 2.0]);
+/// let x = Tensor::new(&[[1f32, 1.]], &dev)?;
+/// let mut layer = Linear::new(weight.clone(), None);
+/// layer.add_adapter("default", Box::new(fresh))?;
+/// assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[7.0, 2.0]]); // W x
+///
+/// // m = [10, 1]: m / n = [2, 0.5], so y = [2, 0.5] · W x.
+/// let m = Var::from_tensor(&Tensor::new(&[10f32, 1.], &dev)?)?;
+/// let dora = DoraAdapter::new(lora, m)?;
+/// layer.remove_adapter("default")?;
+/// layer.add_adapter("default", Box::new(dora.clone()))?;
+/// assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, [[14.0, 1.0]]);
+///
+/// // Merging scales the rows of W + s·B·A by m / n; unmerging undoes it.
+/// let merged = dora.merge(&LayerWeights { weight, bias: None })?;
+/// assert_eq!(merged.weight.to_vec2::<f32>()?, [[6.0, 8.0], [0.0, 1.0]]);
+/// let restored = dora.unmerge(&merged)?;
+/// assert_eq!(restored.weight.to_vec2::<f32>()?, [[3.0, 4.0], [0.0, 2.0]]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct DoraAdapter {
     lora: LoraAdapter,
@@ -186,13 +188,7 @@ fn weight_norm(lora: &LoraAdapter, weight: &Tensor) -> CandleResult<Tensor> {
 }
 
 impl Adapter for DoraAdapter {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn composition(&self) -> Composition {
-        Composition::ReadsBaseWeight
-    }
+    adapter_identity!(PEFT_TYPE, Composition::ReadsBaseWeight);
 
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor> {
         let weight = cx.weight()?;

@@ -5,7 +5,7 @@ use candle_core::{DType, Result as CandleResult, Tensor, Var};
 
 use crate::error::Result;
 use crate::kinds::lora::{LoraAdapter, PEFT_TYPE};
-use crate::layer::{Adapter, Composition, ForwardContext};
+use crate::layer::{adapter_identity, Adapter, Composition, ForwardContext};
 
 /// LoRA on an embedding, as PEFT's `lora.Embedding`: `A` `[r, vocab]`,
 /// `B` `[dim, r]`, `y = table[x] + s·(Aᵀ[x])·Bᵀ`, no dropout.
@@ -35,13 +35,7 @@ impl LoraEmbeddingAdapter {
 }
 
 impl Adapter for LoraEmbeddingAdapter {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn composition(&self) -> Composition {
-        Composition::Additive
-    }
+    adapter_identity!(PEFT_TYPE, Composition::Additive);
 
     fn forward(&self, ids: &Tensor, base_output: Tensor, _: ForwardContext<'_>) -> Result<Tensor> {
         // Aᵀ[x]: the columns of A for the tokens, [n, r]; then · s·Bᵀ.

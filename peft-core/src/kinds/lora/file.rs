@@ -1,33 +1,27 @@
-//! A LoRA `adapter_config.json` as PEFT writes it, read into a [`LoraConfig`].
-
-use std::collections::BTreeMap;
-use std::path::Path;
+//! LoRA's fields of `adapter_config.json` as PEFT writes them, read into a [`LoraConfig`].
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::kinds::config::RankSettings;
-use crate::kinds::config_file::{
-    check_other_fields, ordered_map, refuse_modules_to_save, unsupported, PeftMetadata, TargetFields,
-};
+use crate::kinds::config::{default_alpha, default_rank, RankSettings};
+use crate::kinds::config_file::{ordered_map, unsupported, KindFields, NoFields, PeftMetadata};
 use crate::kinds::lora::{LoraConfig, LoraInit};
+use crate::targets::Targets;
 
-/// `adapter_config.json` of a LoRA adapter, as PEFT writes it.
+/// LoRA's own fields of `adapter_config.json`, as PEFT writes them.
 #[derive(Deserialize)]
-pub(super) struct LoraConfigFile {
-    #[serde(flatten)]
-    targets: TargetFields,
+pub struct LoraFields {
     #[serde(default = "default_rank")]
     r: usize,
     #[serde(default = "default_alpha")]
     lora_alpha: f64,
-    #[serde(default)]
-    lora_dropout: f32,
     #[serde(default, deserialize_with = "ordered_map")]
     rank_pattern: Vec<(String, usize)>,
     #[serde(default, deserialize_with = "ordered_map")]
     alpha_pattern: Vec<(String, f64)>,
+    #[serde(default)]
+    lora_dropout: f32,
     #[serde(default)]
     use_rslora: bool,
     #[serde(default)]
@@ -38,17 +32,10 @@ pub(super) struct LoraConfigFile {
     bias: Option<String>,
     #[serde(default)]
     init_lora_weights: Option<Value>,
-    #[serde(default)]
-    modules_to_save: Option<Vec<String>>,
-    #[serde(flatten)]
-    metadata: PeftMetadata,
-    /// Every other field, for [`check_other_fields`].
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
 }
 
 /// PEFT 0.21's LoRA options that this crate does not implement: refused
-/// when set (see [`check_other_fields`]).
+/// when set (see [`check_other_fields`](crate::config_file::check_other_fields)).
 const UNIMPLEMENTED_OPTIONS: &[&str] = &[
     "alora_invocation_tokens",
     "arrow_config",
@@ -70,16 +57,12 @@ const UNIMPLEMENTED_OPTIONS: &[&str] = &[
     "velora_config",
 ];
 
-fn default_rank() -> usize {
-    RankSettings::default().r
-}
+impl KindFields for LoraFields {
+    type Config = LoraConfig;
+    type Family = NoFields;
+    const UNIMPLEMENTED_OPTIONS: &'static [&'static str] = UNIMPLEMENTED_OPTIONS;
 
-fn default_alpha() -> f64 {
-    RankSettings::default().alpha
-}
-
-impl LoraConfigFile {
-    pub(super) fn into_config(self, path: &Path) -> Result<LoraConfig> {
+    fn into_config(self, _: NoFields, targets: Targets, metadata: PeftMetadata) -> Result<LoraConfig> {
         if let Some(bias) = self.bias.as_deref().filter(|b| *b != "none") {
             return Err(unsupported(
                 "bias",
@@ -87,7 +70,6 @@ impl LoraConfigFile {
                 "only bias = \"none\" is implemented",
             ));
         }
-        refuse_modules_to_save(self.modules_to_save.as_ref())?;
         let init =
             match &self.init_lora_weights {
                 None | Some(Value::Bool(true)) => LoraInit::Default,
@@ -99,8 +81,7 @@ impl LoraConfigFile {
                     "this initialisation changes the base weights (PiSSA, OLoRA, LoftQ, ...) and is not implemented",
                 )),
             };
-        check_other_fields(&self.other, UNIMPLEMENTED_OPTIONS, path)?;
-        let mut config = LoraConfig::from(self.targets.into_targets()?)
+        let mut config = LoraConfig::from(targets)
             .dropout(self.lora_dropout)
             .rslora(self.use_rslora)
             .dora(self.use_dora)
@@ -112,7 +93,7 @@ impl LoraConfigFile {
             rank_pattern: self.rank_pattern,
             alpha_pattern: self.alpha_pattern,
         };
-        config.metadata = self.metadata;
+        config.metadata = metadata;
         Ok(config)
     }
 }

@@ -5,7 +5,7 @@ use candle_core::{DType, Module, Result as CandleResult, Tensor, Var};
 use crate::error::Result;
 use crate::kernels::fused::lora_linear;
 use crate::kinds::lora::PEFT_TYPE;
-use crate::layer::{Adapter, Composition, ForwardContext};
+use crate::layer::{adapter_identity, Adapter, Composition, ForwardContext};
 
 /// A LoRA adapter on one linear layer: trainable `A` `[r, in]` and `B` `[out, r]`.
 #[derive(Debug, Clone)]
@@ -76,13 +76,7 @@ impl LoraAdapter {
 }
 
 impl Adapter for LoraAdapter {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn composition(&self) -> Composition {
-        Composition::Additive
-    }
+    adapter_identity!(PEFT_TYPE, Composition::Additive);
 
     fn forward_with_base(&self, x: &Tensor, cx: ForwardContext<'_>) -> Result<Option<Tensor>> {
         // With dropout active the adapter sees another input than the base.

@@ -38,16 +38,17 @@ pub use dora::DoraAdapter;
 pub use embedding::LoraEmbeddingAdapter;
 pub use linear::LoraAdapter;
 
-use std::path::Path;
-
 use candle_core::{DType, Device, Result as CandleResult, Var};
 use serde_json::Value;
 
-use crate::error::{PeftError, Result};
-use crate::kinds::config::{not_implemented, AdapterConfig, PeftConfig, RankSettings, WithRank};
-use crate::kinds::config_file::{float, layer_filters_saved, parse_json, saved_fields, PeftMetadata, WithMetadata};
+use crate::error::Result;
+use crate::kinds::config::{
+    config_basics, config_identity, invalid_config, not_implemented, setters, AdapterConfig, RankSettings, WithRank,
+};
+use crate::kinds::config_file::{float, layer_filters_saved, saved_fields, PeftMetadata};
+use crate::kinds::registry::kind;
 use crate::layer::{Adapter, Layer, LayerKind};
-use crate::targets::{all_linear, Targets};
+use crate::targets::Targets;
 
 /// PEFT's `peft_type` for LoRA, DoRA and LoRA on embeddings and convolutions.
 pub const PEFT_TYPE: &str = "LORA";
@@ -77,7 +78,7 @@ pub enum LoraInit {
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
     /// Which layers to adapt (PEFT's `target_modules`, `exclude_modules`,
-    /// `layers_to_transform`, `layers_pattern`). Default: [`all_linear()`].
+    /// `layers_to_transform`, `layers_pattern`). Default: [`all_linear()`](crate::all_linear).
     pub target_modules: Targets,
     /// `r` (default 8), `lora_alpha` (default 8), `rank_pattern` and
     /// `alpha_pattern`; set them with [`WithRank`].
@@ -98,14 +99,8 @@ pub struct LoraConfig {
     /// so this only records the layout for the saved config.
     pub fan_in_fan_out: bool,
     /// PEFT's descriptive fields (`task_type`, `base_model_name_or_path`,
-    /// `revision`), saved as given; set them with [`WithMetadata`].
+    /// `revision`), saved as given; set them with [`WithMetadata`](crate::WithMetadata).
     pub metadata: PeftMetadata,
-}
-
-impl Default for LoraConfig {
-    fn default() -> Self {
-        all_linear().into()
-    }
 }
 
 impl From<Targets> for LoraConfig {
@@ -124,35 +119,17 @@ impl From<Targets> for LoraConfig {
 }
 
 impl LoraConfig {
-    /// Sets `lora_dropout`.
-    pub fn dropout(mut self, p: f32) -> Self {
-        self.lora_dropout = p;
-        self
-    }
-    /// Sets `use_rslora`.
-    pub fn rslora(mut self, on: bool) -> Self {
-        self.use_rslora = on;
-        self
-    }
-    /// Sets `use_dora`: DoRA instead of plain LoRA on every targeted layer.
-    pub fn dora(mut self, on: bool) -> Self {
-        self.use_dora = on;
-        self
-    }
-    /// Sets `init_lora_weights`.
-    pub fn init(mut self, init: LoraInit) -> Self {
-        self.init_lora_weights = init;
-        self
-    }
-    /// Sets the targets (`target_modules` and the filters that go with it).
-    pub fn target_modules(mut self, targets: Targets) -> Self {
-        self.target_modules = targets;
-        self
-    }
-    /// Sets `fan_in_fan_out`.
-    pub fn fan_in_fan_out(mut self, on: bool) -> Self {
-        self.fan_in_fan_out = on;
-        self
+    setters! {
+        /// Sets `lora_dropout`.
+        dropout => lora_dropout: f32,
+        /// Sets `use_rslora`.
+        rslora => use_rslora: bool,
+        /// Sets `use_dora`: DoRA instead of plain LoRA on every targeted layer.
+        dora => use_dora: bool,
+        /// Sets `init_lora_weights`.
+        init => init_lora_weights: LoraInit,
+        /// Sets `fan_in_fan_out`.
+        fan_in_fan_out => fan_in_fan_out: bool,
     }
 
     /// The factor `s` applied to `B(A(x))`, for the global `r` and `lora_alpha`.
@@ -267,11 +244,8 @@ fn scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
     }
 }
 
-impl WithMetadata for LoraConfig {
-    fn metadata_mut(&mut self) -> &mut PeftMetadata {
-        &mut self.metadata
-    }
-}
+config_basics!(LoraConfig);
+kind!(LoraConfig, PEFT_TYPE, file::LoraFields);
 
 impl WithRank for LoraConfig {
     fn ranks(&self) -> &RankSettings {
@@ -283,13 +257,7 @@ impl WithRank for LoraConfig {
 }
 
 impl AdapterConfig for LoraConfig {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn targets(&self) -> &Targets {
-        &self.target_modules
-    }
+    config_identity!(PEFT_TYPE);
 
     fn check_layer(&self, module: &str, _: &Layer, file_values: Option<usize>) -> Result<()> {
         self.ranks.check_layer(module, file_values)
@@ -298,11 +266,7 @@ impl AdapterConfig for LoraConfig {
     fn validate(&self) -> Result<()> {
         self.ranks.validate("lora_alpha")?;
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(PeftError::InvalidConfig {
-                field: "lora_dropout",
-                value: self.lora_dropout.to_string(),
-                reason: "must lie in [0, 1)",
-            });
+            return Err(invalid_config("lora_dropout", self.lora_dropout, "must lie in [0, 1)"));
         }
         self.target_modules.validate()
     }
@@ -352,13 +316,3 @@ impl AdapterConfig for LoraConfig {
         fields
     }
 }
-
-impl PeftConfig for LoraConfig {
-    const PEFT_TYPE: &'static str = PEFT_TYPE;
-
-    fn from_json(text: &str, path: &Path) -> Result<Self> {
-        parse_json::<file::LoraConfigFile>(text, path)?.into_config(path)
-    }
-}
-
-crate::register_adapter_kind!(LoraConfig);

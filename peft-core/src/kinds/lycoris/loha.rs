@@ -1,85 +1,21 @@
 //! LoHa (`peft_type: "LOHA"`): a weight update that is the Hadamard
 //! (elementwise) product of two low-rank matrices, as PEFT's `loha.Linear`.
 //!
-//! `ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · alpha / r`, with `w1_a`, `w2_a`
-//! `[out, r]` and `w1_b`, `w2_b` `[r, in]`; the forward pass is
-//! `y = base(x) + x · ΔWᵀ`, merging is `W + ΔW`. The product of two rank-`r`
-//! matrices can reach rank `r²`, for the parameters of a rank-`2r` LoRA.
-//!
-//! Saved tensors (PEFT's keys): `hada_w1_a`, `hada_w1_b`, `hada_w2_a`,
-//! `hada_w2_b` (PEFT's `hada_t1` / `hada_t2` exist only for convolutions).
-//! A fresh adapter (`init_weights = true`) has `w2_b = 0`, so it changes
-//! nothing until trained.
-//!
-//! In training mode ([`PeftModel::set_training`](crate::PeftModel)) the
-//! adapter applies PEFT's two dropouts: `module_dropout` skips the whole
-//! adapter for a forward pass with that probability, and `rank_dropout` zeroes
-//! each output row of `ΔW` with that probability, rescaling the kept rows by
-//! `1 / mean(mask)` as PEFT does.
-//!
-//! ```
-//! use candle_core::{DType, Device, Module, Tensor, Var};
-//! use candle_nn::{VarBuilder, VarMap};
-//! use peft_core::{LohaAdapter, LohaConfig};
-//! use peft_core::prelude::*;
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dev = Device::Cpu;
-//! let var = |rows: &[&[f32]]| -> candle_core::Result<Var> {
-//!     Var::from_tensor(&Tensor::new(rows.concat(), &dev)?.reshape((rows.len(), rows[0].len()))?)
-//! };
-//! // r = 1, scale 0.5: (w1_a w1_b) ⊙ (w2_a w2_b) = [[1, 1], [2, 2]] ⊙ [[1, 0], [1, 0]]
-//! let adapter = LohaAdapter::new(
-//!     var(&[&[1.], &[2.]])?, var(&[&[1., 1.]])?,
-//!     var(&[&[1.], &[1.]])?, var(&[&[1., 0.]])?,
-//!     0.5,
-//! )?;
-//! assert_eq!(adapter.delta_weight(DType::F32)?.to_vec2::<f32>()?, [[0.5, 0.0], [1.0, 0.0]]);
-//! let mut layer = Linear::new(Tensor::eye(2, DType::F32, &dev)?, None);
-//! layer.add_adapter("default", Box::new(adapter))?;
-//! // x + ΔW x = [2, 4] + [1, 2]
-//! let y = layer.forward(&Tensor::new(&[[2f32, 4.]], &dev)?)?;
-//! assert_eq!(y.to_vec2::<f32>()?, [[3.0, 6.0]]);
-//! layer.merge()?;
-//! assert_eq!(layer.weight()?.to_vec2::<f32>()?, [[1.5, 0.0], [1.0, 1.0]]);
-//!
-//! // On a model: four [out, r] / [r, in] tensors per layer; a fresh adapter
-//! // leaves the output as it was.
-//! #[derive(Adaptable)]
-//! struct Mlp {
-//!     up: Linear,
-//!     down: Linear,
-//! }
-//! let varmap = VarMap::new();
-//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-//! let mut model = Mlp { up: linear(4, 8, vb.pp("up"))?, down: linear(8, 4, vb.pp("down"))? };
-//! let x = Tensor::ones((1, 4), DType::F32, &dev)?;
-//! let before = model.down.forward(&model.up.forward(&x)?)?;
-//! model.add_adapter("default", &LohaConfig::from(all_linear()).rank(2).alpha(4.0))?;
-//! assert_eq!(model.num_parameters().trainable, 2 * (8 * 2 + 2 * 4) + 2 * (4 * 2 + 2 * 8));
-//! let after = model.down.forward(&model.up.forward(&x)?)?;
-//! assert_eq!(after.to_vec2::<f32>()?, before.to_vec2::<f32>()?);
-//! # Ok(())
-//! # }
-//! ```
-
-use std::collections::BTreeMap;
-use std::path::Path;
+//! The maths, PEFT's keys and an example are on [`LohaAdapter`].
 
 use candle_core::{DType, Result as CandleResult, Tensor, Var};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::kinds::config::{require_linear, AdapterConfig, PeftConfig, WithRank};
-use crate::kinds::config_file::{
-    check_other_fields, parse_json, refuse_modules_to_save, PeftMetadata, TargetFields, WithMetadata,
-};
+use crate::kinds::config::{config_basics, config_identity, require_linear, setters, AdapterConfig, WithRank};
+use crate::kinds::config_file::{KindFields, PeftMetadata};
 use crate::kinds::lycoris::{
     default_true, impl_lycoris_builders, kaiming_uniform, Dropouts, LycorisFileFields, LycorisOptions,
 };
-use crate::layer::{Adapter, Composition, ForwardContext, Layer};
-use crate::targets::{all_linear, Targets};
+use crate::kinds::registry::kind;
+use crate::layer::{adapter_identity, Adapter, Composition, ForwardContext, Layer};
+use crate::targets::Targets;
 
 /// PEFT's `peft_type` for LoHa.
 pub const PEFT_TYPE: &str = "LOHA";
@@ -98,7 +34,7 @@ pub const PEFT_TYPE: &str = "LOHA";
 #[derive(Debug, Clone)]
 pub struct LohaConfig {
     /// Which layers to adapt (PEFT's `target_modules`, `exclude_modules`,
-    /// `layers_to_transform`, `layers_pattern`). Default: [`all_linear()`].
+    /// `layers_to_transform`, `layers_pattern`). Default: [`all_linear()`](crate::all_linear).
     pub target_modules: Targets,
     /// `r` (of each of the two factors), `alpha` (the update is scaled by
     /// `alpha / r`), their patterns and the dropouts; set them with
@@ -108,14 +44,8 @@ pub struct LohaConfig {
     /// adapter changes nothing; `false` draws all four factors (for tests).
     pub init_weights: bool,
     /// PEFT's descriptive fields (`task_type`, `base_model_name_or_path`,
-    /// `revision`), saved as given; set them with [`WithMetadata`].
+    /// `revision`), saved as given; set them with [`WithMetadata`](crate::WithMetadata).
     pub metadata: PeftMetadata,
-}
-
-impl Default for LohaConfig {
-    fn default() -> Self {
-        all_linear().into()
-    }
 }
 
 impl From<Targets> for LohaConfig {
@@ -130,34 +60,19 @@ impl From<Targets> for LohaConfig {
 }
 
 impl LohaConfig {
-    /// Sets `init_weights`.
-    pub fn init_weights(mut self, on: bool) -> Self {
-        self.init_weights = on;
-        self
-    }
-    /// Sets the targets (`target_modules` and the filters that go with it).
-    pub fn target_modules(mut self, targets: Targets) -> Self {
-        self.target_modules = targets;
-        self
+    setters! {
+        /// Sets `init_weights`.
+        init_weights => init_weights: bool,
     }
 }
 
 impl_lycoris_builders!(LohaConfig);
 
-impl WithMetadata for LohaConfig {
-    fn metadata_mut(&mut self) -> &mut PeftMetadata {
-        &mut self.metadata
-    }
-}
+config_basics!(LohaConfig);
+kind!(LohaConfig, PEFT_TYPE, LohaFields);
 
 impl AdapterConfig for LohaConfig {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn targets(&self) -> &Targets {
-        &self.target_modules
-    }
+    config_identity!(PEFT_TYPE);
 
     fn check_layer(&self, module: &str, _: &Layer, file_values: Option<usize>) -> Result<()> {
         self.lycoris.ranks.check_layer(module, file_values)
@@ -197,55 +112,96 @@ impl AdapterConfig for LohaConfig {
     }
 }
 
-impl PeftConfig for LohaConfig {
-    const PEFT_TYPE: &'static str = PEFT_TYPE;
-
-    fn from_json(text: &str, path: &Path) -> Result<Self> {
-        parse_json::<LohaConfigFile>(text, path)?.into_config(path)
-    }
-}
-
-crate::register_adapter_kind!(LohaConfig);
-
 // ---- adapter_config.json ------------------------------------------------------
 
-/// PEFT 0.21's options of this kind that are not implemented: none (every
-/// option is read), so any other field is metadata or unknown.
-const UNIMPLEMENTED_OPTIONS: &[&str] = &[];
-
-/// `adapter_config.json` of a LoHa adapter, as PEFT writes it.
+/// LoHa's own fields of `adapter_config.json`, as PEFT writes them (every
+/// PEFT 0.21 option of this kind is read).
 #[derive(Deserialize)]
-struct LohaConfigFile {
-    #[serde(flatten)]
-    targets: TargetFields,
-    #[serde(flatten)]
-    common: LycorisFileFields,
-    #[serde(flatten)]
-    metadata: PeftMetadata,
+pub struct LohaFields {
     #[serde(default = "default_true")]
     init_weights: bool,
-    /// Every other field, for [`check_other_fields`].
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
 }
 
-impl LohaConfigFile {
-    fn into_config(self, path: &Path) -> Result<LohaConfig> {
-        refuse_modules_to_save(self.common.modules_to_save.as_ref())?;
-        check_other_fields(&self.other, UNIMPLEMENTED_OPTIONS, path)?;
+impl KindFields for LohaFields {
+    type Config = LohaConfig;
+    type Family = LycorisFileFields;
+
+    fn into_config(self, family: Self::Family, targets: Targets, metadata: PeftMetadata) -> Result<LohaConfig> {
         Ok(LohaConfig {
-            target_modules: self.targets.into_targets()?,
-            lycoris: self.common.options(),
+            target_modules: targets,
+            lycoris: family.options(),
             init_weights: self.init_weights,
-            metadata: self.metadata,
+            metadata,
         })
     }
 }
 
 // ---- the adapter ----------------------------------------------------------------
 
-/// A LoHa adapter on one linear layer: trainable `w1_a`, `w2_a` `[out, r]` and
-/// `w1_b`, `w2_b` `[r, in]`; see the [module documentation](self).
+/// LoHa (`peft_type: "LOHA"`): a weight update that is the Hadamard
+/// (elementwise) product of two low-rank matrices, as PEFT's `loha.Linear`.
+///
+/// `ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · alpha / r`, with `w1_a`, `w2_a`
+/// `[out, r]` and `w1_b`, `w2_b` `[r, in]`; the forward pass is
+/// `y = base(x) + x · ΔWᵀ`, merging is `W + ΔW`. The product of two rank-`r`
+/// matrices can reach rank `r²`, for the parameters of a rank-`2r` LoRA.
+///
+/// Saved tensors (PEFT's keys): `hada_w1_a`, `hada_w1_b`, `hada_w2_a`,
+/// `hada_w2_b` (PEFT's `hada_t1` / `hada_t2` exist only for convolutions).
+/// A fresh adapter (`init_weights = true`) has `w2_b = 0`, so it changes
+/// nothing until trained.
+///
+/// In training mode ([`PeftModel::set_training`](crate::PeftModel)) the
+/// adapter applies PEFT's two dropouts: `module_dropout` skips the whole
+/// adapter for a forward pass with that probability, and `rank_dropout` zeroes
+/// each output row of `ΔW` with that probability, rescaling the kept rows by
+/// `1 / mean(mask)` as PEFT does.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor, Var};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use peft_core::{LohaAdapter, LohaConfig};
+/// use peft_core::prelude::*;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// let var = |rows: &[&[f32]]| -> candle_core::Result<Var> {
+///     Var::from_tensor(&Tensor::new(rows.concat(), &dev)?.reshape((rows.len(), rows[0].len()))?)
+/// };
+/// // r = 1, scale 0.5: (w1_a w1_b) ⊙ (w2_a w2_b) = [[1, 1], [2, 2]] ⊙ [[1, 0], [1, 0]]
+/// let adapter = LohaAdapter::new(
+///     var(&[&[1.], &[2.]])?, var(&[&[1., 1.]])?,
+///     var(&[&[1.], &[1.]])?, var(&[&[1., 0.]])?,
+///     0.5,
+/// )?;
+/// assert_eq!(adapter.delta_weight(DType::F32)?.to_vec2::<f32>()?, [[0.5, 0.0], [1.0, 0.0]]);
+/// let mut layer = Linear::new(Tensor::eye(2, DType::F32, &dev)?, None);
+/// layer.add_adapter("default", Box::new(adapter))?;
+/// // x + ΔW x = [2, 4] + [1, 2]
+/// let y = layer.forward(&Tensor::new(&[[2f32, 4.]], &dev)?)?;
+/// assert_eq!(y.to_vec2::<f32>()?, [[3.0, 6.0]]);
+/// layer.merge()?;
+/// assert_eq!(layer.weight()?.to_vec2::<f32>()?, [[1.5, 0.0], [1.0, 1.0]]);
+///
+/// // On a model: four [out, r] / [r, in] tensors per layer; a fresh adapter
+/// // leaves the output as it was.
+/// #[derive(Adaptable)]
+/// struct Mlp {
+///     up: Linear,
+///     down: Linear,
+/// }
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+/// let mut model = Mlp { up: linear(4, 8, vb.pp("up"))?, down: linear(8, 4, vb.pp("down"))? };
+/// let x = Tensor::ones((1, 4), DType::F32, &dev)?;
+/// let before = model.down.forward(&model.up.forward(&x)?)?;
+/// model.add_adapter("default", &LohaConfig::from(all_linear()).rank(2).alpha(4.0))?;
+/// assert_eq!(model.num_parameters().trainable, 2 * (8 * 2 + 2 * 4) + 2 * (4 * 2 + 2 * 8));
+/// let after = model.down.forward(&model.up.forward(&x)?)?;
+/// assert_eq!(after.to_vec2::<f32>()?, before.to_vec2::<f32>()?);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct LohaAdapter {
     w1_a: Var,
@@ -334,13 +290,7 @@ impl LohaAdapter {
 }
 
 impl Adapter for LohaAdapter {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn composition(&self) -> Composition {
-        Composition::Additive
-    }
+    adapter_identity!(PEFT_TYPE, Composition::Additive);
 
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor> {
         let delta = |dtype| LohaAdapter::delta_weight(self, dtype);

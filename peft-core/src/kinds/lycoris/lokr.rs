@@ -1,66 +1,21 @@
 //! LoKr (`peft_type: "LOKR"`): a weight update that is the Kronecker product
 //! of two small matrices, as PEFT's `lokr.Linear`.
 //!
-//! The layer's dimensions are factored, `in = in_m · in_n` and
-//! `out = out_l · out_k` (by [`factorization`] with `decompose_factor`), and
-//! `ΔW = (w1 ⊗ w2) · alpha / r` with `w1` `[out_l, in_m]` and `w2`
-//! `[out_k, in_n]`; the forward pass is `y = base(x) + x · ΔWᵀ`, merging is
-//! `W + ΔW`.
-//!
-//! Each factor is stored whole (`lokr_w1`, `lokr_w2`) or as a rank-`r`
-//! product (`lokr_w1_a · lokr_w1_b`, `lokr_w2_a · lokr_w2_b`), as PEFT
-//! decides from the shapes: `w2` is low-rank when `r < max(out_k, in_n) / 2`,
-//! `w1` only with `decompose_both` and `r < max(out_l, in_m) / 2`. A fresh
-//! adapter (`init_weights = true`) has `w1` (or `w1_a`) zero, so it changes
-//! nothing until trained.
-//!
-//! In training mode the adapter applies PEFT's `module_dropout` (skip the
-//! adapter for a forward pass) and `rank_dropout` (zero output rows of `ΔW`;
-//! rescaled by `1 / mean(mask)` only with `rank_dropout_scale`).
-//!
-//! ```
-//! use candle_core::{DType, Device, Module, Tensor, Var};
-//! use peft_core::{factorization, LokrAdapter, LokrFactor};
-//! use peft_core::Linear;
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let dev = Device::Cpu;
-//! // PEFT's factorization: near the square root, or `factor` first when it divides.
-//! assert_eq!(factorization(12, -1), (3, 4));
-//! assert_eq!(factorization(20, -1), (4, 5));
-//! assert_eq!(factorization(12, 4), (4, 3));
-//!
-//! // w1 = [[1, 0], [0, 2]], w2 = [[0, 1], [1, 0]], scale 1:
-//! // w1 ⊗ w2 = [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 2], [0, 0, 2, 0]]
-//! let w1 = Var::from_tensor(&Tensor::new(&[[1f32, 0.], [0., 2.]], &dev)?)?;
-//! let w2 = Var::from_tensor(&Tensor::new(&[[0f32, 1.], [1., 0.]], &dev)?)?;
-//! let adapter = LokrAdapter::new(LokrFactor::Full(w1), LokrFactor::Full(w2), 1.0)?;
-//! let mut layer = Linear::new(Tensor::eye(4, DType::F32, &dev)?, None);
-//! layer.add_adapter("default", Box::new(adapter))?;
-//! // x + ΔW x = [1, 2, 3, 4] + [2, 1, 8, 6]
-//! let y = layer.forward(&Tensor::new(&[[1f32, 2., 3., 4.]], &dev)?)?;
-//! assert_eq!(y.to_vec2::<f32>()?, [[3.0, 3.0, 11.0, 10.0]]);
-//! layer.merge()?;
-//! assert_eq!(layer.weight()?.to_vec2::<f32>()?[2], [0.0, 0.0, 1.0, 2.0]);
-//! # Ok(())
-//! # }
-//! ```
-
-use std::collections::BTreeMap;
-use std::path::Path;
+//! The maths, PEFT's keys and an example are on [`LokrAdapter`].
 
 use candle_core::{DType, Device, Result as CandleResult, Tensor, Var};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::{PeftError, Result};
-use crate::kinds::config::{require_linear, AdapterConfig, PeftConfig, WithRank};
-use crate::kinds::config_file::{
-    check_other_fields, parse_json, refuse_modules_to_save, unsupported, PeftMetadata, TargetFields, WithMetadata,
+use crate::error::Result;
+use crate::kinds::config::{
+    config_basics, config_identity, invalid_config, require_linear, setters, AdapterConfig, WithRank,
 };
+use crate::kinds::config_file::{unsupported, KindFields, PeftMetadata};
 use crate::kinds::lycoris::{impl_lycoris_builders, kaiming_uniform, Dropouts, LycorisFileFields, LycorisOptions};
-use crate::layer::{Adapter, Composition, ForwardContext, Layer, LayerWeights};
-use crate::targets::{all_linear, Targets};
+use crate::kinds::registry::kind;
+use crate::layer::{adapter_identity, Adapter, Composition, ForwardContext, Layer, LayerWeights};
+use crate::targets::Targets;
 
 /// PEFT's `peft_type` for LoKr.
 pub const PEFT_TYPE: &str = "LOKR";
@@ -97,7 +52,7 @@ pub enum LokrInit {
 #[derive(Debug, Clone)]
 pub struct LokrConfig {
     /// Which layers to adapt (PEFT's `target_modules`, `exclude_modules`,
-    /// `layers_to_transform`, `layers_pattern`). Default: [`all_linear()`].
+    /// `layers_to_transform`, `layers_pattern`). Default: [`all_linear()`](crate::all_linear).
     pub target_modules: Targets,
     /// `r` (of the low-rank factors), `alpha` (the update is scaled by
     /// `alpha / r`, whether or not a factor is low-rank), their patterns and
@@ -114,14 +69,8 @@ pub struct LokrConfig {
     /// How the factors start.
     pub init_weights: LokrInit,
     /// PEFT's descriptive fields (`task_type`, `base_model_name_or_path`,
-    /// `revision`), saved as given; set them with [`WithMetadata`].
+    /// `revision`), saved as given; set them with [`WithMetadata`](crate::WithMetadata).
     pub metadata: PeftMetadata,
-}
-
-impl Default for LokrConfig {
-    fn default() -> Self {
-        all_linear().into()
-    }
 }
 
 impl From<Targets> for LokrConfig {
@@ -152,30 +101,15 @@ pub struct LokrShapes {
 }
 
 impl LokrConfig {
-    /// Sets `rank_dropout_scale`.
-    pub fn rank_dropout_scale(mut self, on: bool) -> Self {
-        self.rank_dropout_scale = on;
-        self
-    }
-    /// Sets `decompose_both`.
-    pub fn decompose_both(mut self, on: bool) -> Self {
-        self.decompose_both = on;
-        self
-    }
-    /// Sets `decompose_factor` (`-1` or a positive integer).
-    pub fn decompose_factor(mut self, factor: i64) -> Self {
-        self.decompose_factor = factor;
-        self
-    }
-    /// Sets `init_weights`.
-    pub fn init(mut self, init: LokrInit) -> Self {
-        self.init_weights = init;
-        self
-    }
-    /// Sets the targets (`target_modules` and the filters that go with it).
-    pub fn target_modules(mut self, targets: Targets) -> Self {
-        self.target_modules = targets;
-        self
+    setters! {
+        /// Sets `rank_dropout_scale`.
+        rank_dropout_scale => rank_dropout_scale: bool,
+        /// Sets `decompose_both`.
+        decompose_both => decompose_both: bool,
+        /// Sets `decompose_factor` (`-1` or a positive integer).
+        decompose_factor => decompose_factor: i64,
+        /// Sets `init_weights`.
+        init => init_weights: LokrInit,
     }
     /// The factor shapes PEFT uses for a linear layer with rank `r`,
     /// `in_features` and `out_features` (`LoKrLayer.update_layer`).
@@ -228,29 +162,20 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
 
 impl_lycoris_builders!(LokrConfig);
 
-impl WithMetadata for LokrConfig {
-    fn metadata_mut(&mut self) -> &mut PeftMetadata {
-        &mut self.metadata
-    }
-}
+config_basics!(LokrConfig);
+kind!(LokrConfig, PEFT_TYPE, LokrFields);
 
 impl AdapterConfig for LokrConfig {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn targets(&self) -> &Targets {
-        &self.target_modules
-    }
+    config_identity!(PEFT_TYPE);
 
     fn validate(&self) -> Result<()> {
         self.lycoris.validate()?;
         if self.decompose_factor != -1 && self.decompose_factor < 1 {
-            return Err(PeftError::InvalidConfig {
-                field: "decompose_factor",
-                value: self.decompose_factor.to_string(),
-                reason: "must be -1 (factor near the square root) or a positive integer",
-            });
+            return Err(invalid_config(
+                "decompose_factor",
+                self.decompose_factor,
+                "must be -1 (factor near the square root) or a positive integer",
+            ));
         }
         self.target_modules.validate()
     }
@@ -295,16 +220,6 @@ impl AdapterConfig for LokrConfig {
     }
 }
 
-impl PeftConfig for LokrConfig {
-    const PEFT_TYPE: &'static str = PEFT_TYPE;
-
-    fn from_json(text: &str, path: &Path) -> Result<Self> {
-        parse_json::<LokrConfigFile>(text, path)?.into_config(path)
-    }
-}
-
-crate::register_adapter_kind!(LokrConfig);
-
 #[derive(Clone, Copy)]
 enum FactorSide {
     W1,
@@ -342,19 +257,10 @@ fn new_factor(
 
 // ---- adapter_config.json ------------------------------------------------------
 
-/// PEFT 0.21's options of this kind that are not implemented: none (every
-/// option is read), so any other field is metadata or unknown.
-const UNIMPLEMENTED_OPTIONS: &[&str] = &[];
-
-/// `adapter_config.json` of a LoKr adapter, as PEFT writes it.
+/// LoKr's own fields of `adapter_config.json`, as PEFT writes them (every
+/// PEFT 0.21 option of this kind is read).
 #[derive(Deserialize)]
-struct LokrConfigFile {
-    #[serde(flatten)]
-    targets: TargetFields,
-    #[serde(flatten)]
-    common: LycorisFileFields,
-    #[serde(flatten)]
-    metadata: PeftMetadata,
+pub struct LokrFields {
     #[serde(default)]
     init_weights: Option<Value>,
     #[serde(default)]
@@ -363,18 +269,17 @@ struct LokrConfigFile {
     decompose_both: bool,
     #[serde(default = "default_factor")]
     decompose_factor: i64,
-    /// Every other field, for [`check_other_fields`].
-    #[serde(flatten)]
-    other: BTreeMap<String, Value>,
 }
 
 fn default_factor() -> i64 {
     -1
 }
 
-impl LokrConfigFile {
-    fn into_config(self, path: &Path) -> Result<LokrConfig> {
-        refuse_modules_to_save(self.common.modules_to_save.as_ref())?;
+impl KindFields for LokrFields {
+    type Config = LokrConfig;
+    type Family = LycorisFileFields;
+
+    fn into_config(self, family: Self::Family, targets: Targets, metadata: PeftMetadata) -> Result<LokrConfig> {
         let init = match &self.init_weights {
             None | Some(Value::Bool(true)) => LokrInit::Default,
             Some(Value::Bool(false)) => LokrInit::Random,
@@ -387,15 +292,14 @@ impl LokrConfigFile {
                 ))
             }
         };
-        check_other_fields(&self.other, UNIMPLEMENTED_OPTIONS, path)?;
         Ok(LokrConfig {
-            target_modules: self.targets.into_targets()?,
-            lycoris: self.common.options(),
+            target_modules: targets,
+            lycoris: family.options(),
             rank_dropout_scale: self.rank_dropout_scale,
             decompose_both: self.decompose_both,
             decompose_factor: self.decompose_factor,
             init_weights: init,
-            metadata: self.metadata,
+            metadata,
         })
     }
 }
@@ -444,8 +348,53 @@ impl LokrFactor {
     }
 }
 
-/// A LoKr adapter on one linear layer: `ΔW = (w1 ⊗ w2) · scale`; see the
-/// [module documentation](self).
+/// LoKr (`peft_type: "LOKR"`): a weight update that is the Kronecker product
+/// of two small matrices, as PEFT's `lokr.Linear`.
+///
+/// The layer's dimensions are factored, `in = in_m · in_n` and
+/// `out = out_l · out_k` (by [`factorization`] with `decompose_factor`), and
+/// `ΔW = (w1 ⊗ w2) · alpha / r` with `w1` `[out_l, in_m]` and `w2`
+/// `[out_k, in_n]`; the forward pass is `y = base(x) + x · ΔWᵀ`, merging is
+/// `W + ΔW`.
+///
+/// Each factor is stored whole (`lokr_w1`, `lokr_w2`) or as a rank-`r`
+/// product (`lokr_w1_a · lokr_w1_b`, `lokr_w2_a · lokr_w2_b`), as PEFT
+/// decides from the shapes: `w2` is low-rank when `r < max(out_k, in_n) / 2`,
+/// `w1` only with `decompose_both` and `r < max(out_l, in_m) / 2`. A fresh
+/// adapter (`init_weights = true`) has `w1` (or `w1_a`) zero, so it changes
+/// nothing until trained.
+///
+/// In training mode the adapter applies PEFT's `module_dropout` (skip the
+/// adapter for a forward pass) and `rank_dropout` (zero output rows of `ΔW`;
+/// rescaled by `1 / mean(mask)` only with `rank_dropout_scale`).
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor, Var};
+/// use peft_core::{factorization, LokrAdapter, LokrFactor};
+/// use peft_core::Linear;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = Device::Cpu;
+/// // PEFT's factorization: near the square root, or `factor` first when it divides.
+/// assert_eq!(factorization(12, -1), (3, 4));
+/// assert_eq!(factorization(20, -1), (4, 5));
+/// assert_eq!(factorization(12, 4), (4, 3));
+///
+/// // w1 = [[1, 0], [0, 2]], w2 = [[0, 1], [1, 0]], scale 1:
+/// // w1 ⊗ w2 = [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 2], [0, 0, 2, 0]]
+/// let w1 = Var::from_tensor(&Tensor::new(&[[1f32, 0.], [0., 2.]], &dev)?)?;
+/// let w2 = Var::from_tensor(&Tensor::new(&[[0f32, 1.], [1., 0.]], &dev)?)?;
+/// let adapter = LokrAdapter::new(LokrFactor::Full(w1), LokrFactor::Full(w2), 1.0)?;
+/// let mut layer = Linear::new(Tensor::eye(4, DType::F32, &dev)?, None);
+/// layer.add_adapter("default", Box::new(adapter))?;
+/// // x + ΔW x = [1, 2, 3, 4] + [2, 1, 8, 6]
+/// let y = layer.forward(&Tensor::new(&[[1f32, 2., 3., 4.]], &dev)?)?;
+/// assert_eq!(y.to_vec2::<f32>()?, [[3.0, 3.0, 11.0, 10.0]]);
+/// layer.merge()?;
+/// assert_eq!(layer.weight()?.to_vec2::<f32>()?[2], [0.0, 0.0, 1.0, 2.0]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct LokrAdapter {
     w1: LokrFactor,
@@ -524,13 +473,7 @@ impl LokrAdapter {
 }
 
 impl Adapter for LokrAdapter {
-    fn peft_type(&self) -> &'static str {
-        PEFT_TYPE
-    }
-
-    fn composition(&self) -> Composition {
-        Composition::Additive
-    }
+    adapter_identity!(PEFT_TYPE, Composition::Additive);
 
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor> {
         let delta = |dtype| LokrAdapter::delta_weight(self, dtype);

@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, Var};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::{PeftError, Result};
-use crate::kinds::config::{RankSettings, WithRank};
+use crate::error::Result;
+use crate::kinds::config::{default_alpha, default_rank, invalid_config, RankSettings, WithRank};
 use crate::kinds::config_file::{float, layer_filters_saved, ordered_map, saved_fields, PeftMetadata};
 use crate::targets::Targets;
 
@@ -117,18 +117,15 @@ impl LycorisOptions {
     /// [0, 1), `module_dropout` in [0, 1], patterns that compile.
     pub(crate) fn validate(&self) -> Result<()> {
         self.ranks.validate("alpha")?;
-        let invalid = |field, value: f32, reason| {
-            Err(PeftError::InvalidConfig {
-                field,
-                value: value.to_string(),
-                reason,
-            })
-        };
         if !(0.0..1.0).contains(&self.rank_dropout) {
-            return invalid("rank_dropout", self.rank_dropout, "must lie in [0, 1)");
+            return Err(invalid_config("rank_dropout", self.rank_dropout, "must lie in [0, 1)"));
         }
         if !(0.0..=1.0).contains(&self.module_dropout) {
-            return invalid("module_dropout", self.module_dropout, "must lie in [0, 1]");
+            return Err(invalid_config(
+                "module_dropout",
+                self.module_dropout,
+                "must lie in [0, 1]",
+            ));
         }
         Ok(())
     }
@@ -202,24 +199,22 @@ pub(crate) use impl_lycoris_builders;
 
 /// The `adapter_config.json` fields LoHa and LoKr share (besides the targets).
 #[derive(Deserialize)]
-pub(crate) struct LycorisFileFields {
+pub struct LycorisFileFields {
     #[serde(default = "default_rank")]
     r: usize,
     #[serde(default = "default_alpha")]
     alpha: f64,
-    #[serde(default)]
-    rank_dropout: f32,
-    #[serde(default)]
-    module_dropout: f32,
     #[serde(default, deserialize_with = "ordered_map")]
     rank_pattern: Vec<(String, usize)>,
     #[serde(default, deserialize_with = "ordered_map")]
     alpha_pattern: Vec<(String, f64)>,
+    #[serde(default)]
+    rank_dropout: f32,
+    #[serde(default)]
+    module_dropout: f32,
     /// Only changes convolution layers in PEFT: no effect on linear layers.
     #[serde(default)]
     use_effective_conv2d: bool,
-    #[serde(default)]
-    pub(crate) modules_to_save: Option<Vec<String>>,
 }
 
 impl LycorisFileFields {
@@ -237,14 +232,6 @@ impl LycorisFileFields {
             use_effective_conv2d: self.use_effective_conv2d,
         }
     }
-}
-
-fn default_rank() -> usize {
-    RankSettings::default().r
-}
-
-fn default_alpha() -> f64 {
-    RankSettings::default().alpha
 }
 
 pub(crate) fn default_true() -> bool {
