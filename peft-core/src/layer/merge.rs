@@ -12,7 +12,7 @@ use crate::layer::slot::{AttachedAdapter, Layer};
 
 /// Why a partial merge is refused.
 const PARTIAL_MERGE: &str = "merging some adapters of this layer while other active ones stay unmerged is exact only \
-     when all of them are additive (LoRA, LoHa, LoKr); merge every active adapter, or deactivate the others first";
+     when all of them are additive (`Composition::Additive`); merge every active adapter, or deactivate the others first";
 /// Why merging into a quantized base is refused.
 const QUANTIZED_MERGE: &str = "cannot merge into a quantized base weight: requantizing the merged weight would \
      lose the adapter's precision; keep the adapter unmerged, or load the base in f32/f16 to merge";

@@ -32,9 +32,10 @@ use crate::layer::quantized::QuantizedWeight;
 /// The adapter slot: a frozen base seen as a linear map `y = x Wᵀ + b`
 /// (weight `[out, in]`) and the adapters attached to it.
 ///
-/// [`Linear`](crate::Linear), [`Embedding`](crate::Embedding),
-/// [`Conv1d`](crate::Conv1d) and [`Conv2d`](crate::Conv2d) each hold one;
-/// visitors and [`PeftModel::layers`](crate::PeftModel::layers) hand it out.
+/// A field of type [`Linear`](crate::Linear) is a `Layer` over a dense (or
+/// quantized) weight; [`Embedding`](crate::Embedding),
+/// [`Conv1d`](crate::Conv1d) and [`Conv2d`](crate::Conv2d) each hold one.
+/// Visitors and [`PeftModel::layers`](crate::PeftModel::layers) hand it out.
 /// With no adapter, its forward pass is exactly its base's. Adapters
 /// are held by name; attaching the first one detaches the base weights from
 /// any autograd graph, so the base never receives a gradient.
@@ -313,7 +314,7 @@ impl Layer {
         }
         if adapter.composition() != Composition::Additive && self.is_merged() {
             return Err(incompatible(
-                "only additive adapters (LoRA, LoHa, LoKr) can join a layer with merged adapters; unmerge first"
+                "only additive adapters (`Composition::Additive`) can join a layer with merged adapters; unmerge first"
                     .to_owned(),
             ));
         }

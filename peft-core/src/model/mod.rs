@@ -59,8 +59,8 @@ pub struct LayerMut<'a> {
 
 /// Adapter management for any [`Adaptable`] model: implemented for every one.
 pub trait PeftModel: Adaptable {
-    /// Every adapter slot (the layer of each `Linear`, `Embedding`,
-    /// `Conv1d` and `Conv2d`), in the order of the struct's fields.
+    /// Every adapter slot (each `Linear` field, and the layer inside each
+    /// `Embedding`, `Conv1d` and `Conv2d`), in the order of the struct's fields.
     fn layers(&self) -> Vec<LayerRef<'_>> {
         struct Collect<'a>(Vec<LayerRef<'a>>);
         impl<'a> Visitor<'a> for Collect<'a> {
