@@ -111,13 +111,7 @@ fn gradients_reach_the_first_block_and_match_the_dequantized_model() {
     // LoraInit::Random draws them: the gradient bound holds on every run.
     let mut rng = Rng(0x9_0a0b);
     for (_, var) in quantized.named_trainable_vars() {
-        let bound = 1.0 / (var.dims()[1] as f64).sqrt();
-        var.set(
-            &rng.tensor(var.dims(), candle_core::DType::F32)
-                .affine(bound, 0.0)
-                .unwrap(),
-        )
-        .unwrap();
+        rng.fill_fan_in_uniform(&var);
     }
     for ((_, q), (_, f)) in quantized
         .named_trainable_vars()
@@ -158,13 +152,7 @@ fn a_few_adamw_steps_lower_the_loss_over_a_4_bit_base() {
     let mut rng = Rng(0x9_0a0c);
     for (name, var) in model.named_trainable_vars() {
         if name.contains("lora_A") {
-            let bound = 1.0 / (var.dims()[1] as f64).sqrt();
-            var.set(
-                &rng.tensor(var.dims(), candle_core::DType::F32)
-                    .affine(bound, 0.0)
-                    .unwrap(),
-            )
-            .unwrap();
+            rng.fill_fan_in_uniform(&var);
         }
     }
     let mut opt = AdamW::new(

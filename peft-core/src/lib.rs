@@ -49,10 +49,11 @@
 //! | `io.rs` | PEFT's file format only: bytes to (config, tensors) and back, atomic writes |
 //! | `model/` | [`PeftModel`]: the one attach routine used by `add_adapter` and loading, merging, counting |
 //!
-//! To add a kind, add a folder (or file) under `kinds/` with its config and
-//! adapter, and one registration line: `register_adapter_kind!(MyConfig);`.
-//! A crate of your own does the same through the public API
-//! ([`PeftConfig`], [`register_adapter_kind!`]).
+//! To add a kind, add a folder (or file) under `kinds/` with its config,
+//! the fields it reads from `adapter_config.json` and its adapter, and one
+//! registration line: `kind!(MyConfig, PEFT_TYPE, MyFields);` (`kinds/mod.rs`
+//! says more). A crate of your own does the same through the public API:
+//! [`PeftConfig`] and [`register_adapter_kind!`]`(MyConfig);`.
 //!
 //! Types are re-exported here, flat; the kind modules are private. The
 //! public modules are namespaces of helpers: [`ops`] and [`fused`] (CPU

@@ -46,6 +46,14 @@ impl Rng {
         var.set(&self.randn(var.dims(), std)).unwrap();
     }
 
+    /// Overwrites `var` (f32, `[out, in]`) with U(±1/√in) values: what
+    /// PyTorch's `kaiming_uniform_(a = √5)` and `LoraInit::Random` draw.
+    pub fn fill_fan_in_uniform(&mut self, var: &Var) {
+        let bound = 1.0 / (var.dims()[1] as f64).sqrt();
+        var.set(&self.tensor(var.dims(), DType::F32).affine(bound, 0.0).unwrap())
+            .unwrap();
+    }
+
     /// Uniform values in `[-1, 1)`, rounded to `dtype`.
     pub fn tensor(&mut self, dims: &[usize], dtype: DType) -> Tensor {
         let n: usize = dims.iter().product();

@@ -173,19 +173,10 @@ pub(crate) fn matmul_into<T: WithDType>(
         })
 }
 
-/// [`matmul_into`] on the calling thread only, for callers that split their
-/// work across threads themselves.
-pub(crate) fn matmul_into_serial<T: WithDType>(
-    dst: &mut [T],
-    lhs: Matrix<'_, T>,
-    rhs: Matrix<'_, T>,
-    scale: T,
-    accumulate: bool,
-) -> Result<()> {
-    gemm_into(dst, lhs, rhs, scale, accumulate, Parallelism::None)
-}
-
-fn gemm_into<T: WithDType>(
+/// [`matmul_into`] with `gemm`'s threads as given: `Parallelism::None` on
+/// the calling thread only, for callers that split their work across
+/// threads themselves.
+pub(crate) fn gemm_into<T: WithDType>(
     dst: &mut [T],
     lhs: Matrix<'_, T>,
     rhs: Matrix<'_, T>,

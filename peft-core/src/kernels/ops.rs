@@ -47,9 +47,10 @@
 //! ```
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::kernels::matmul::{matmul_into_serial, CpuTensor, Matrix};
+use crate::kernels::matmul::{gemm_into, CpuTensor, Matrix};
 
 // ---- public functions ---------------------------------------------------------
 
@@ -583,7 +584,7 @@ impl AttentionDims {
 /// `softmax(scale · q kᵀ)` over the keys each query may see, 0 elsewhere.
 fn causal_probs(probs: &mut [f32], q: Matrix<'_, f32>, k: Matrix<'_, f32>, scale: f32) -> Result<()> {
     let (t_q, t_k) = (q.rows, k.rows);
-    matmul_into_serial(probs, q, k.t(), scale, false)?;
+    gemm_into(probs, q, k.t(), scale, false, Parallelism::None)?;
     let offset = t_k - t_q;
     for (i, row) in probs.chunks_mut(t_k.max(1)).enumerate() {
         let (seen, masked) = row.split_at_mut(offset + i + 1);
@@ -636,7 +637,14 @@ impl CustomOp3 for CausalAttention {
                 for (r, out) in out.chunks_mut(t_q * d).enumerate() {
                     let qm = dims.head(q, b, g * dims.n_rep() + r, heads, t_q)?;
                     causal_probs(&mut probs, qm, km, self.scale)?;
-                    matmul_into_serial(out, Matrix::row_major(&probs, t_q, t_k), vm, 1.0, false)?;
+                    gemm_into(
+                        out,
+                        Matrix::row_major(&probs, t_q, t_k),
+                        vm,
+                        1.0,
+                        false,
+                        Parallelism::None,
+                    )?;
                 }
                 Ok(out)
             })
@@ -692,7 +700,7 @@ impl CustomOp3 for CausalAttention {
                                     let h = g * dims.n_rep() + r;
                                     let (qm, gm) = (dims.head(qs, b, h, heads, t_q)?, dims.head(gs, b, h, heads, t_q)?);
                                     causal_probs(&mut probs, qm, km, scale)?;
-                                    matmul_into_serial(&mut dprobs, gm, vm.t(), 1.0, false)?;
+                                    gemm_into(&mut dprobs, gm, vm.t(), 1.0, false, Parallelism::None)?;
                                     for (dp, p) in dprobs.chunks_mut(t_k).zip(probs.chunks(t_k)) {
                                         let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
                                         for (dp, p) in dp.iter_mut().zip(p) {
@@ -701,10 +709,10 @@ impl CustomOp3 for CausalAttention {
                                     }
                                     let ds = Matrix::row_major(&dprobs, t_q, t_k);
                                     let accumulate = r > 0;
-                                    matmul_into_serial(gq, ds, km, 1.0, false)?;
-                                    matmul_into_serial(&mut gk, ds.t(), qm, 1.0, accumulate)?;
+                                    gemm_into(gq, ds, km, 1.0, false, Parallelism::None)?;
+                                    gemm_into(&mut gk, ds.t(), qm, 1.0, accumulate, Parallelism::None)?;
                                     let pm = Matrix::row_major(&probs, t_q, t_k);
-                                    matmul_into_serial(&mut gv, pm.t(), gm, 1.0, accumulate)?;
+                                    gemm_into(&mut gv, pm.t(), gm, 1.0, accumulate, Parallelism::None)?;
                                 }
                                 Ok((gq, gk, gv))
                             })

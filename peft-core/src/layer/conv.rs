@@ -27,8 +27,6 @@
 
 use candle_core::{Module, Result as CandleResult, Tensor};
 
-use crate::error::Result;
-use crate::layer::adapter::Adapter;
 use crate::layer::slot::Layer;
 /// Stride, padding and dilation of a convolution, and whether it is 1-D or 2-D.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,11 +191,6 @@ macro_rules! conv_slot {
             /// Mutable [`layer`](Self::layer).
             pub fn layer_mut(&mut self) -> &mut Layer {
                 &mut self.layer
-            }
-
-            /// Attaches an adapter under `name`, active.
-            pub fn add_adapter(&mut self, name: &str, adapter: impl Adapter + 'static) -> Result<()> {
-                self.layer.add_adapter(name, Box::new(adapter))
             }
         }
 

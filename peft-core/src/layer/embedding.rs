@@ -22,7 +22,7 @@
 //! // r = 1: A = [[1, 2, 3]] ([r, vocab]), B = [[1], [-1]] ([dim, r]), scale 0.5
 //! let a = Var::from_tensor(&Tensor::new(&[[1f32, 2., 3.]], &dev)?)?;
 //! let b = Var::from_tensor(&Tensor::new(&[[1f32], [-1.]], &dev)?)?;
-//! embed.add_adapter("default", LoraEmbeddingAdapter::new(a, b, 0.5)?)?;
+//! embed.layer_mut().add_adapter("default", Box::new(LoraEmbeddingAdapter::new(a, b, 0.5)?))?;
 //! let ids = Tensor::new(&[2u32, 0], &dev)?;
 //! // token 2: [1, 1] + 0.5·3·[1, -1]; token 0: [1, 0] + 0.5·1·[1, -1]
 //! assert_eq!(embed.forward(&ids)?.to_vec2::<f32>()?, [[2.5, -0.5], [1.5, -0.5]]);
@@ -34,8 +34,6 @@
 
 use candle_core::{Module, Result as CandleResult, Tensor};
 
-use crate::error::Result;
-use crate::layer::adapter::Adapter;
 use crate::layer::slot::Layer;
 
 /// An embedding table `[vocab, dim]` that adapters can be attached to.
@@ -79,11 +77,6 @@ impl Embedding {
     /// Mutable [`layer`](Self::layer).
     pub fn layer_mut(&mut self) -> &mut Layer {
         &mut self.layer
-    }
-
-    /// Attaches an adapter under `name`, active.
-    pub fn add_adapter(&mut self, name: &str, adapter: impl Adapter + 'static) -> Result<()> {
-        self.layer.add_adapter(name, Box::new(adapter))
     }
 }
 

@@ -19,7 +19,8 @@
 //! // r = 1: A = [[[1, -1]]] (x[t] - x[t+1]), B = [[[2]]], scale 0.5
 //! let a = Var::from_tensor(&Tensor::new(&[[[1f32, -1.]]], &dev)?)?;
 //! let b = Var::from_tensor(&Tensor::new(&[[[2f32]]], &dev)?)?;
-//! conv.add_adapter("default", LoraConvAdapter::new(a, b, 0.5, 0.0, conv.geometry())?)?;
+//! let lora = LoraConvAdapter::new(a, b, 0.5, 0.0, conv.geometry())?;
+//! conv.layer_mut().add_adapter("default", Box::new(lora))?;
 //! let x = Tensor::new(&[[[1f32, 2., 4.]]], &dev)?;
 //! // [3, 6] + 0.5·2·[-1, -2]
 //! assert_eq!(conv.forward(&x)?.to_vec3::<f32>()?, [[[2.0, 4.0]]]);

@@ -247,3 +247,31 @@ impl Adapter for DoraAdapter {
         self.lora.state_dict_key(key, adapter)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use super::{DoraAdapter, MAGNITUDE_KEY};
+    use crate::kinds::lora::LoraAdapter;
+    use crate::layer::Adapter;
+
+    #[test]
+    fn adapter_name_goes_before_the_last_segment() {
+        let dev = Device::Cpu;
+        let a = Var::zeros((1, 2), DType::F32, &dev).unwrap();
+        let b = Var::zeros((2, 1), DType::F32, &dev).unwrap();
+        let lora = LoraAdapter::new(a, b, 1.0, 0.0).unwrap();
+        // The contract's default.
+        assert_eq!(lora.state_dict_key("lora_A.weight", "default"), "lora_A.default.weight");
+        assert_eq!(lora.state_dict_key("ia3_l", "x"), "ia3_l.x");
+        // DoRA's magnitude, as PEFT keeps it (a ParameterDict of modules).
+        let weight = Tensor::ones((2, 2), DType::F32, &dev).unwrap();
+        let dora = DoraAdapter::from_weight(lora, &weight).unwrap();
+        assert_eq!(
+            dora.state_dict_key(MAGNITUDE_KEY, "default"),
+            "lora_magnitude_vector.default.weight"
+        );
+        assert_eq!(dora.state_dict_key("lora_B.weight", "default"), "lora_B.default.weight");
+    }
+}
