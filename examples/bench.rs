@@ -15,11 +15,7 @@
 //! of a training step (forward, backward, AdamW on the adapters), the time of
 //! `apply_lora`, `save_adapter` and `load_adapter`, and the peak resident
 //! memory. Weights are random (no download); the model is
-//! `examples/models/llama.rs`.
-
-#[path = "models/mod.rs"]
-#[allow(dead_code)]
-mod models;
+//! `peft_models::llama`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use models::llama::{Config, LlamaForCausalLM};
 use peft_core::prelude::*;
+use peft_models::llama::{Config, LlamaForCausalLM};
 
 struct Args {
     hidden: usize,

@@ -14,17 +14,13 @@
 //! with transformers and PEFT in `tests/fixtures/llama_lora_all_linear`.
 //! The prompt is token ids (no tokenizer here).
 
-#[path = "models/mod.rs"]
-#[allow(dead_code)]
-mod models;
-
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use models::llama::{Config, LlamaForCausalLM};
 use peft_core::prelude::*;
+use peft_models::llama::{Config, LlamaForCausalLM};
 
 struct Args {
     model: PathBuf,

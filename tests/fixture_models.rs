@@ -1,4 +1,4 @@
-//! The example models in `examples/models/` against the reference cases made
+//! The models of `peft-models` (and the custom `TinyLM` in `tests/support`) against the reference cases made
 //! by Python transformers + PEFT (`tests/fixtures/<case>/`, see each
 //! `CASE.md`).
 //!
@@ -12,16 +12,13 @@
 //! - the adapter saved back from Rust has PEFT's tensor keys, shapes and
 //!   values and PEFT's config fields, and loads back to the same logits.
 
-#[path = "../examples/models/mod.rs"]
-#[allow(dead_code)]
-mod models;
-
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use models::{gpt2, llama, tiny_lm};
 use peft_core::prelude::*;
+use peft_models::{gpt2, llama};
+use support::tiny_lm;
 
 mod support;
 use support::{

@@ -11,19 +11,15 @@
 //! - Forward and merge on a 2x3 layer, computed by hand; parameter counts;
 //!   options that cannot be honoured are refused.
 
-#[path = "../examples/models/mod.rs"]
-#[allow(dead_code)]
-mod models;
-
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use models::llama;
 use peft_core::prelude::*;
 use peft_core::PeftError;
 use peft_core::{Ia3Adapter, Ia3Config};
+use peft_models::llama;
 use serde_json::Value;
 
 mod support;
@@ -36,7 +32,7 @@ const LOGITS_TOL: f32 = 1e-5;
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 fn config() -> Result<llama::Config, Box<dyn std::error::Error>> {
-    llama::Config::from_file(FIXTURE.path("config.json"))
+    Ok(llama::Config::from_file(FIXTURE.path("config.json"))?)
 }
 
 /// The fixture's base model, weights memory-mapped (plain tensors).

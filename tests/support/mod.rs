@@ -7,6 +7,7 @@
 
 pub mod fixture_case;
 pub mod rng;
+pub mod tiny_lm;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

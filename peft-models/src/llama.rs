@@ -27,7 +27,8 @@ use peft_core::ops;
 use peft_core::prelude::*;
 use serde::Deserialize;
 
-use super::rms_norm;
+use crate::error::ModelError;
+use crate::nn::rms_norm;
 
 /// RoPE settings, transformers 5 layout (`rope_parameters` in `config.json`).
 #[derive(Debug, Clone, Deserialize)]
@@ -46,38 +47,72 @@ fn default_rope_type() -> String {
 /// The fields of transformers' `config.json` this model uses.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
+    /// Vocabulary size.
     pub vocab_size: usize,
+    /// Hidden width.
     pub hidden_size: usize,
+    /// MLP width.
     pub intermediate_size: usize,
+    /// Number of decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
     /// GQA: each key/value head serves `num_attention_heads / num_key_value_heads` query heads.
     pub num_key_value_heads: Option<usize>,
     /// Defaults to `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     /// transformers 5 keeps `rope_theta` here...
     pub rope_parameters: Option<RopeParameters>,
     /// ...transformers 4 at the top level.
     pub rope_theta: Option<f64>,
+    /// Biases on q, k, v and o.
     #[serde(default)]
     pub attention_bias: bool,
+    /// Biases on the MLP's projections.
     #[serde(default)]
     pub mlp_bias: bool,
+    /// The head is the token embedding.
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// transformers 4's RoPE scaling; only its absence is implemented.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
 }
 
 impl Config {
     /// Reads a transformers `config.json`.
-    pub fn from_file(path: impl AsRef<std::path::Path>) -> std::result::Result<Self, Box<dyn std::error::Error>> {
-        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> std::result::Result<Self, ModelError> {
+        crate::checkpoint::read_config(path.as_ref())
     }
 
+    /// Refuses the options this port does not implement: RoPE types other
+    /// than `"default"` (linear, dynamic, llama3, yarn scale the positions).
+    pub fn check(&self) -> std::result::Result<(), ModelError> {
+        let unsupported = |field, value: String| ModelError::Unsupported {
+            field,
+            value,
+            reason: "only the default RoPE is implemented (linear, dynamic, llama3 and yarn scaling are not yet)",
+        };
+        if let Some(rope) = self.rope_parameters.as_ref().filter(|r| r.rope_type != "default") {
+            return Err(unsupported(
+                "rope_parameters.rope_type",
+                format!("{:?}", rope.rope_type),
+            ));
+        }
+        if let Some(scaling) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+            return Err(unsupported("rope_scaling", scaling.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The width of one head.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// Key/value heads (GQA), `num_attention_heads` when unset.
     pub fn num_key_value_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -92,6 +127,7 @@ impl Config {
     }
 }
 
+/// Llama's attention: q, k, v, o projections, GQA, RoPE.
 #[derive(Adaptable)]
 pub struct Attention {
     q_proj: Linear,
@@ -104,6 +140,7 @@ pub struct Attention {
     head_dim: usize,
 }
 
+/// Llama's MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
 #[derive(Adaptable)]
 pub struct Mlp {
     gate_proj: Linear,
@@ -111,6 +148,7 @@ pub struct Mlp {
     down_proj: Linear,
 }
 
+/// One decoder layer: pre-norm attention and MLP.
 #[derive(Adaptable)]
 pub struct DecoderLayer {
     input_layernorm: RmsNorm,

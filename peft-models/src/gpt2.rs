@@ -43,27 +43,38 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use peft_core::prelude::*;
 use serde::Deserialize;
 
-use super::{causal_mask, layer_norm, masked_attention, merge_heads, split_heads};
+use crate::error::ModelError;
+use crate::nn::{causal_mask, layer_norm, masked_attention, merge_heads, split_heads};
 
 /// The fields of transformers' GPT-2 `config.json` this model uses.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
+    /// Vocabulary size.
     pub vocab_size: usize,
+    /// Hidden width.
     pub n_embd: usize,
+    /// Number of blocks.
     pub n_layer: usize,
+    /// Attention heads.
     pub n_head: usize,
+    /// Positions the learned position table holds.
     pub n_positions: usize,
     /// MLP width; `None` means `4 * n_embd`.
     pub n_inner: Option<usize>,
+    /// LayerNorm epsilon.
     pub layer_norm_epsilon: f64,
     /// `gelu_new` (or its alias `gelu_pytorch_tanh`): the tanh form of GELU.
     pub activation_function: String,
+    /// Divide attention scores by √head_dim (only `true` is implemented).
     #[serde(default = "default_true")]
     pub scale_attn_weights: bool,
+    /// Also divide by the layer index + 1 (only `false` is implemented).
     #[serde(default)]
     pub scale_attn_by_inverse_layer_idx: bool,
+    /// Upcast attention to f32 (no effect in f32).
     #[serde(default)]
     pub reorder_and_upcast_attn: bool,
+    /// The head is the token embedding (GPT-2 always ties it).
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
 }
@@ -74,15 +85,17 @@ fn default_true() -> bool {
 
 impl Config {
     /// Reads a transformers `config.json`.
-    pub fn from_file(path: impl AsRef<std::path::Path>) -> std::result::Result<Self, Box<dyn std::error::Error>> {
-        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> std::result::Result<Self, ModelError> {
+        crate::checkpoint::read_config(path.as_ref())
     }
 
+    /// The MLP width.
     pub fn n_inner(&self) -> usize {
         self.n_inner.unwrap_or(4 * self.n_embd)
     }
 }
 
+/// GPT-2's attention: `c_attn` (q, k, v fused) and `c_proj`, `Conv1D`s.
 #[derive(Adaptable)]
 pub struct Attention {
     /// `[n_embd -> 3 * n_embd]`: q, k, v concatenated in that order.
@@ -92,12 +105,14 @@ pub struct Attention {
     scale: bool,
 }
 
+/// GPT-2's MLP: `c_fc`, GELU (tanh form), `c_proj`.
 #[derive(Adaptable)]
 pub struct Mlp {
     c_fc: Linear,
     c_proj: Linear,
 }
 
+/// One GPT-2 block: pre-norm attention and MLP.
 #[derive(Adaptable)]
 pub struct Block {
     ln_1: LayerNorm,

@@ -23,7 +23,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use peft_core::prelude::*;
 
-use super::{causal_mask, layer_norm, masked_attention};
+use peft_models::nn::{causal_mask, layer_norm, masked_attention};
 
 /// The sizes of `TinyLM` (a torch module: there is no `config.json`).
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,207 @@
+//! A Hugging Face checkpoint folder: `config.json` and the weights, in one
+//! `model.safetensors` or in shards listed by `model.safetensors.index.json`.
+//!
+//! Opening checks what can be checked before any weight is read: the
+//! config is JSON with a `model_type`, every shard the index names exists
+//! and holds the tensors the index says it holds. Loading memory-maps the
+//! shards, so only the tensors a model asks for are read.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+/// The config file's name.
+pub const CONFIG_FILE: &str = "config.json";
+/// The weights of an unsharded checkpoint.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The shard index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A Hugging Face checkpoint folder: `config.json` and the weights, in one
+/// `model.safetensors` or in shards listed by `model.safetensors.index.json`.
+///
+/// [`open`](Self::open) checks what can be checked before any weight is
+/// read: the config is JSON with a `model_type`, every shard the index names
+/// is a file of the folder and holds the tensors the index says it holds.
+/// [`var_builder`](Self::var_builder) memory-maps the shards, so only the
+/// tensors a model asks for are read.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: serde_json::Value,
+    model_type: String,
+    weights: Vec<PathBuf>,
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let config_path = dir.join(CONFIG_FILE);
+        let config: serde_json::Value = read_config(&config_path)?;
+        let model_type = match config.get("model_type") {
+            Some(serde_json::Value::String(model_type)) => model_type.clone(),
+            other => {
+                return Err(ModelError::UnknownModelType {
+                    path: config_path,
+                    found: other.map_or_else(|| "null".to_owned(), ToString::to_string),
+                    supported: crate::auto::SUPPORTED_MODEL_TYPES.join(", "),
+                })
+            }
+        };
+        let weights = weight_files(&dir)?;
+        Ok(Self {
+            dir,
+            config,
+            model_type,
+            weights,
+        })
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `config.json`'s `model_type` (`"llama"`, `"gpt2"`, ...).
+    pub fn model_type(&self) -> &str {
+        &self.model_type
+    }
+
+    /// The safetensors files holding the weights.
+    pub fn weight_files(&self) -> &[PathBuf] {
+        &self.weights
+    }
+
+    /// `config.json` read as an architecture's `Config`; unknown fields are
+    /// ignored, as transformers ignores them.
+    pub fn config<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.config.clone()).map_err(|cause| ModelError::Json {
+            path: self.dir.join(CONFIG_FILE),
+            cause,
+        })
+    }
+
+    /// The weights, memory-mapped, converted to `dtype` on `device` as a
+    /// model asks for them.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        // SAFETY: the files are mapped read-only; like every reader of
+        // memory-mapped checkpoints (candle, transformers' safetensors), this
+        // assumes no one truncates or rewrites them while they are loaded.
+        unsafe { VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }.map_err(|cause| {
+            ModelError::Safetensors {
+                path: self.dir.clone(),
+                message: cause.to_string(),
+            }
+        })
+    }
+}
+
+/// Reads and parses a JSON file, naming it in errors.
+pub(crate) fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = read_text(path, "config.json")?;
+    serde_json::from_str(&text).map_err(|cause| ModelError::Json {
+        path: path.to_path_buf(),
+        cause,
+    })
+}
+
+fn read_text(path: &Path, what: &'static str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|cause| match cause.kind() {
+        std::io::ErrorKind::NotFound => ModelError::MissingFile {
+            path: path.to_path_buf(),
+            what,
+        },
+        _ => ModelError::Io {
+            path: path.to_path_buf(),
+            cause,
+        },
+    })
+}
+
+/// `model.safetensors.index.json`: which shard holds each tensor.
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// The weight files of the checkpoint in `dir`, the index checked against
+/// the shards' headers.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.is_file() {
+        return Err(ModelError::MissingFile {
+            path: dir.to_path_buf(),
+            what: "model.safetensors (or model.safetensors.index.json)",
+        });
+    }
+    let index: ShardIndex =
+        serde_json::from_str(&read_text(&index_path, "shard index")?).map_err(|cause| ModelError::Json {
+            path: index_path.clone(),
+            cause,
+        })?;
+    let mut by_shard: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (key, shard) in &index.weight_map {
+        by_shard.entry(shard.as_str()).or_default().push(key.as_str());
+    }
+    let mut files = Vec::with_capacity(by_shard.len());
+    for (shard, keys) in by_shard {
+        // A shard name is a file in this folder, never a path elsewhere.
+        let path = dir.join(shard);
+        if Path::new(shard).components().count() != 1 || !path.is_file() {
+            return Err(ModelError::MissingFile {
+                path,
+                what: "shard named by model.safetensors.index.json",
+            });
+        }
+        let held = shard_keys(&path)?;
+        if let Some(key) = keys.into_iter().find(|key| !held.contains(*key)) {
+            return Err(ModelError::MissingTensor {
+                index: index_path,
+                shard: path,
+                key: key.to_owned(),
+            });
+        }
+        files.push(path);
+    }
+    Ok(files)
+}
+
+/// The tensor names in a safetensors file's header, read without mapping
+/// the data.
+fn shard_keys(path: &Path) -> Result<BTreeSet<String>> {
+    use std::io::Read;
+    let io_error = |cause| ModelError::Io {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let bad = |message: String| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(io_error)?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length).map_err(io_error)?;
+    let length = u64::from_le_bytes(length);
+    let file_length = file.metadata().map_err(io_error)?.len();
+    if length > file_length.saturating_sub(8) {
+        return Err(bad(format!(
+            "header of {length} bytes in a file of {file_length} bytes"
+        )));
+    }
+    let mut header = vec![0u8; length as usize];
+    file.read_exact(&mut header).map_err(io_error)?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    Ok(header.into_keys().filter(|key| key != "__metadata__").collect())
+}

@@ -1,0 +1,87 @@
+//! The error type of loading a checkpoint.
+
+use std::path::PathBuf;
+
+/// What went wrong while opening or loading a checkpoint, naming the file,
+/// the field or the tensor at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A file of the checkpoint could not be read.
+    #[error("{}: {cause}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error (part of the message).
+        cause: std::io::Error,
+    },
+    /// A file the checkpoint needs is not there.
+    #[error("{}: {what} not found", path.display())]
+    MissingFile {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// What it is (`config.json`, a shard named by the index, ...).
+        what: &'static str,
+    },
+    /// `config.json` (or the shard index) is not valid JSON or has a field
+    /// of the wrong type.
+    #[error("{}: {cause}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// serde_json's diagnosis, with line and column (part of the message).
+        cause: serde_json::Error,
+    },
+    /// `config.json` names an architecture this crate does not implement.
+    #[error("{}: unknown model_type `{found}` (supported: {supported})", path.display())]
+    UnknownModelType {
+        /// The config file.
+        path: PathBuf,
+        /// `model_type` as found (`null` when missing).
+        found: String,
+        /// The architectures this crate implements, comma separated.
+        supported: String,
+    },
+    /// `config.json` sets an option that changes the computation and is not
+    /// implemented: loading anyway would give other logits than transformers.
+    #[error("config.json: `{field}` = {value}: {reason}")]
+    Unsupported {
+        /// The config field.
+        field: &'static str,
+        /// Its value, as JSON.
+        value: String,
+        /// Why it cannot be honoured.
+        reason: &'static str,
+    },
+    /// The shard index names a tensor that its shard does not hold.
+    #[error("{}: tensor `{key}` is not in {}, the shard model.safetensors.index.json names for it", index.display(), shard.display())]
+    MissingTensor {
+        /// `model.safetensors.index.json`.
+        index: PathBuf,
+        /// The shard.
+        shard: PathBuf,
+        /// The tensor's key.
+        key: String,
+    },
+    /// A safetensors file could not be read.
+    #[error("{}: {message}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The weights do not fit the config: a tensor missing, or of another
+    /// shape than the config makes (candle's message names the tensor and
+    /// both shapes).
+    #[error("{}: the weights do not fit config.json: {cause}", path.display())]
+    Load {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// candle's error (part of the message).
+        cause: candle_core::Error,
+    },
+}
+
+/// `Result` with [`ModelError`].
+pub type Result<T, E = ModelError> = ::core::result::Result<T, E>;

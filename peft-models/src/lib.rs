@@ -1,0 +1,42 @@
+//! Hugging Face checkpoints as adaptable candle models: each architecture a
+//! set of plain structs with `#[derive(Adaptable)]` whose field names are
+//! transformers' module names, so `apply_lora(all_linear())` adapts them and
+//! PEFT's adapters (`base_model.model.model.layers.0.self_attn.q_proj...`)
+//! load unchanged.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use peft_core::prelude::*;
+//! use peft_models::AutoModel;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut model = AutoModel::from_dir("path/to/checkpoint", DType::F32, &Device::Cpu)?;
+//! model.apply_lora(LoraConfig::from(all_linear()).rank(8))?;
+//! let input_ids = Tensor::new(&[[1u32, 17, 33, 8]], &Device::Cpu)?;
+//! let logits = model.forward(&input_ids)?; // [1, 4, vocab]
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! | module | architecture | transformers class |
+//! | --- | --- | --- |
+//! | [`llama`] | Llama (GQA, RoPE, RMSNorm; tied or untied head) | `LlamaForCausalLM` |
+//! | [`gpt2`] | GPT-2 (`Conv1D` layers through `fan_in_fan_out`, tied head) | `GPT2LMHeadModel` |
+//!
+//! [`Checkpoint`] opens a folder (`config.json`, `model.safetensors` or
+//! shards with `model.safetensors.index.json`) and checks it;
+//! [`AutoModel`] picks the architecture from `config.json`'s `model_type`.
+//! [`nn`] holds the differentiable building blocks the architectures share.
+
+#![warn(missing_docs)]
+
+mod auto;
+mod checkpoint;
+mod error;
+pub mod gpt2;
+pub mod llama;
+pub mod nn;
+
+pub use auto::{AutoModel, SUPPORTED_MODEL_TYPES};
+pub use checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
+pub use error::{ModelError, Result};

@@ -1,0 +1,254 @@
+//! `peft_models::Checkpoint` and `AutoModel` on checkpoint folders: the
+//! transformers fixtures as they are, sharded copies of them, and folders
+//! broken one way at a time, each refused with a typed error that names
+//! what is at fault.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use peft_core::prelude::*;
+use peft_models::{AutoModel, Checkpoint, ModelError, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
+use serde_json::{json, Value};
+
+mod support;
+use support::{assert_close, fixture_io, fixture_path, read_json_object, scratch};
+
+const LOGITS_TOL: f32 = 1e-5;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn input_ids(case: &str) -> Tensor {
+    fixture_io(case)["input_ids"].to_dtype(DType::U32).unwrap()
+}
+
+/// A copy of the fixture `case`'s checkpoint (config and weights) in a
+/// fresh folder, to break.
+fn copy_of(case: &str, name: &str) -> PathBuf {
+    let dir = scratch("checkpoints", name);
+    for file in [CONFIG_FILE, WEIGHTS_FILE] {
+        std::fs::copy(fixture_path(case).join(file), dir.join(file)).unwrap();
+    }
+    dir
+}
+
+/// Rewrites the checkpoint in `dir` as two shards and an index, as
+/// transformers' `save_pretrained(max_shard_size=...)` does.
+fn shard(dir: &Path) {
+    let tensors = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+    std::fs::remove_file(dir.join(WEIGHTS_FILE)).unwrap();
+    let mut keys: Vec<&String> = tensors.keys().collect();
+    keys.sort();
+    let (first, second) = keys.split_at(keys.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (name, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let shard: HashMap<String, Tensor> = part.iter().map(|k| ((*k).clone(), tensors[*k].clone())).collect();
+        candle_core::safetensors::save(&shard, dir.join(name)).unwrap();
+        for key in part {
+            weight_map.insert((*key).clone(), json!(name));
+        }
+    }
+    let index = json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let mut config = read_json_object(dir.join(CONFIG_FILE));
+    edit(&mut config);
+    std::fs::write(dir.join(CONFIG_FILE), Value::Object(config).to_string()).unwrap();
+}
+
+fn load_error(dir: &Path) -> ModelError {
+    match AutoModel::from_dir(dir, DType::F32, &Device::Cpu) {
+        Ok(model) => panic!("{} loaded as {}", dir.display(), model.model_type()),
+        Err(error) => error,
+    }
+}
+
+#[test]
+fn fixtures_load_by_model_type_with_transformers_logits() -> TestResult {
+    for (case, model_type) in [("llama_lora_all_linear", "llama"), ("gpt2_lora_conv1d", "gpt2")] {
+        let checkpoint = Checkpoint::open(fixture_path(case))?;
+        assert_eq!(checkpoint.model_type(), model_type);
+        let model = AutoModel::load(&checkpoint, DType::F32, &Device::Cpu)?;
+        assert_eq!(model.model_type(), model_type);
+        let logits = model.forward(&input_ids(case))?;
+        assert_close(case, &logits, &fixture_io(case)["logits_base"], LOGITS_TOL)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn peft_adapters_load_on_the_auto_model_unchanged() -> TestResult {
+    // The enum's variants add no path segment: PEFT's keys name the same
+    // modules, and all_linear() picks what PEFT picked.
+    for case in ["llama_lora_all_linear", "gpt2_lora_conv1d"] {
+        let mut model = AutoModel::from_dir(fixture_path(case), DType::F32, &Device::Cpu)?;
+        let targets: Vec<String> =
+            serde_json::from_value(support::read_json(fixture_path(case).join("targets.json"))["targets"].clone())?;
+        assert_eq!(model.targeted_modules(&all_linear())?, targets, "{case}");
+        model.load_adapter(fixture_path(case).join("adapter"), "default")?;
+        let logits = model.forward(&input_ids(case))?;
+        assert_close(case, &logits, &fixture_io(case)["logits_adapted"], LOGITS_TOL)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_the_same_weights() -> TestResult {
+    let case = "llama_lora_all_linear";
+    let dir = copy_of(case, "sharded");
+    shard(&dir);
+    let checkpoint = Checkpoint::open(&dir)?;
+    assert_eq!(checkpoint.weight_files().len(), 2);
+    let model = AutoModel::load(&checkpoint, DType::F32, &Device::Cpu)?;
+    let logits = model.forward(&input_ids(case))?;
+    assert_close("sharded", &logits, &fixture_io(case)["logits_base"], LOGITS_TOL)?;
+    Ok(())
+}
+
+#[test]
+fn half_precision_loads_convert_the_weights() -> TestResult {
+    let case = "llama_lora_all_linear";
+    let model = AutoModel::from_dir(fixture_path(case), DType::F16, &Device::Cpu)?;
+    let logits = model.forward(&input_ids(case))?.to_dtype(DType::F32)?;
+    // f16 weights and activations: within half precision of the f32 logits.
+    assert_close("f16", &logits, &fixture_io(case)["logits_base"], 0.05)?;
+    Ok(())
+}
+
+#[test]
+fn missing_files_are_named() {
+    let dir = copy_of("llama_lora_all_linear", "no-config");
+    std::fs::remove_file(dir.join(CONFIG_FILE)).unwrap();
+    match load_error(&dir) {
+        ModelError::MissingFile { path, what } => {
+            assert_eq!(path, dir.join(CONFIG_FILE));
+            assert_eq!(what, "config.json");
+        }
+        other => panic!("{other}"),
+    }
+
+    let dir = copy_of("llama_lora_all_linear", "no-weights");
+    std::fs::remove_file(dir.join(WEIGHTS_FILE)).unwrap();
+    let error = load_error(&dir);
+    assert!(matches!(error, ModelError::MissingFile { .. }), "{error}");
+    assert!(error.to_string().contains("model.safetensors"), "{error}");
+
+    let dir = copy_of("llama_lora_all_linear", "no-shard");
+    shard(&dir);
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    match load_error(&dir) {
+        ModelError::MissingFile { path, .. } => assert_eq!(path, dir.join("model-00002-of-00002.safetensors")),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_shard_missing_a_tensor_its_index_names_is_refused() {
+    let dir = copy_of("llama_lora_all_linear", "index-lies");
+    shard(&dir);
+    let mut index = read_json_object(dir.join(INDEX_FILE));
+    index["weight_map"].as_object_mut().unwrap().insert(
+        "model.layers.9.mlp.up_proj.weight".into(),
+        json!("model-00001-of-00002.safetensors"),
+    );
+    std::fs::write(dir.join(INDEX_FILE), Value::Object(index).to_string()).unwrap();
+    match load_error(&dir) {
+        ModelError::MissingTensor { shard, key, .. } => {
+            assert_eq!(key, "model.layers.9.mlp.up_proj.weight");
+            assert_eq!(shard, dir.join("model-00001-of-00002.safetensors"));
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_names_the_tensor_and_both_shapes() {
+    // A config that says 3 layers of width 32 over weights for 2: the first
+    // missing tensor is named; a config with another width names the shapes.
+    let dir = copy_of("llama_lora_all_linear", "deeper");
+    edit_config(&dir, |c| {
+        c.insert("num_hidden_layers".into(), json!(3));
+    });
+    let error = load_error(&dir);
+    assert!(matches!(error, ModelError::Load { .. }), "{error}");
+    assert!(error.to_string().contains("model.layers.2"), "{error}");
+
+    let dir = copy_of("llama_lora_all_linear", "wider");
+    edit_config(&dir, |c| {
+        c.insert("intermediate_size".into(), json!(48));
+    });
+    let message = load_error(&dir).to_string();
+    assert!(
+        message.contains("mlp.gate_proj.weight") && message.contains("48") && message.contains("64"),
+        "{message}"
+    );
+}
+
+#[test]
+fn unknown_architectures_and_options_are_refused() {
+    let dir = copy_of("llama_lora_all_linear", "unknown-type");
+    edit_config(&dir, |c| {
+        c.insert("model_type".into(), json!("mamba"));
+    });
+    match load_error(&dir) {
+        ModelError::UnknownModelType { found, supported, path } => {
+            assert_eq!(found, "mamba");
+            assert_eq!(supported, peft_models::SUPPORTED_MODEL_TYPES.join(", "));
+            assert_eq!(path, dir.join(CONFIG_FILE));
+        }
+        other => panic!("{other}"),
+    }
+
+    let dir = copy_of("llama_lora_all_linear", "no-type");
+    edit_config(&dir, |c| {
+        c.remove("model_type");
+    });
+    assert!(matches!(load_error(&dir), ModelError::UnknownModelType { found, .. } if found == "null"));
+
+    let dir = copy_of("llama_lora_all_linear", "llama3-rope");
+    edit_config(&dir, |c| {
+        c.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}),
+        );
+    });
+    match load_error(&dir) {
+        ModelError::Unsupported { field, value, .. } => {
+            assert_eq!(field, "rope_parameters.rope_type");
+            assert_eq!(value, "\"llama3\"");
+        }
+        other => panic!("{other}"),
+    }
+
+    let dir = copy_of("llama_lora_all_linear", "bad-json");
+    std::fs::write(dir.join(CONFIG_FILE), "{\"model_type\": \"llama\",").unwrap();
+    match load_error(&dir) {
+        ModelError::Json { path, .. } => assert_eq!(path, dir.join(CONFIG_FILE)),
+        other => panic!("{other}"),
+    }
+
+    let dir = copy_of("llama_lora_all_linear", "wrong-field-type");
+    edit_config(&dir, |c| {
+        c.insert("hidden_size".into(), json!("32"));
+    });
+    let error = load_error(&dir);
+    assert!(matches!(error, ModelError::Json { .. }), "{error}");
+    assert!(error.to_string().contains("invalid type"), "{error}");
+}
+
+#[test]
+fn an_adapter_for_another_architecture_is_refused() {
+    // GPT-2's adapter names modules (transformer.h.0.attn.c_attn) Llama lacks.
+    let mut model = AutoModel::from_dir(fixture_path("llama_lora_all_linear"), DType::F32, &Device::Cpu).unwrap();
+    let error = model
+        .load_adapter(fixture_path("gpt2_lora_conv1d").join("adapter"), "default")
+        .unwrap_err();
+    assert!(matches!(error, peft_core::PeftError::NoTargetMatched { .. }), "{error}");
+    assert!(error.to_string().contains("c_attn"), "{error}");
+    assert!(model.adapter_names().is_empty());
+}
