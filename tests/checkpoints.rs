@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use peft_core::prelude::*;
 use peft_models::{AutoModel, Checkpoint, ModelError, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
 use serde_json::{json, Value};
@@ -251,4 +251,103 @@ fn an_adapter_for_another_architecture_is_refused() {
     assert!(matches!(error, peft_core::PeftError::NoTargetMatched { .. }), "{error}");
     assert!(error.to_string().contains("c_attn"), "{error}");
     assert!(model.adapter_names().is_empty());
+}
+
+#[test]
+fn the_kv_cache_gives_the_logits_of_the_whole_sequence() -> TestResult {
+    let case = "llama_lora_all_linear";
+    let mut model = AutoModel::from_dir(fixture_path(case), DType::F32, &Device::Cpu)?;
+    model.load_adapter(fixture_path(case).join("adapter"), "default")?;
+    let ids: Vec<u32> = input_ids(case).i(0)?.to_vec1()?;
+    let whole = model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
+    // Three tokens, then one at a time.
+    let mut cache = peft_models::llama::KvCache::default();
+    let mut steps = vec![model.forward_step(
+        &Tensor::new(&ids[..3], &Device::Cpu)?.unsqueeze(0)?,
+        &ids[..3],
+        &mut cache,
+    )?];
+    for i in 3..ids.len() {
+        let new = Tensor::new(&ids[i..=i], &Device::Cpu)?.unsqueeze(0)?;
+        steps.push(model.forward_step(&new, &ids[..=i], &mut cache)?);
+    }
+    assert_eq!(cache.seen(), ids.len());
+    assert_close("cached", &Tensor::cat(&steps, 1)?, &whole, LOGITS_TOL)?;
+    Ok(())
+}
+
+#[test]
+fn generation_is_greedy_by_default_and_seeded_when_sampled() -> TestResult {
+    use peft_models::generate::{generate, GenerateOptions, Sampling};
+    for case in ["llama_lora_all_linear", "gpt2_lora_conv1d"] {
+        let model = AutoModel::from_dir(fixture_path(case), DType::F32, &Device::Cpu)?;
+        let prompt: Vec<u32> = input_ids(case).i(0)?.to_vec1()?;
+        let options = GenerateOptions {
+            max_new_tokens: 8,
+            ..GenerateOptions::default()
+        };
+        let mut streamed = Vec::new();
+        let greedy = generate(&model, &prompt, &options, |token| streamed.push(token))?;
+        assert_eq!(greedy.tokens, streamed);
+        assert_eq!(greedy.tokens.len(), 8);
+        // Each greedy token is the argmax of the whole sequence's logits.
+        let mut sequence = prompt.clone();
+        for &token in &greedy.tokens {
+            let logits = model.forward(&Tensor::new(sequence.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
+            let last = logits.i((0, sequence.len() - 1))?;
+            assert_eq!(
+                last.argmax(candle_core::D::Minus1)?.to_scalar::<u32>()?,
+                token,
+                "{case}"
+            );
+            sequence.push(token);
+        }
+        // A stop token ends the text at its first appearance, and is kept.
+        let stop_token = greedy.tokens[2];
+        let first = greedy.tokens.iter().position(|&t| t == stop_token).unwrap();
+        let stop = GenerateOptions {
+            stop_tokens: vec![stop_token],
+            ..options.clone()
+        };
+        let stopped = generate(&model, &prompt, &stop, |_| {})?;
+        assert!(
+            stopped.stopped && stopped.tokens == greedy.tokens[..=first],
+            "{case}: {stopped:?}"
+        );
+        // Sampling: the same seed, the same tokens.
+        let sampled = |seed| {
+            let options = GenerateOptions {
+                sampling: Sampling {
+                    temperature: 1.5,
+                    top_k: Some(20),
+                    top_p: Some(0.95),
+                    seed,
+                },
+                ..options.clone()
+            };
+            generate(&model, &prompt, &options, |_| {}).unwrap().tokens
+        };
+        assert_eq!(sampled(11), sampled(11));
+        assert_ne!(sampled(11), sampled(12), "{case}");
+    }
+    Ok(())
+}
+
+#[test]
+fn generation_refuses_prompts_the_model_cannot_hold() {
+    use peft_models::generate::{generate, GenerateOptions};
+    let model = AutoModel::from_dir(fixture_path("llama_lora_all_linear"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.max_positions(), Some(64));
+    let options = GenerateOptions {
+        max_new_tokens: 10,
+        ..GenerateOptions::default()
+    };
+    let error = generate(&model, &[1; 60], &options, |_| {}).unwrap_err();
+    assert!(matches!(error, ModelError::Generation { .. }), "{error}");
+    assert!(
+        error.to_string().contains("70 positions") && error.to_string().contains("64"),
+        "{error}"
+    );
+    let error = generate(&model, &[], &options, |_| {}).unwrap_err();
+    assert!(error.to_string().contains("no token"), "{error}");
 }

@@ -197,8 +197,9 @@ fn rope_thd_matches_rope_slow_on_transposed_heads() {
 }
 
 /// `softmax(q kᵀ · scale + causal mask) v` with key/value heads repeated, in
-/// plain candle ops, on `[batch, t, heads, d]` inputs.
-fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+/// plain candle ops, on `[batch, t, heads, d]` inputs; with `window`, query
+/// position `p` sees key `j` only when `p - window < j <= p`.
+fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<usize>) -> Tensor {
     let heads_first = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
     let (q, k, v) = (heads_first(q), heads_first(k), heads_first(v));
     let (b, heads, t_q, d) = q.dims4().unwrap();
@@ -215,7 +216,9 @@ fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor
     let (k, v) = (repeat(&k), repeat(&v));
     let mask: Vec<f64> = (0..t_q * t_k)
         .map(|i| {
-            if i % t_k > i / t_k + (t_k - t_q) {
+            let (position, key) = (i / t_k + (t_k - t_q), i % t_k);
+            let too_old = window.is_some_and(|w| key + w <= position);
+            if key > position || too_old {
                 f64::NEG_INFINITY
             } else {
                 0.0
@@ -248,10 +251,42 @@ fn causal_attention_matches_the_plain_formula() {
             ),
             &inputs,
             |v| ops::causal_attention(&v[0], &v[1], &v[2], scale).unwrap(),
-            |v| reference_attention(&v[0], &v[1], &v[2], scale),
+            |v| reference_attention(&v[0], &v[1], &v[2], scale, None),
             &mut rng,
         );
     }
+}
+
+#[test]
+fn windowed_causal_attention_matches_the_plain_formula() {
+    let mut rng = Rng(0x0b5_0009);
+    for _ in 0..30 {
+        let (b, kv_heads, n_rep) = (1 + rng.below(2), 1 + rng.below(3), 1 + rng.below(3));
+        let (t_q, d) = (1 + rng.below(24), 1 + rng.below(20));
+        let t_k = t_q + if rng.below(2) == 0 { 0 } else { rng.below(6) };
+        // Windows shorter than, equal to and longer than the sequence.
+        let window = 1 + rng.below(t_k + 2);
+        let scale = (d as f64).powf(-0.5);
+        let inputs = [
+            rng.tensor(&[b, t_q, kv_heads * n_rep, d], DType::F32),
+            rng.tensor(&[b, t_k, kv_heads, d], DType::F32),
+            rng.tensor(&[b, t_k, kv_heads, d], DType::F32),
+        ];
+        check(
+            &format!("attention t_q {t_q} t_k {t_k} window {window}"),
+            &inputs,
+            |v| ops::windowed_causal_attention(&v[0], &v[1], &v[2], scale, Some(window)).unwrap(),
+            |v| reference_attention(&v[0], &v[1], &v[2], scale, Some(window)),
+            &mut rng,
+        );
+    }
+    // The candle path (f64) applies the same window.
+    let q = rng.tensor(&[1, 6, 2, 4], DType::F64);
+    let k = rng.tensor(&[1, 6, 2, 4], DType::F64);
+    let fused_path = ops::windowed_causal_attention(&q, &k, &k, 0.5, Some(3)).unwrap();
+    let reference = reference_attention(&q, &k, &k, 0.5, Some(3));
+    assert!(relative_error(&fused_path, &reference) < 1e-12);
+    assert!(ops::windowed_causal_attention(&q, &k, &k, 0.5, Some(0)).is_err());
 }
 
 #[test]

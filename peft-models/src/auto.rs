@@ -8,10 +8,11 @@ use peft_core::Adaptable;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
-use crate::{gpt2, llama};
+use crate::llama::KvCache;
+use crate::{gpt2, llama, mistral, qwen2, qwen3};
 
 /// The `model_type`s of `config.json` this crate implements.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2", "qwen3"];
 
 /// A causal language model of any architecture this crate implements.
 ///
@@ -23,6 +24,12 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama"];
 pub enum AutoModel {
     /// `LlamaForCausalLM`.
     Llama(llama::LlamaForCausalLM),
+    /// `MistralForCausalLM` (the Llama decoder with a sliding window).
+    Mistral(mistral::MistralForCausalLM),
+    /// `Qwen2ForCausalLM` (the Llama decoder with q/k/v biases).
+    Qwen2(qwen2::Qwen2ForCausalLM),
+    /// `Qwen3ForCausalLM` (the Llama decoder with q/k norms).
+    Qwen3(qwen3::Qwen3ForCausalLM),
     /// `GPT2LMHeadModel`.
     Gpt2(gpt2::Gpt2LmHeadModel),
 }
@@ -41,14 +48,33 @@ impl AutoModel {
             path: checkpoint.dir().to_path_buf(),
             cause,
         };
+        // The Llama family: a config checked, then one decoder.
+        let decoder = |decoder: llama::Decoder, variant: fn(llama::LlamaForCausalLM) -> AutoModel| {
+            let vb = checkpoint.var_builder(dtype, device)?;
+            llama::LlamaForCausalLM::load_decoder(vb, &decoder)
+                .map(variant)
+                .map_err(weights_error)
+        };
         match checkpoint.model_type() {
             "llama" => {
                 let config: llama::Config = checkpoint.config()?;
                 config.check()?;
-                let vb = checkpoint.var_builder(dtype, device)?;
-                llama::LlamaForCausalLM::load(vb, &config)
-                    .map(AutoModel::Llama)
-                    .map_err(weights_error)
+                decoder((&config).into(), AutoModel::Llama)
+            }
+            "mistral" => {
+                let config: mistral::Config = checkpoint.config()?;
+                config.check()?;
+                decoder((&config).into(), AutoModel::Mistral)
+            }
+            "qwen2" => {
+                let config: qwen2::Config = checkpoint.config()?;
+                config.check()?;
+                decoder((&config).into(), AutoModel::Qwen2)
+            }
+            "qwen3" => {
+                let config: qwen3::Config = checkpoint.config()?;
+                config.check()?;
+                decoder((&config).into(), AutoModel::Qwen3)
             }
             "gpt2" => {
                 let config: gpt2::Config = checkpoint.config()?;
@@ -68,8 +94,33 @@ impl AutoModel {
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            AutoModel::Llama(model) => model.forward(input_ids),
+            AutoModel::Llama(model) | AutoModel::Mistral(model) | AutoModel::Qwen2(model) | AutoModel::Qwen3(model) => {
+                model.forward(input_ids)
+            }
             AutoModel::Gpt2(model) => model.forward(input_ids),
+        }
+    }
+
+    /// Logits for the new tokens `new_ids` `[1, t]` of `sequence` (every
+    /// token so far, the new ones last), through `cache` where the
+    /// architecture has one (the Llama family); GPT-2 recomputes
+    /// `sequence` whole.
+    pub fn forward_step(&self, new_ids: &Tensor, sequence: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        match self {
+            AutoModel::Llama(model) | AutoModel::Mistral(model) | AutoModel::Qwen2(model) | AutoModel::Qwen3(model) => {
+                model.forward_with_cache(new_ids, cache)
+            }
+            AutoModel::Gpt2(model) => model.forward(&Tensor::new(sequence, new_ids.device())?.unsqueeze(0)?),
+        }
+    }
+
+    /// The positions the model was trained for, when its config says.
+    pub fn max_positions(&self) -> Option<usize> {
+        match self {
+            AutoModel::Llama(model) | AutoModel::Mistral(model) | AutoModel::Qwen2(model) | AutoModel::Qwen3(model) => {
+                model.max_positions()
+            }
+            AutoModel::Gpt2(model) => Some(model.max_positions()),
         }
     }
 
@@ -77,6 +128,9 @@ impl AutoModel {
     pub fn model_type(&self) -> &'static str {
         match self {
             AutoModel::Llama(_) => "llama",
+            AutoModel::Mistral(_) => "mistral",
+            AutoModel::Qwen2(_) => "qwen2",
+            AutoModel::Qwen3(_) => "qwen3",
             AutoModel::Gpt2(_) => "gpt2",
         }
     }

@@ -81,6 +81,15 @@ pub enum ModelError {
         /// candle's error (part of the message).
         cause: candle_core::Error,
     },
+    /// Generation was asked for something the model cannot do.
+    #[error("cannot generate: {reason}")]
+    Generation {
+        /// Why.
+        reason: String,
+    },
+    /// A tensor operation failed while running the model.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
 }
 
 /// `Result` with [`ModelError`].

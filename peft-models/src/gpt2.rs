@@ -139,6 +139,7 @@ pub struct Gpt2LmHeadModel {
     #[output_head]
     lm_head: Linear,
     layer_norm_epsilon: f64,
+    n_positions: usize,
 }
 
 impl Attention {
@@ -232,10 +233,17 @@ impl Gpt2LmHeadModel {
             },
             lm_head,
             layer_norm_epsilon: cfg.layer_norm_epsilon,
+            n_positions: cfg.n_positions,
         })
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32 or i64).
+    /// The positions of the learned position table (`n_positions`).
+    pub fn max_positions(&self) -> usize {
+        self.n_positions
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let eps = self.layer_norm_epsilon;

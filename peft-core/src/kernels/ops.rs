@@ -159,6 +159,20 @@ fn rope_fusable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
 /// `[t_q, t_k]` probabilities between the passes: the backward pass
 /// recomputes them, one head at a time.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    windowed_causal_attention(q, k, v, scale, None)
+}
+
+/// [`causal_attention`] where each query sees at most `window` keys, its own
+/// position and the `window - 1` before it (Mistral's sliding window:
+/// query position `p` sees key `j` when `p - window < j <= p`); `None` sees
+/// every earlier key.
+pub fn windowed_causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let (batch, t_q, heads, d) = q.dims4()?;
     let (k_batch, t_k, kv_heads, k_d) = k.dims4()?;
     if k.dims() != v.dims() || k_batch != batch || k_d != d || kv_heads == 0 || heads % kv_heads != 0 || t_k < t_q {
@@ -170,18 +184,30 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
             v.dims()
         );
     }
+    if window == Some(0) {
+        bail!("windowed_causal_attention: a window of 0 keys lets no query see anything");
+    }
     if !fusable(&[q, k, v]) {
-        return plain_causal_attention(q, k, v, scale);
+        return plain_causal_attention(q, k, v, scale, window);
     }
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
-        CausalAttention { scale: scale as f32 },
+        CausalAttention {
+            scale: scale as f32,
+            window,
+        },
     )
 }
 
-/// [`causal_attention`] with candle ops, for the operands the kernel does not take.
-fn plain_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// The first key a query at position `position` sees: 0, or the start of
+/// its window.
+fn first_visible(position: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (position + 1).saturating_sub(w))
+}
+
+/// [`windowed_causal_attention`] with candle ops, for the operands the kernel does not take.
+fn plain_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<usize>) -> Result<Tensor> {
     let (batch, t_q, heads, d) = q.dims4()?;
     let (_, t_k, kv_heads, _) = k.dims4()?;
     let n_rep = heads / kv_heads;
@@ -199,7 +225,8 @@ fn plain_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Res
     let offset = t_k - t_q;
     let mask: Vec<f32> = (0..t_q * t_k)
         .map(|i| {
-            if i % t_k > i / t_k + offset {
+            let (position, key) = (i / t_k + offset, i % t_k);
+            if key > position || key < first_visible(position, window) {
                 f32::NEG_INFINITY
             } else {
                 0.0
@@ -535,6 +562,7 @@ impl CustomOp3 for Rope {
 
 struct CausalAttention {
     scale: f32,
+    window: Option<usize>,
 }
 
 /// The shapes of one attention call, `[batch, t, heads, d]` layout.
@@ -582,12 +610,21 @@ impl AttentionDims {
 
 /// The attention probabilities of one query head, `[t_q, t_k]`, into `probs`:
 /// `softmax(scale · q kᵀ)` over the keys each query may see, 0 elsewhere.
-fn causal_probs(probs: &mut [f32], q: Matrix<'_, f32>, k: Matrix<'_, f32>, scale: f32) -> Result<()> {
+fn causal_probs(
+    probs: &mut [f32],
+    q: Matrix<'_, f32>,
+    k: Matrix<'_, f32>,
+    scale: f32,
+    window: Option<usize>,
+) -> Result<()> {
     let (t_q, t_k) = (q.rows, k.rows);
     gemm_into(probs, q, k.t(), scale, false, Parallelism::None)?;
     let offset = t_k - t_q;
     for (i, row) in probs.chunks_mut(t_k.max(1)).enumerate() {
-        let (seen, masked) = row.split_at_mut(offset + i + 1);
+        let position = offset + i;
+        let (before, row) = row.split_at_mut(first_visible(position, window));
+        before.fill(0.0);
+        let (seen, masked) = row.split_at_mut(position + 1 - before.len());
         let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for p in seen.iter_mut() {
@@ -636,7 +673,7 @@ impl CustomOp3 for CausalAttention {
                 let mut out = vec![0f32; dims.n_rep() * t_q * d];
                 for (r, out) in out.chunks_mut(t_q * d).enumerate() {
                     let qm = dims.head(q, b, g * dims.n_rep() + r, heads, t_q)?;
-                    causal_probs(&mut probs, qm, km, self.scale)?;
+                    causal_probs(&mut probs, qm, km, self.scale, self.window)?;
                     gemm_into(
                         out,
                         Matrix::row_major(&probs, t_q, t_k),
@@ -679,7 +716,7 @@ impl CustomOp3 for CausalAttention {
             t_k,
             d,
         } = dims;
-        let scale = self.scale;
+        let (scale, window) = (self.scale, self.window);
         let (gq, gk, gv) = with_f32(q, |qs| {
             with_f32(k, |ks| {
                 with_f32(v, |vs| {
@@ -699,7 +736,7 @@ impl CustomOp3 for CausalAttention {
                                 for (r, gq) in gq.chunks_mut(t_q * d).enumerate() {
                                     let h = g * dims.n_rep() + r;
                                     let (qm, gm) = (dims.head(qs, b, h, heads, t_q)?, dims.head(gs, b, h, heads, t_q)?);
-                                    causal_probs(&mut probs, qm, km, scale)?;
+                                    causal_probs(&mut probs, qm, km, scale, window)?;
                                     gemm_into(&mut dprobs, gm, vm.t(), 1.0, false, Parallelism::None)?;
                                     for (dp, p) in dprobs.chunks_mut(t_k).zip(probs.chunks(t_k)) {
                                         let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
