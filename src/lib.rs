@@ -38,6 +38,10 @@ pub struct GuideQlora;
 #[cfg(doctest)]
 pub struct GuideCpuOps;
 
+#[doc = include_str!("../docs/guide/models.md")]
+#[cfg(doctest)]
+pub struct GuideModels;
+
 #[doc = include_str!("../docs/guide/architecture.md")]
 #[cfg(doctest)]
 pub struct GuideArchitecture;

@@ -1,0 +1,229 @@
+//! `peft`: Hugging Face checkpoints and PEFT adapters from the command line.
+//! A thin layer over `peft-models` and `peft-core`: every subcommand is a
+//! library call and a print.
+//!
+//! Errors go to stderr with their cause chain and exit with status 1;
+//! usage errors exit with status 2 (clap's convention, as cargo's).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+use peft_core::{all_linear, PeftModel};
+use peft_models::generate::{generate, GenerateOptions, Sampling};
+use peft_models::AutoModel;
+use serde_json::json;
+
+/// Hugging Face checkpoints with PEFT adapters, no Python.
+///
+/// A model is a checkpoint folder as transformers saves it: config.json and
+/// model.safetensors (or shards with model.safetensors.index.json). Adapters
+/// are folders as PEFT's save_pretrained writes them.
+#[derive(Parser)]
+#[command(name = "peft", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// What a checkpoint is: architecture, parameters, dtype, and the
+    /// layers `all-linear` adapts.
+    ///
+    /// Example: peft info --model tests/fixtures/llama_lora_all_linear
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a prompt (token ids, comma separated), greedy or sampled.
+    ///
+    /// Example: peft generate --model tests/fixtures/llama_lora_all_linear
+    ///          --adapter tests/fixtures/llama_lora_all_linear/adapter --prompt-ids 1,17,33,8
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A PEFT adapter folder to apply (unmerged).
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
+        /// The prompt as token ids, comma separated (`1,17,33`).
+        #[arg(long, value_name = "IDS", value_delimiter = ',', required = true)]
+        prompt_ids: Vec<u32>,
+        /// The most tokens to add.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 is greedy; above 0 the logits are divided by it and a token drawn.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Draw among the most likely tokens that add up to this probability.
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Draw among this many most likely tokens.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// The seed of the draws.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Token ids that end the text (comma separated).
+        #[arg(long, value_name = "IDS", value_delimiter = ',')]
+        stop_ids: Vec<u32>,
+        /// Print one JSON object (prompt_ids, generated_ids, tokens_per_second)
+        /// instead of streaming the ids.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the model is and how to load it.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// The checkpoint folder.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The dtype to load the weights in.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    fn candle(self) -> DType {
+        match self {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::Bf16 => DType::BF16,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let mut message = format!("error: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                message.push_str(&format!("\n  caused by: {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<AutoModel, peft_models::ModelError> {
+    AutoModel::from_dir(&args.model, args.dtype.candle(), &Device::Cpu)
+}
+
+fn run(command: Command) -> CliResult {
+    match command {
+        Command::Info { model: args, json } => info(&args, json),
+        Command::Generate {
+            model: args,
+            adapter,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop_ids,
+            json,
+        } => {
+            let mut model = load(&args)?;
+            if let Some(adapter) = adapter {
+                model.load_adapter(&adapter, "default")?;
+            }
+            let options = GenerateOptions {
+                max_new_tokens,
+                sampling: Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+                stop_tokens: stop_ids,
+            };
+            let mut out = std::io::stdout().lock();
+            let started = Instant::now();
+            let generated = generate(&model, &prompt_ids, &options, |token| {
+                if !json {
+                    // Streamed: each id as soon as it is chosen.
+                    let _ = write!(out, "{token} ");
+                    let _ = out.flush();
+                }
+            })?;
+            let seconds = started.elapsed().as_secs_f64();
+            let tokens_per_second = generated.tokens.len() as f64 / seconds.max(1e-9);
+            if json {
+                let report = json!({
+                    "prompt_ids": prompt_ids,
+                    "generated_ids": generated.tokens,
+                    "stopped": generated.stopped,
+                    "tokens_per_second": tokens_per_second,
+                });
+                writeln!(out, "{report}")?;
+            } else {
+                writeln!(out)?;
+                eprintln!(
+                    "{} tokens in {seconds:.2} s ({tokens_per_second:.1} tokens/s)",
+                    generated.tokens.len()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn info(args: &ModelArgs, json: bool) -> CliResult {
+    let model = load(args)?;
+    let parameters = model.num_parameters();
+    let targets = model.targeted_modules(&all_linear())?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let report = json!({
+            "model_type": model.model_type(),
+            "dtype": args.dtype.name(),
+            "parameters": parameters.total,
+            "max_positions": model.max_positions(),
+            "all_linear": targets,
+        });
+        writeln!(out, "{report}")?;
+        return Ok(());
+    }
+    writeln!(out, "model_type:    {}", model.model_type())?;
+    writeln!(out, "dtype:         {}", args.dtype.name())?;
+    writeln!(out, "parameters:    {}", parameters.total)?;
+    if let Some(max) = model.max_positions() {
+        writeln!(out, "max positions: {max}")?;
+    }
+    writeln!(out, "all-linear adapts {} layers:", targets.len())?;
+    for target in targets {
+        writeln!(out, "  {target}")?;
+    }
+    Ok(())
+}

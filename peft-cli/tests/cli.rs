@@ -1,0 +1,114 @@
+//! The `peft` binary on the transformers fixtures: what it prints, with
+//! `--json`, and its exit codes (0, 1 on error with the cause on stderr,
+//! 2 on a usage error).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, IndexOp};
+use serde_json::Value;
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(case)
+}
+
+fn peft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_peft")).args(args).output().unwrap()
+}
+
+fn json_of(output: &Output) -> Value {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// `name` of the case's io.safetensors as ids, row 0.
+fn fixture_ids(case: &str, name: &str) -> Vec<u32> {
+    let io = candle_core::safetensors::load(fixture(case).join("io.safetensors"), &Device::Cpu).unwrap();
+    io[name].to_dtype(DType::U32).unwrap().i(0).unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn info_lists_what_all_linear_adapts() {
+    let case = "llama_lora_all_linear";
+    let model = fixture(case);
+    let report = json_of(&peft(&["info", "--model", model.to_str().unwrap(), "--json"]));
+    assert_eq!(report["model_type"], "llama");
+    assert_eq!(report["max_positions"], 64);
+    let targets: Value = serde_json::from_str(&std::fs::read_to_string(model.join("targets.json")).unwrap()).unwrap();
+    assert_eq!(report["all_linear"], targets["targets"]);
+
+    let text = peft(&["info", "--model", model.to_str().unwrap()]);
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.contains("all-linear adapts 14 layers") && text.contains("model.layers.1.mlp.up_proj"),
+        "{text}"
+    );
+}
+
+#[test]
+fn generate_continues_as_transformers_does() {
+    for case in [
+        "mistral_lora_all_linear",
+        "qwen2_lora_all_linear",
+        "qwen3_lora_all_linear",
+    ] {
+        let model = fixture(case);
+        let adapter = model.join("adapter");
+        let prompt: Vec<String> = fixture_ids(case, "generate_prompt")
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        let prompt = prompt.join(",");
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ];
+        for (adapted, expected) in [(false, "generate_base"), (true, "generate_adapted")] {
+            if adapted {
+                args.extend(["--adapter", adapter.to_str().unwrap()]);
+            }
+            let report = json_of(&peft(&args));
+            let expected = fixture_ids(case, expected);
+            let generated: Vec<u32> = serde_json::from_value(report["generated_ids"].clone()).unwrap();
+            assert_eq!(generated, expected[4..], "{case} (adapter: {adapted})");
+            assert!(report["tokens_per_second"].as_f64().unwrap() > 0.0);
+        }
+    }
+}
+
+#[test]
+fn errors_exit_1_with_the_cause_and_usage_errors_exit_2() {
+    let missing = fixture("no_such_model");
+    let output = peft(&["info", "--model", missing.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("config.json not found"),
+        "{stderr}"
+    );
+
+    let model = fixture("llama_lora_all_linear");
+    let output = peft(&["generate", "--model", model.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--prompt-ids"));
+
+    let output = peft(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--max-new-tokens",
+        "100",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("positions"));
+}

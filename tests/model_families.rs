@@ -1,0 +1,93 @@
+//! Mistral, Qwen2 and Qwen3 checkpoints made with transformers 5.24 and
+//! PEFT 0.21.2 (`tests/fixtures/<arch>_lora_all_linear/`, see each
+//! `CASE.md`), loaded by `AutoModel`: the same logits, the same modules
+//! targeted by `all-linear`, PEFT's adapter giving PEFT's logits, and the
+//! same greedy continuations as `model.generate(do_sample=False)`.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use peft_core::prelude::*;
+use peft_models::generate::{generate, GenerateOptions};
+use peft_models::AutoModel;
+
+mod support;
+use support::{assert_close, fixture_io, fixture_path, read_json};
+
+/// A correct float32 implementation lands within a few 1e-6.
+const LOGITS_TOL: f32 = 1e-5;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// `prompt` `[1, p]` continued greedily to `total` tokens by `generate`,
+/// through the KV cache (and, for Mistral, past the sliding window).
+fn greedy(model: &AutoModel, prompt: &Tensor, total: usize) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+    let mut ids: Vec<u32> = prompt.i(0)?.to_vec1()?;
+    let options = GenerateOptions {
+        max_new_tokens: total - ids.len(),
+        ..GenerateOptions::default()
+    };
+    let generated = generate(model, &ids, &options, |_| {})?;
+    ids.extend(generated.tokens);
+    Ok(ids)
+}
+
+fn ids(tensor: &Tensor) -> Vec<u32> {
+    tensor.to_dtype(DType::U32).unwrap().i(0).unwrap().to_vec1().unwrap()
+}
+
+/// Every check of one case.
+fn check_case(case: &str, model_type: &str) -> TestResult {
+    let dir = fixture_path(case);
+    let io = fixture_io(case);
+    let input_ids = io["input_ids"].to_dtype(DType::U32)?;
+    let mut model = AutoModel::from_dir(&dir, DType::F32, &Device::Cpu)?;
+    assert_eq!(model.model_type(), model_type);
+
+    eprintln!("{case}:");
+    assert_close(
+        "logits_base",
+        &model.forward(&input_ids)?,
+        &io["logits_base"],
+        LOGITS_TOL,
+    )?;
+    let prompt = io["generate_prompt"].to_dtype(DType::U32)?;
+    let expected = ids(&io["generate_base"]);
+    assert_eq!(greedy(&model, &prompt, expected.len())?, expected, "{case}: greedy ids");
+
+    let targets: Vec<String> = serde_json::from_value(read_json(dir.join("targets.json"))["targets"].clone())?;
+    assert_eq!(model.targeted_modules(&all_linear())?, targets, "{case}: all-linear");
+    model.load_adapter(dir.join("adapter"), "default")?;
+    assert_eq!(model.adapted_modules(), targets, "{case}: adapted modules");
+    assert_close(
+        "logits_adapted",
+        &model.forward(&input_ids)?,
+        &io["logits_adapted"],
+        LOGITS_TOL,
+    )?;
+    let expected = ids(&io["generate_adapted"]);
+    assert_eq!(
+        greedy(&model, &prompt, expected.len())?,
+        expected,
+        "{case}: adapted greedy ids"
+    );
+
+    // Merged, the model computes what it did unmerged.
+    let unmerged = model.forward(&input_ids)?;
+    model.merge()?;
+    assert_close("merged", &model.forward(&input_ids)?, &unmerged, LOGITS_TOL)?;
+    Ok(())
+}
+
+#[test]
+fn mistral_with_a_window_shorter_than_the_sequence() -> TestResult {
+    check_case("mistral_lora_all_linear", "mistral")
+}
+
+#[test]
+fn qwen2_with_qkv_biases_and_a_tied_head() -> TestResult {
+    check_case("qwen2_lora_all_linear", "qwen2")
+}
+
+#[test]
+fn qwen3_with_qk_norms_and_a_wider_head_dim() -> TestResult {
+    check_case("qwen3_lora_all_linear", "qwen3")
+}
