@@ -210,20 +210,29 @@ fn unknown_architectures_and_options_are_refused() {
     });
     assert!(matches!(load_error(&dir), ModelError::UnknownModelType { found, .. } if found == "null"));
 
-    let dir = copy_of("llama_lora_all_linear", "llama3-rope");
+    let dir = copy_of("llama_lora_all_linear", "yarn-rope");
     edit_config(&dir, |c| {
         c.insert(
             "rope_parameters".into(),
-            json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}),
+            json!({"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}),
         );
     });
     match load_error(&dir) {
         ModelError::Unsupported { field, value, .. } => {
-            assert_eq!(field, "rope_parameters.rope_type");
-            assert_eq!(value, "\"llama3\"");
+            assert_eq!(field, "rope_parameters");
+            assert_eq!(value, "\"yarn\"");
         }
         other => panic!("{other}"),
     }
+    let dir = copy_of("llama_lora_all_linear", "llama3-rope-cut-short");
+    edit_config(&dir, |c| {
+        c.insert("rope_parameters".into(), json!({"rope_type": "llama3", "factor": 8.0}));
+    });
+    let error = load_error(&dir);
+    assert!(
+        matches!(error, ModelError::Unsupported { .. }) && error.to_string().contains("low_freq_factor"),
+        "{error}"
+    );
 
     let dir = copy_of("llama_lora_all_linear", "bad-json");
     std::fs::write(dir.join(CONFIG_FILE), "{\"model_type\": \"llama\",").unwrap();

@@ -9,10 +9,10 @@ use peft_core::Adaptable;
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::llama::KvCache;
-use crate::{gpt2, llama, mistral, qwen2, qwen3};
+use crate::{gemma2, gpt2, llama, mistral, phi3, qwen2, qwen3};
 
 /// The `model_type`s of `config.json` this crate implements.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gemma2", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3"];
 
 /// A causal language model of any architecture this crate implements.
 ///
@@ -26,10 +26,14 @@ pub enum AutoModel {
     Llama(llama::LlamaForCausalLM),
     /// `MistralForCausalLM` (the Llama decoder with a sliding window).
     Mistral(mistral::MistralForCausalLM),
+    /// `Phi3ForCausalLM` (the Llama decoder with fused projections).
+    Phi3(phi3::Phi3ForCausalLM),
     /// `Qwen2ForCausalLM` (the Llama decoder with q/k/v biases).
     Qwen2(qwen2::Qwen2ForCausalLM),
     /// `Qwen3ForCausalLM` (the Llama decoder with q/k norms).
     Qwen3(qwen3::Qwen3ForCausalLM),
+    /// `Gemma2ForCausalLM`.
+    Gemma2(gemma2::Gemma2ForCausalLM),
     /// `GPT2LMHeadModel`.
     Gpt2(gpt2::Gpt2LmHeadModel),
 }
@@ -58,23 +62,31 @@ impl AutoModel {
         match checkpoint.model_type() {
             "llama" => {
                 let config: llama::Config = checkpoint.config()?;
-                config.check()?;
-                decoder((&config).into(), AutoModel::Llama)
+                decoder(llama::Decoder::try_from(&config)?, AutoModel::Llama)
             }
             "mistral" => {
                 let config: mistral::Config = checkpoint.config()?;
-                config.check()?;
-                decoder((&config).into(), AutoModel::Mistral)
+                decoder(llama::Decoder::try_from(&config)?, AutoModel::Mistral)
+            }
+            "phi3" => {
+                let config: phi3::Config = checkpoint.config()?;
+                decoder(llama::Decoder::try_from(&config)?, AutoModel::Phi3)
             }
             "qwen2" => {
                 let config: qwen2::Config = checkpoint.config()?;
-                config.check()?;
-                decoder((&config).into(), AutoModel::Qwen2)
+                decoder(llama::Decoder::try_from(&config)?, AutoModel::Qwen2)
             }
             "qwen3" => {
                 let config: qwen3::Config = checkpoint.config()?;
+                decoder(llama::Decoder::try_from(&config)?, AutoModel::Qwen3)
+            }
+            "gemma2" => {
+                let config: gemma2::Config = checkpoint.config()?;
                 config.check()?;
-                decoder((&config).into(), AutoModel::Qwen3)
+                let vb = checkpoint.var_builder(dtype, device)?;
+                gemma2::Gemma2ForCausalLM::load(vb, &config)
+                    .map(AutoModel::Gemma2)
+                    .map_err(weights_error)
             }
             "gpt2" => {
                 let config: gpt2::Config = checkpoint.config()?;
@@ -94,9 +106,12 @@ impl AutoModel {
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            AutoModel::Llama(model) | AutoModel::Mistral(model) | AutoModel::Qwen2(model) | AutoModel::Qwen3(model) => {
-                model.forward(input_ids)
-            }
+            AutoModel::Llama(model)
+            | AutoModel::Mistral(model)
+            | AutoModel::Phi3(model)
+            | AutoModel::Qwen2(model)
+            | AutoModel::Qwen3(model) => model.forward(input_ids),
+            AutoModel::Gemma2(model) => model.forward(input_ids),
             AutoModel::Gpt2(model) => model.forward(input_ids),
         }
     }
@@ -107,9 +122,12 @@ impl AutoModel {
     /// `sequence` whole.
     pub fn forward_step(&self, new_ids: &Tensor, sequence: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
         match self {
-            AutoModel::Llama(model) | AutoModel::Mistral(model) | AutoModel::Qwen2(model) | AutoModel::Qwen3(model) => {
-                model.forward_with_cache(new_ids, cache)
-            }
+            AutoModel::Llama(model)
+            | AutoModel::Mistral(model)
+            | AutoModel::Phi3(model)
+            | AutoModel::Qwen2(model)
+            | AutoModel::Qwen3(model) => model.forward_with_cache(new_ids, cache),
+            AutoModel::Gemma2(model) => model.forward_with_cache(new_ids, cache),
             AutoModel::Gpt2(model) => model.forward(&Tensor::new(sequence, new_ids.device())?.unsqueeze(0)?),
         }
     }
@@ -117,9 +135,12 @@ impl AutoModel {
     /// The positions the model was trained for, when its config says.
     pub fn max_positions(&self) -> Option<usize> {
         match self {
-            AutoModel::Llama(model) | AutoModel::Mistral(model) | AutoModel::Qwen2(model) | AutoModel::Qwen3(model) => {
-                model.max_positions()
-            }
+            AutoModel::Llama(model)
+            | AutoModel::Mistral(model)
+            | AutoModel::Phi3(model)
+            | AutoModel::Qwen2(model)
+            | AutoModel::Qwen3(model) => model.max_positions(),
+            AutoModel::Gemma2(model) => model.max_positions(),
             AutoModel::Gpt2(model) => Some(model.max_positions()),
         }
     }
@@ -129,8 +150,10 @@ impl AutoModel {
         match self {
             AutoModel::Llama(_) => "llama",
             AutoModel::Mistral(_) => "mistral",
+            AutoModel::Phi3(_) => "phi3",
             AutoModel::Qwen2(_) => "qwen2",
             AutoModel::Qwen3(_) => "qwen3",
+            AutoModel::Gemma2(_) => "gemma2",
             AutoModel::Gpt2(_) => "gpt2",
         }
     }

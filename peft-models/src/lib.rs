@@ -20,30 +20,37 @@
 //!
 //! | module | architecture | transformers class |
 //! | --- | --- | --- |
-//! | [`llama`] | Llama (GQA, RoPE, RMSNorm; tied or untied head), and the decoder the next three share | `LlamaForCausalLM` |
+//! | [`llama`] | Llama (GQA, RoPE with default / linear / dynamic / llama3 scaling, RMSNorm; tied or untied head), and the decoder the next four share | `LlamaForCausalLM` |
 //! | [`mistral`] | Mistral (sliding-window attention) | `MistralForCausalLM` |
+//! | [`phi3`] | Phi-3 (fused `qkv_proj` and `gate_up_proj`) | `Phi3ForCausalLM` |
 //! | [`qwen2`] | Qwen2 (q/k/v biases, tied head) | `Qwen2ForCausalLM` |
 //! | [`qwen3`] | Qwen3 (per-head q/k RMSNorm, free `head_dim`) | `Qwen3ForCausalLM` |
+//! | [`gemma2`] | Gemma 2 (soft-capping, four norms with `1 + w`, alternating sliding layers, scaled embedding) | `Gemma2ForCausalLM` |
 //! | [`gpt2`] | GPT-2 (`Conv1D` layers through `fan_in_fan_out`, tied head) | `GPT2LMHeadModel` |
 //!
 //! [`Checkpoint`] opens a folder (`config.json`, `model.safetensors` or
 //! shards with `model.safetensors.index.json`) and checks it;
 //! [`AutoModel`] picks the architecture from `config.json`'s `model_type`.
+//! [`rope`] computes rotary embeddings as transformers does.
 //! [`generate`] continues a prompt, greedy or sampled, through the KV cache.
 //! [`nn`] holds the differentiable building blocks the architectures share.
 
 #![warn(missing_docs)]
 
 mod auto;
+mod cache;
 mod checkpoint;
 mod error;
+pub mod gemma2;
 pub mod generate;
 pub mod gpt2;
 pub mod llama;
 pub mod mistral;
 pub mod nn;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod rope;
 
 pub use auto::{AutoModel, SUPPORTED_MODEL_TYPES};
 pub use checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};

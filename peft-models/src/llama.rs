@@ -25,28 +25,19 @@
 //! logits = lm_head(norm(x))
 //! ```
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use peft_core::ops;
 use peft_core::prelude::*;
 use serde::Deserialize;
 
+pub use crate::cache::KvCache;
+use crate::cache::LayerCache;
 use crate::error::ModelError;
 use crate::nn::rms_norm;
+use crate::rope::{Rope, RopeKind};
 
-/// RoPE settings, transformers 5 layout (`rope_parameters` in `config.json`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct RopeParameters {
-    /// The base of the rotary frequencies.
-    pub rope_theta: f64,
-    /// Only `"default"` is implemented here.
-    #[serde(default = "default_rope_type")]
-    pub rope_type: String,
-}
-
-fn default_rope_type() -> String {
-    "default".to_owned()
-}
+pub use crate::rope::RopeParameters;
 
 /// The fields of transformers' `config.json` this model uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -80,9 +71,10 @@ pub struct Config {
     /// The head is the token embedding.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// transformers 4's RoPE scaling; only its absence is implemented.
+    /// transformers 4's RoPE scaling (transformers 5 moved it to
+    /// `rope_parameters`).
     #[serde(default)]
-    pub rope_scaling: Option<serde_json::Value>,
+    pub rope_scaling: Option<RopeParameters>,
     /// The MLP's activation; only `"silu"` is implemented.
     #[serde(default)]
     pub hidden_act: Option<String>,
@@ -98,22 +90,10 @@ impl Config {
     }
 
     /// Refuses the options this port does not implement: RoPE types other
-    /// than `"default"` (linear, dynamic, llama3, yarn scale the positions).
+    /// than default, linear, dynamic and llama3 (yarn, longrope), an
+    /// activation other than SiLU.
     pub fn check(&self) -> std::result::Result<(), ModelError> {
-        let unsupported = |field, value: String| ModelError::Unsupported {
-            field,
-            value,
-            reason: "only the default RoPE is implemented (linear, dynamic, llama3 and yarn scaling are not yet)",
-        };
-        if let Some(rope) = self.rope_parameters.as_ref().filter(|r| r.rope_type != "default") {
-            return Err(unsupported(
-                "rope_parameters.rope_type",
-                format!("{:?}", rope.rope_type),
-            ));
-        }
-        if let Some(scaling) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-            return Err(unsupported("rope_scaling", scaling.to_string()));
-        }
+        self.rope()?;
         if let Some(act) = self.hidden_act.as_ref().filter(|a| *a != "silu") {
             return Err(ModelError::Unsupported {
                 field: "hidden_act",
@@ -124,6 +104,17 @@ impl Config {
         Ok(())
     }
 
+    /// The RoPE the config describes, from `rope_parameters`
+    /// (transformers 5) or `rope_scaling` and `rope_theta` (transformers 4).
+    pub fn rope(&self) -> std::result::Result<Rope, ModelError> {
+        let theta = self.rope_theta.unwrap_or(10_000.0);
+        match (&self.rope_parameters, &self.rope_scaling) {
+            (Some(p), _) => Rope::from_parameters(Some(p), "rope_parameters", theta, self.max_position_embeddings),
+            (None, Some(p)) => Rope::from_parameters(Some(p), "rope_scaling", theta, self.max_position_embeddings),
+            (None, None) => Ok(Rope::default_with(theta)),
+        }
+    }
+
     /// The width of one head.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
@@ -132,15 +123,6 @@ impl Config {
     /// Key/value heads (GQA), `num_attention_heads` when unset.
     pub fn num_key_value_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
-    }
-
-    /// `rope_theta`, wherever the config keeps it (default 10000).
-    pub fn rope_theta(&self) -> f64 {
-        self.rope_parameters
-            .as_ref()
-            .map(|p| p.rope_theta)
-            .or(self.rope_theta)
-            .unwrap_or(10_000.0)
     }
 }
 
@@ -153,6 +135,7 @@ impl Config {
 /// | Mistral | no | no | no | `sliding_window` |
 /// | Qwen2 | yes | no | no | no (`use_sliding_window` refused) |
 /// | Qwen3 | `attention_bias` | `attention_bias` | yes | no (`use_sliding_window` refused) |
+/// | Phi-3 (fused `qkv_proj`, `gate_up_proj`) | no | no | no | `sliding_window` |
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decoder {
     /// Vocabulary size.
@@ -171,8 +154,8 @@ pub struct Decoder {
     pub head_dim: usize,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
-    /// The base of the rotary frequencies (default RoPE).
-    pub rope_theta: f64,
+    /// The rotary embedding.
+    pub rope: Rope,
     /// Biases on q, k and v.
     pub qkv_bias: bool,
     /// A bias on o.
@@ -187,13 +170,21 @@ pub struct Decoder {
     pub sliding_window: Option<usize>,
     /// The head is the token embedding.
     pub tie_word_embeddings: bool,
-    /// The positions the model was trained for (`max_position_embeddings`).
+    /// The positions the model was trained for (`max_position_embeddings`);
+    /// none with dynamic RoPE, which extends them.
     pub max_positions: Option<usize>,
+    /// Phi-3's fused projections: `qkv_proj` for q, k and v, `gate_up_proj`
+    /// for the MLP's gate and up.
+    pub fused_projections: bool,
 }
 
-impl From<&Config> for Decoder {
-    fn from(cfg: &Config) -> Self {
-        Decoder {
+impl TryFrom<&Config> for Decoder {
+    type Error = ModelError;
+
+    /// Checks the config ([`Config::check`]) and takes its sizes and options.
+    fn try_from(cfg: &Config) -> std::result::Result<Self, ModelError> {
+        cfg.check()?;
+        Ok(Decoder {
             vocab_size: cfg.vocab_size,
             hidden_size: cfg.hidden_size,
             intermediate_size: cfg.intermediate_size,
@@ -202,41 +193,95 @@ impl From<&Config> for Decoder {
             num_key_value_heads: cfg.num_key_value_heads(),
             head_dim: cfg.head_dim(),
             rms_norm_eps: cfg.rms_norm_eps,
-            rope_theta: cfg.rope_theta(),
+            rope: cfg.rope()?,
             qkv_bias: cfg.attention_bias,
             o_bias: cfg.attention_bias,
             mlp_bias: cfg.mlp_bias,
             qk_norm: false,
             sliding_window: None,
             tie_word_embeddings: cfg.tie_word_embeddings,
-            max_positions: cfg.max_position_embeddings,
-        }
+            // Dynamic NTK RoPE exists to run past max_position_embeddings.
+            max_positions: cfg
+                .max_position_embeddings
+                .filter(|_| !matches!(cfg.rope().map(|r| r.kind), Ok(RopeKind::Dynamic { .. }))),
+            fused_projections: false,
+        })
     }
 }
 
-/// The attention of the Llama family: q, k, v, o projections, GQA, RoPE;
-/// Qwen3's q/k norms and Mistral's window when the [`Decoder`] has them.
+/// The attention of the Llama family: q, k, v and o projections, GQA,
+/// RoPE; Qwen3's q/k norms and Mistral's window when the [`Decoder`] has
+/// them. Phi-3 fuses q, k and v into one projection, `qkv_proj`. A newtype
+/// variant adds no path segment: the layers are `self_attn.q_proj` or
+/// `self_attn.qkv_proj`, as in the checkpoints.
 #[derive(Adaptable)]
-pub struct Attention {
+// One per layer, made once and never moved on a hot path: the size
+// difference of the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+pub enum Attention {
+    /// `q_proj`, `k_proj`, `v_proj` (Llama, Mistral, Qwen2, Qwen3).
+    Separate(SeparateQkv),
+    /// `qkv_proj` (Phi-3).
+    Fused(FusedQkv),
+}
+
+/// Attention with one projection each for q, k and v.
+#[derive(Adaptable)]
+pub struct SeparateQkv {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
-    // Numbers are leaves with nothing in them: no `#[adapt(skip)]` needed.
+    #[adapt(skip)]
+    heads: HeadLayout,
+}
+
+/// Attention with q, k and v in one projection, in that order:
+/// `qkv_proj` `[hidden -> (heads + 2 kv_heads) head_dim]`.
+#[derive(Adaptable)]
+pub struct FusedQkv {
+    qkv_proj: Linear,
+    o_proj: Linear,
+    #[adapt(skip)]
+    heads: HeadLayout,
+}
+
+/// How the projections split into heads, and the attention over them.
+#[derive(Debug, Clone, Copy)]
+struct HeadLayout {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
     sliding_window: Option<usize>,
 }
 
-/// Llama's MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+/// The MLP of the Llama family: `down_proj(silu(gate) * up)`, the gate and
+/// up projections separate or (Phi-3) fused into `gate_up_proj`.
 #[derive(Adaptable)]
-pub struct Mlp {
+pub enum Mlp {
+    /// `gate_proj`, `up_proj`, `down_proj`.
+    Gated(GatedMlp),
+    /// `gate_up_proj` (gate first, then up), `down_proj` (Phi-3).
+    Fused(FusedGatedMlp),
+}
+
+/// `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+#[derive(Adaptable)]
+pub struct GatedMlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+}
+
+/// `down_proj(silu(gate) * up)` with `[gate, up] = gate_up_proj(x)`.
+#[derive(Adaptable)]
+pub struct FusedGatedMlp {
+    gate_up_proj: Linear,
+    down_proj: Linear,
+    #[adapt(skip)]
+    intermediate_size: usize,
 }
 
 /// One decoder layer: pre-norm attention and MLP.
@@ -262,49 +307,52 @@ pub struct LlamaForCausalLM {
     model: LlamaModel,
     #[output_head]
     lm_head: Linear,
-    rope_theta: f64,
+    #[adapt(skip)]
+    rope: Rope,
     max_positions: Option<usize>,
-}
-
-/// The rotary tables `cos`, `sin` `[t, head_dim / 2]` for positions `0..t`,
-/// as transformers' default RoPE computes them in float32:
-/// `inv_freq[i] = 1 / theta^(2i / d)`, angle `pos * inv_freq[i]` (transformers
-/// repeats the table over both halves of a head; [`peft_core::ops::rope`]
-/// takes the half).
-fn rope_tables(start: usize, t: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
-    let inv_freq: Vec<f32> = (0..head_dim / 2)
-        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
-    let positions = Tensor::arange(start as u32, (start + t) as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((t, 1))?;
-    let freqs = positions.broadcast_mul(&inv_freq)?;
-    Ok((freqs.cos()?, freqs.sin()?))
 }
 
 impl Attention {
     fn load(vb: VarBuilder, cfg: &Decoder) -> Result<Self> {
         let (hidden, head_dim) = (cfg.hidden_size, cfg.head_dim);
         let (heads, kv_heads, bias) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.qkv_bias);
+        let layout = HeadLayout {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            sliding_window: cfg.sliding_window,
+        };
+        let o_proj = || linear_b(heads * head_dim, hidden, cfg.o_bias, vb.pp("o_proj"));
+        if cfg.fused_projections {
+            let width = (heads + 2 * kv_heads) * head_dim;
+            return Ok(Attention::Fused(FusedQkv {
+                qkv_proj: linear_b(hidden, width, bias, vb.pp("qkv_proj"))?,
+                o_proj: o_proj()?,
+                heads: layout,
+            }));
+        }
         let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
             match cfg.qk_norm {
                 true => candle_nn::rms_norm(head_dim, cfg.rms_norm_eps, vb.pp(name)).map(Some),
                 false => Ok(None),
             }
         };
-        Ok(Self {
+        Ok(Attention::Separate(SeparateQkv {
             q_proj: linear_b(hidden, heads * head_dim, bias, vb.pp("q_proj"))?,
             k_proj: linear_b(hidden, kv_heads * head_dim, bias, vb.pp("k_proj"))?,
             v_proj: linear_b(hidden, kv_heads * head_dim, bias, vb.pp("v_proj"))?,
-            o_proj: linear_b(heads * head_dim, hidden, cfg.o_bias, vb.pp("o_proj"))?,
+            o_proj: o_proj()?,
             q_norm: head_norm("q_norm")?,
             k_norm: head_norm("k_norm")?,
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim,
-            sliding_window: cfg.sliding_window,
-        })
+            heads: layout,
+        }))
+    }
+
+    fn head_dim(&self) -> usize {
+        match self {
+            Attention::Separate(a) => a.heads.head_dim,
+            Attention::Fused(a) => a.heads.head_dim,
+        }
     }
 
     /// `cache` holds the keys and values of the positions before `x`'s
@@ -313,16 +361,55 @@ impl Attention {
         // Heads stay in [batch, t, heads, head_dim], the layout the
         // projections give: peft_core::ops needs no transposes.
         let (b, t, _) = x.dims3()?;
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
-        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let normed = |y: Tensor, norm: &Option<RmsNorm>| match norm {
-            Some(norm) => rms_norm(norm, &y),
-            None => Ok(y),
-        };
-        let q = ops::rope_thd(&normed(q, &self.q_norm)?, cos, sin)?;
-        let k = ops::rope_thd(&normed(k, &self.k_norm)?, cos, sin)?;
+        match self {
+            Attention::Separate(a) => {
+                let layout = a.heads;
+                let split = |y: Tensor, n: usize| y.reshape((b, t, n, layout.head_dim));
+                let normed = |y: Tensor, norm: &Option<RmsNorm>| match norm {
+                    Some(norm) => rms_norm(norm, &y),
+                    None => Ok(y),
+                };
+                let q = normed(split(a.q_proj.forward(x)?, layout.num_heads)?, &a.q_norm)?;
+                let k = normed(split(a.k_proj.forward(x)?, layout.num_kv_heads)?, &a.k_norm)?;
+                let v = split(a.v_proj.forward(x)?, layout.num_kv_heads)?;
+                a.o_proj.forward(&layout.attend(q, k, v, cos, sin, cache)?)
+            }
+            Attention::Fused(a) => {
+                let layout = a.heads;
+                let qkv = a.qkv_proj.forward(x)?;
+                let (q_width, kv_width) = (
+                    layout.num_heads * layout.head_dim,
+                    layout.num_kv_heads * layout.head_dim,
+                );
+                let part = |start: usize, width: usize, n: usize| {
+                    qkv.narrow(2, start, width)?
+                        .contiguous()?
+                        .reshape((b, t, n, layout.head_dim))
+                };
+                let q = part(0, q_width, layout.num_heads)?;
+                let k = part(q_width, kv_width, layout.num_kv_heads)?;
+                let v = part(q_width + kv_width, kv_width, layout.num_kv_heads)?;
+                a.o_proj.forward(&layout.attend(q, k, v, cos, sin, cache)?)
+            }
+        }
+    }
+}
+
+impl HeadLayout {
+    /// RoPE on `q` and `k` (`[batch, t, heads, head_dim]`), the cache, and
+    /// attention: the heads' outputs as `[batch, t, heads · head_dim]`.
+    fn attend(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _, _) = q.dims4()?;
+        let q = ops::rope_thd(&q, cos, sin)?;
+        let k = ops::rope_thd(&k, cos, sin)?;
         let (k, v) = match cache {
             None => (k, v),
             Some(cache) => cache.append(k, v)?,
@@ -330,24 +417,43 @@ impl Attention {
         // Each kv head serves num_heads / num_kv_heads query heads (GQA).
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = ops::windowed_causal_attention(&q, &k, &v, scale, self.sliding_window)?;
-        self.o_proj
-            .forward(&out.reshape((b, t, self.num_heads * self.head_dim))?)
+        out.reshape((b, t, self.num_heads * self.head_dim))
     }
 }
 
 impl Mlp {
     fn load(vb: VarBuilder, cfg: &Decoder) -> Result<Self> {
         let (hidden, inter, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        Ok(Self {
+        let down_proj = || linear_b(inter, hidden, bias, vb.pp("down_proj"));
+        if cfg.fused_projections {
+            return Ok(Mlp::Fused(FusedGatedMlp {
+                gate_up_proj: linear_b(hidden, 2 * inter, bias, vb.pp("gate_up_proj"))?,
+                down_proj: down_proj()?,
+                intermediate_size: inter,
+            }));
+        }
+        Ok(Mlp::Gated(GatedMlp {
             gate_proj: linear_b(hidden, inter, bias, vb.pp("gate_proj"))?,
             up_proj: linear_b(hidden, inter, bias, vb.pp("up_proj"))?,
-            down_proj: linear_b(inter, hidden, bias, vb.pp("down_proj"))?,
-        })
+            down_proj: down_proj()?,
+        }))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hidden = ops::silu_mul(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
-        self.down_proj.forward(&hidden)
+        match self {
+            Mlp::Gated(m) => {
+                let hidden = ops::silu_mul(&m.gate_proj.forward(x)?, &m.up_proj.forward(x)?)?;
+                m.down_proj.forward(&hidden)
+            }
+            Mlp::Fused(m) => {
+                let gate_up = m.gate_up_proj.forward(x)?;
+                let last = gate_up.rank() - 1;
+                let inter = m.intermediate_size;
+                let gate = gate_up.narrow(last, 0, inter)?.contiguous()?;
+                let up = gate_up.narrow(last, inter, inter)?.contiguous()?;
+                m.down_proj.forward(&ops::silu_mul(&gate, &up)?)
+            }
+        }
     }
 }
 
@@ -375,8 +481,7 @@ impl LlamaForCausalLM {
     /// (`model.embed_tokens.weight`, `model.layers.0.self_attn.q_proj.weight`, ...,
     /// `lm_head.weight`; with `tie_word_embeddings` the head is the embedding).
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
-        cfg.check().map_err(candle_core::Error::wrap)?;
-        Self::load_decoder(vb, &Decoder::from(cfg))
+        Self::load_decoder(vb, &Decoder::try_from(cfg).map_err(candle_core::Error::wrap)?)
     }
 
     /// Loads any decoder of the Llama family from transformers' checkpoint
@@ -399,7 +504,7 @@ impl LlamaForCausalLM {
                 norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
             },
             lm_head,
-            rope_theta: cfg.rope_theta,
+            rope: cfg.rope,
             max_positions: cfg.max_positions,
         })
     }
@@ -424,56 +529,22 @@ impl LlamaForCausalLM {
     fn run(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let device = input_ids.device();
-        let head_dim = self.model.layers.first().map_or(0, |l| l.self_attn.head_dim);
-        let start = cache.as_ref().map_or(0, |cache| cache.seen);
+        let head_dim = self.model.layers.first().map_or(0, |l| l.self_attn.head_dim());
+        let start = cache.as_ref().map_or(0, |cache| cache.seen());
         let mut x = self.model.embed_tokens.forward(input_ids)?;
         // Computed in f32 as transformers does, used in the model's dtype.
-        let (cos, sin) = rope_tables(start, t, head_dim, self.rope_theta, device)?;
+        let (cos, sin) = self.rope.tables(start, t, head_dim, device)?;
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         if let Some(cache) = cache.as_deref_mut() {
-            cache.layers.resize_with(self.model.layers.len(), LayerCache::default);
+            cache.resize(self.model.layers.len());
         }
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|cache| &mut cache.layers[i]);
+            let layer_cache = cache.as_deref_mut().map(|cache| cache.layer(i));
             x = layer.forward(&x, &cos, &sin, layer_cache)?;
         }
         if let Some(cache) = cache {
-            cache.seen += t;
+            cache.advance(t);
         }
         self.lm_head.forward(&rms_norm(&self.model.norm, &x)?)
-    }
-}
-
-/// The keys and values of the positions a Llama-family decoder has seen,
-/// layer by layer, for [`LlamaForCausalLM::forward_with_cache`]. Start with
-/// `KvCache::default()` for each new sequence.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    seen: usize,
-}
-
-impl KvCache {
-    /// How many positions the cache holds.
-    pub fn seen(&self) -> usize {
-        self.seen
-    }
-}
-
-/// One layer's keys and values, `[batch, positions, kv_heads, head_dim]`.
-#[derive(Debug, Clone, Default)]
-struct LayerCache {
-    keys_values: Option<(Tensor, Tensor)>,
-}
-
-impl LayerCache {
-    /// Appends the new positions' keys and values; returns all of them.
-    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.keys_values.take() {
-            None => (k, v),
-            Some((old_k, old_v)) => (Tensor::cat(&[&old_k, &k], 1)?, Tensor::cat(&[&old_v, &v], 1)?),
-        };
-        self.keys_values = Some((k.clone(), v.clone()));
-        Ok((k, v))
     }
 }

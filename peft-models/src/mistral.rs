@@ -44,20 +44,24 @@ impl Config {
     }
 }
 
-impl From<&Config> for Decoder {
-    fn from(cfg: &Config) -> Self {
-        Decoder {
+impl TryFrom<&Config> for Decoder {
+    type Error = ModelError;
+
+    /// Checks the config and takes its sizes and options.
+    fn try_from(cfg: &Config) -> std::result::Result<Self, ModelError> {
+        cfg.check()?;
+        Ok(Decoder {
             qkv_bias: false,
             o_bias: false,
             mlp_bias: false,
             sliding_window: cfg.sliding_window,
-            ..Decoder::from(&cfg.base)
-        }
+            ..Decoder::try_from(&cfg.base)?
+        })
     }
 }
 
 /// Loads the model from transformers' checkpoint names.
 pub fn load(vb: VarBuilder, cfg: &Config) -> Result<MistralForCausalLM> {
-    cfg.check().map_err(candle_core::Error::wrap)?;
-    llama::LlamaForCausalLM::load_decoder(vb, &Decoder::from(cfg))
+    let decoder = Decoder::try_from(cfg).map_err(candle_core::Error::wrap)?;
+    llama::LlamaForCausalLM::load_decoder(vb, &decoder)
 }
