@@ -360,3 +360,66 @@ fn generation_refuses_prompts_the_model_cannot_hold() {
     let error = generate(&model, &[], &options, |_| {}).unwrap_err();
     assert!(error.to_string().contains("no token"), "{error}");
 }
+
+/// A Hugging Face cache folder holding the fixture `case` as `org/name` at
+/// commit `commit`, with `refs/main` pointing at it, as huggingface_hub
+/// lays it out.
+fn fake_hub_cache(name: &str, case: &str, commit: &str) -> PathBuf {
+    let cache = scratch("checkpoints", name);
+    let repo = cache.join("models--tiny-org--tiny-model");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), commit).unwrap();
+    for file in [CONFIG_FILE, WEIGHTS_FILE] {
+        std::fs::copy(fixture_path(case).join(file), snapshot.join(file)).unwrap();
+    }
+    cache
+}
+
+#[test]
+fn hub_ids_load_from_the_hugging_face_cache() -> TestResult {
+    use peft_models::hub::resolve_in;
+    let case = "qwen2_lora_all_linear";
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let cache = fake_hub_cache("hub-cache", case, commit);
+    let snapshot = cache.join("models--tiny-org--tiny-model/snapshots").join(commit);
+    assert_eq!(resolve_in("tiny-org/tiny-model", None, &cache)?, snapshot);
+    assert_eq!(resolve_in("tiny-org/tiny-model", Some("main"), &cache)?, snapshot);
+    assert_eq!(resolve_in("tiny-org/tiny-model", Some(commit), &cache)?, snapshot);
+    let model = AutoModel::from_dir(
+        resolve_in("tiny-org/tiny-model", None, &cache)?,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    assert_close(
+        "hub",
+        &model.forward(&input_ids(case))?,
+        &fixture_io(case)["logits_base"],
+        LOGITS_TOL,
+    )?;
+    // A folder is taken as it is.
+    assert_eq!(resolve_in(snapshot.to_str().unwrap(), None, &cache)?, snapshot);
+
+    // Not in the cache: the error names the id, the revision and the folder.
+    for (id, revision) in [("tiny-org/other-model", None), ("tiny-org/tiny-model", Some("v2"))] {
+        match resolve_in(id, revision, &cache) {
+            Err(ModelError::NotInCache {
+                repo,
+                revision: rev,
+                cache: folder,
+            }) => {
+                assert_eq!(repo, id);
+                assert_eq!(rev, revision.unwrap_or("main"));
+                assert_eq!(folder, cache);
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    // Neither a folder nor an org/name id.
+    assert!(matches!(
+        resolve_in("no-such-folder", None, &cache),
+        Err(ModelError::MissingFile { .. })
+    ));
+    Ok(())
+}

@@ -20,8 +20,9 @@ use serde_json::json;
 /// Hugging Face checkpoints with PEFT adapters, no Python.
 ///
 /// A model is a checkpoint folder as transformers saves it: config.json and
-/// model.safetensors (or shards with model.safetensors.index.json). Adapters
-/// are folders as PEFT's save_pretrained writes them.
+/// model.safetensors (or shards with model.safetensors.index.json), or a Hub
+/// id (org/name) already in the local Hugging Face cache. Adapters are
+/// folders as PEFT's save_pretrained writes them.
 #[derive(Parser)]
 #[command(name = "peft", version, about, long_about)]
 struct Cli {
@@ -83,9 +84,14 @@ enum Command {
 /// Where the model is and how to load it.
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// The checkpoint folder.
-    #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    /// A checkpoint folder, or a Hub id (org/name) in the local Hugging Face
+    /// cache (HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub;
+    /// peft does not download).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
+    model: String,
+    /// The revision of a Hub id: a branch, a tag or a commit hash.
+    #[arg(long, default_value = "main")]
+    revision: String,
     /// The dtype to load the weights in.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
@@ -136,7 +142,8 @@ fn main() -> ExitCode {
 }
 
 fn load(args: &ModelArgs) -> Result<AutoModel, peft_models::ModelError> {
-    AutoModel::from_dir(&args.model, args.dtype.candle(), &Device::Cpu)
+    let dir = peft_models::hub::resolve(&args.model, Some(&args.revision))?;
+    AutoModel::from_dir(dir, args.dtype.candle(), &Device::Cpu)
 }
 
 fn run(command: Command) -> CliResult {

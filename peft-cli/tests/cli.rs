@@ -91,9 +91,14 @@ fn errors_exit_1_with_the_cause_and_usage_errors_exit_2() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(
-        stderr.starts_with("error: ") && stderr.contains("config.json not found"),
+        stderr.starts_with("error: ") && stderr.contains("no_such_model: checkpoint folder"),
         "{stderr}"
     );
+    // A folder without config.json (an adapter folder, say).
+    let adapter = fixture("llama_lora_all_linear").join("adapter");
+    let output = peft(&["info", "--model", adapter.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("config.json not found"));
 
     let model = fixture("llama_lora_all_linear");
     let output = peft(&["generate", "--model", model.to_str().unwrap()]);
@@ -111,4 +116,35 @@ fn errors_exit_1_with_the_cause_and_usage_errors_exit_2() {
     ]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("positions"));
+}
+
+#[test]
+fn hub_ids_come_from_the_cache_the_environment_names() {
+    // A Hugging Face cache laid out as huggingface_hub does, holding a fixture.
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-hub-cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let repo = cache.join("models--tiny-org--tiny-llama");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("llama_lora_all_linear").join(file), snapshot.join(file)).unwrap();
+    }
+    let run = |model: &str| {
+        Command::new(env!("CARGO_BIN_EXE_peft"))
+            .args(["info", "--model", model, "--json"])
+            .env("HF_HUB_CACHE", &cache)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(json_of(&run("tiny-org/tiny-llama"))["model_type"], "llama");
+    let missing = run("tiny-org/not-there");
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("tiny-org/not-there") && stderr.contains(cache.to_str().unwrap()),
+        "{stderr}"
+    );
 }

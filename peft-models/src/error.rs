@@ -81,6 +81,21 @@ pub enum ModelError {
         /// candle's error (part of the message).
         cause: candle_core::Error,
     },
+    /// A Hub id that is not in the local Hugging Face cache (peft does not
+    /// download).
+    #[error(
+        "model `{repo}` at revision `{revision}` is not in the Hugging Face cache {}: peft does not download; \
+         fetch it first (huggingface-cli download {repo}) or give a checkpoint folder",
+        cache.display()
+    )]
+    NotInCache {
+        /// The Hub id.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// The cache folder looked in.
+        cache: PathBuf,
+    },
     /// Generation was asked for something the model cannot do.
     #[error("cannot generate: {reason}")]
     Generation {

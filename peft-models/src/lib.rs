@@ -28,7 +28,8 @@
 //! | [`gemma2`] | Gemma 2 (soft-capping, four norms with `1 + w`, alternating sliding layers, scaled embedding) | `Gemma2ForCausalLM` |
 //! | [`gpt2`] | GPT-2 (`Conv1D` layers through `fan_in_fan_out`, tied head) | `GPT2LMHeadModel` |
 //!
-//! [`Checkpoint`] opens a folder (`config.json`, `model.safetensors` or
+//! [`hub::resolve`] finds a Hub id (`org/name`) in the local Hugging Face
+//! cache. [`Checkpoint`] opens a folder (`config.json`, `model.safetensors` or
 //! shards with `model.safetensors.index.json`) and checks it;
 //! [`AutoModel`] picks the architecture from `config.json`'s `model_type`.
 //! [`rope`] computes rotary embeddings as transformers does.
@@ -44,6 +45,7 @@ mod error;
 pub mod gemma2;
 pub mod generate;
 pub mod gpt2;
+pub mod hub;
 pub mod llama;
 pub mod mistral;
 pub mod nn;
