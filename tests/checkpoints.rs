@@ -423,3 +423,53 @@ fn hub_ids_load_from_the_hugging_face_cache() -> TestResult {
     ));
     Ok(())
 }
+
+#[test]
+fn quantizing_at_load_keeps_the_logits_within_quantization_error() -> TestResult {
+    use candle_core::quantized::GgmlDType;
+    let case = "llama_lora_all_linear";
+    let dense = AutoModel::from_dir(fixture_path(case), DType::F32, &Device::Cpu)?;
+    let expected = dense.forward(&input_ids(case))?;
+    let mut model = AutoModel::from_dir(fixture_path(case), DType::F32, &Device::Cpu)?;
+    let mut quantized = model.quantize(GgmlDType::Q8_0)?;
+    // Every linear layer but the head.
+    quantized.sort();
+    assert_eq!(quantized, model.targeted_modules(&all_linear())?);
+    assert!(model.layers().iter().filter(|l| l.layer.is_quantized()).count() == 14);
+    let logits = model.forward(&input_ids(case))?;
+    // Q8_0 rounds weights (and candle's kernel the activations) to 8 bits
+    // per block of 32: the logits move by a few percent of their scale.
+    let scale = support::max_abs(&expected);
+    let error = support::max_abs_diff(&logits, &expected) / scale;
+    assert!(error > 0.0 && error < 0.05, "Q8_0: relative error {error}");
+    // LoRA trains on top; merging into the quantized weights is refused.
+    model.load_adapter(fixture_path(case).join("adapter"), "default")?;
+    let adapted = model.forward(&input_ids(case))?;
+    let expected = &fixture_io(case)["logits_adapted"];
+    let error = support::max_abs_diff(&adapted, expected) / support::max_abs(expected);
+    assert!(error < 0.05, "Q8_0 with the adapter: relative error {error}");
+    assert!(model.merge().is_err());
+
+    // Refused, with nothing changed: a width the format cannot block, or adapters already there.
+    let mut model = AutoModel::from_dir(fixture_path(case), DType::F32, &Device::Cpu)?;
+    match model.quantize(GgmlDType::Q4K) {
+        Err(ModelError::Quantize { module, reason }) => {
+            assert!(module.starts_with("model.layers.0"), "{module}");
+            assert!(reason.contains("256"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(model.layers().iter().all(|l| !l.layer.is_quantized()));
+    model.load_adapter(fixture_path(case).join("adapter"), "default")?;
+    assert!(matches!(
+        model.quantize(GgmlDType::Q8_0),
+        Err(ModelError::Quantize { .. })
+    ));
+    let half = AutoModel::from_dir(fixture_path(case), DType::F16, &Device::Cpu)?;
+    let mut half = half;
+    assert!(matches!(
+        half.quantize(GgmlDType::Q8_0),
+        Err(ModelError::Quantize { .. })
+    ));
+    Ok(())
+}

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_core::{all_linear, PeftModel};
@@ -95,6 +96,31 @@ struct ModelArgs {
     /// The dtype to load the weights in.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
+    /// Quantize every linear layer but the head after loading (QLoRA); needs
+    /// --dtype f32 and layer widths that are multiples of the block (32 for
+    /// q8_0 and q4_0, 256 for q4k).
+    #[arg(long, value_enum)]
+    quantize: Option<Quantize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Quantize {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4k")]
+    Q4k,
+}
+
+impl Quantize {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Quantize::Q8_0 => GgmlDType::Q8_0,
+            Quantize::Q4_0 => GgmlDType::Q4_0,
+            Quantize::Q4k => GgmlDType::Q4K,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,7 +169,11 @@ fn main() -> ExitCode {
 
 fn load(args: &ModelArgs) -> Result<AutoModel, peft_models::ModelError> {
     let dir = peft_models::hub::resolve(&args.model, Some(&args.revision))?;
-    AutoModel::from_dir(dir, args.dtype.candle(), &Device::Cpu)
+    let mut model = AutoModel::from_dir(dir, args.dtype.candle(), &Device::Cpu)?;
+    if let Some(quantize) = args.quantize {
+        model.quantize(quantize.ggml())?;
+    }
+    Ok(model)
 }
 
 fn run(command: Command) -> CliResult {
@@ -215,6 +245,7 @@ fn info(args: &ModelArgs, json: bool) -> CliResult {
         let report = json!({
             "model_type": model.model_type(),
             "dtype": args.dtype.name(),
+            "quantized": model.layers().iter().filter(|l| l.layer.is_quantized()).count(),
             "parameters": parameters.total,
             "max_positions": model.max_positions(),
             "all_linear": targets,

@@ -148,3 +148,15 @@ fn hub_ids_come_from_the_cache_the_environment_names() {
         "{stderr}"
     );
 }
+
+#[test]
+fn quantize_at_load() {
+    let model = fixture("llama_lora_all_linear");
+    let model = model.to_str().unwrap();
+    let report = json_of(&peft(&["info", "--model", model, "--quantize", "q8_0", "--json"]));
+    assert_eq!(report["quantized"], 14);
+    // Q4K blocks are 256 wide: this 32-wide model cannot take them.
+    let output = peft(&["info", "--model", model, "--quantize", "q4k"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("256"));
+}

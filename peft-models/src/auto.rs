@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use peft_core::Adaptable;
+use peft_core::{Adaptable, LayerKind, PeftModel, Role};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
@@ -101,6 +102,52 @@ impl AutoModel {
                 supported: SUPPORTED_MODEL_TYPES.join(", "),
             }),
         }
+    }
+
+    /// Quantizes every linear layer but the head to `dtype` (QLoRA on a
+    /// checkpoint loaded in f32): the weights stay quantized and adapters
+    /// train on top. Returns the quantized layers' paths. Every layer is
+    /// checked first (the model loaded in f32, no adapter yet, a width that
+    /// is a multiple of the format's block: 32 for Q8_0 and Q4_0, 256 for
+    /// Q4K); on error no layer has changed.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<Vec<String>> {
+        let quantizable =
+            |layer: &peft_core::Layer, role: Role| role == Role::Hidden && layer.kind() == LayerKind::Linear;
+        for layer in self.layers() {
+            if !quantizable(layer.layer, layer.role) {
+                continue;
+            }
+            let refuse = |reason: String| {
+                Err(ModelError::Quantize {
+                    module: layer.path.clone(),
+                    reason,
+                })
+            };
+            if layer.layer.dtype() != DType::F32 || layer.layer.is_quantized() {
+                return refuse(format!(
+                    "load the model in f32 to quantize it (it is {:?})",
+                    layer.layer.dtype()
+                ));
+            }
+            if layer.layer.adapter_names().next().is_some() {
+                return refuse("quantize before adding adapters".to_owned());
+            }
+            if !layer.layer.in_features().is_multiple_of(dtype.block_size()) {
+                return refuse(format!(
+                    "{dtype:?} quantizes blocks of {} inputs, and the layer has {}",
+                    dtype.block_size(),
+                    layer.layer.in_features()
+                ));
+            }
+        }
+        let mut quantized = Vec::new();
+        for layer in self.layers_mut() {
+            if quantizable(layer.layer, layer.role) {
+                layer.layer.quantize(dtype)?;
+                quantized.push(layer.path);
+            }
+        }
+        Ok(quantized)
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.

@@ -102,9 +102,27 @@ pub enum ModelError {
         /// Why.
         reason: String,
     },
+    /// A layer cannot be quantized as asked.
+    #[error("cannot quantize `{module}`: {reason}")]
+    Quantize {
+        /// The layer's path.
+        module: String,
+        /// Why.
+        reason: String,
+    },
+    /// peft-core refused an operation on the model's layers (boxed: it is
+    /// large, and rare).
+    #[error(transparent)]
+    Peft(Box<peft_core::PeftError>),
     /// A tensor operation failed while running the model.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<peft_core::PeftError> for ModelError {
+    fn from(error: peft_core::PeftError) -> Self {
+        ModelError::Peft(Box::new(error))
+    }
 }
 
 /// `Result` with [`ModelError`].

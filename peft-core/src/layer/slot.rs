@@ -126,6 +126,38 @@ impl Layer {
         self.base.tensors()
     }
 
+    /// Quantizes a dense base to `dtype` (QLoRA on a checkpoint loaded in
+    /// f32/f16/bf16): from then on the forward pass multiplies by the
+    /// quantized weight, as a layer made by
+    /// [`Linear::from_qtensor`](crate::Linear::from_qtensor). Refused with
+    /// adapters attached, for a base that is not dense, and for an input
+    /// width that is not a multiple of the format's block (32 for Q8_0 and
+    /// Q4_0, 256 for the K formats).
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        let refuse = |reason: String| Err(PeftError::Candle(candle_core::Error::Msg(reason)));
+        if !self.adapters.is_empty() {
+            return refuse(format!("{}: quantize before attaching adapters", self.describe()));
+        }
+        let Some((weight, bias)) = self.base.dense() else {
+            return refuse(format!("{}: only a dense base can be quantized", self.describe()));
+        };
+        let block = dtype.block_size();
+        if !self.in_features().is_multiple_of(block) {
+            return refuse(format!(
+                "{}: {dtype:?} quantizes blocks of {block} inputs, and this layer has {}",
+                self.describe(),
+                self.in_features()
+            ));
+        }
+        let qtensor = candle_core::quantized::QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?;
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        self.base = Base::Quantized {
+            weight: QuantizedWeight::new(qtensor)?,
+            bias,
+        };
+        Ok(())
+    }
+
     /// Whether the base weight is quantized.
     pub fn is_quantized(&self) -> bool {
         self.quantized_weight().is_some()
