@@ -15,6 +15,7 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_core::{all_linear, PeftModel};
 use peft_models::generate::{generate, GenerateOptions, Sampling};
+use peft_models::tokenizer::{Message, Tokenizer};
 use peft_models::AutoModel;
 use serde_json::json;
 
@@ -44,42 +45,78 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Continue a prompt (token ids, comma separated), greedy or sampled.
+    /// Continue a prompt, greedy or sampled: text (--prompt), a chat message
+    /// rendered with the model's chat template (--chat), or token ids
+    /// (--prompt-ids). Text is printed as it comes; ids without a tokenizer.
     ///
     /// Example: peft generate --model tests/fixtures/llama_lora_all_linear
     ///          --adapter tests/fixtures/llama_lora_all_linear/adapter --prompt-ids 1,17,33,8
-    Generate {
+    Generate(Box<GenerateArgs>),
+    /// The next-token loss and perplexity on a jsonl file of {"text": ...}
+    /// lines, each tokenized alone with the tokenizer's special tokens.
+    ///
+    /// Example: peft eval --model DIR --data valid.jsonl --json
+    Eval {
         #[command(flatten)]
         model: ModelArgs,
-        /// A PEFT adapter folder to apply (unmerged).
+        /// A PEFT adapter folder to apply.
         #[arg(long, value_name = "DIR")]
         adapter: Option<PathBuf>,
-        /// The prompt as token ids, comma separated (`1,17,33`).
-        #[arg(long, value_name = "IDS", value_delimiter = ',', required = true)]
-        prompt_ids: Vec<u32>,
-        /// The most tokens to add.
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
-        /// 0 is greedy; above 0 the logits are divided by it and a token drawn.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        /// Draw among the most likely tokens that add up to this probability.
-        #[arg(long)]
-        top_p: Option<f64>,
-        /// Draw among this many most likely tokens.
-        #[arg(long)]
-        top_k: Option<usize>,
-        /// The seed of the draws.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Token ids that end the text (comma separated).
-        #[arg(long, value_name = "IDS", value_delimiter = ',')]
-        stop_ids: Vec<u32>,
-        /// Print one JSON object (prompt_ids, generated_ids, tokens_per_second)
-        /// instead of streaming the ids.
+        /// The jsonl data file.
+        #[arg(long, value_name = "FILE")]
+        data: PathBuf,
+        /// Print one JSON object (loss, perplexity, tokens).
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `peft generate`'s flags.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat", "prompt_ids"])))]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A PEFT adapter folder to apply (unmerged).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// The prompt as text, tokenized with the model's tokenizer (with its
+    /// special tokens, BOS for most).
+    #[arg(long, value_name = "TEXT")]
+    prompt: Option<String>,
+    /// A user message, rendered with the model's chat template and the
+    /// assistant's turn opened.
+    #[arg(long, value_name = "TEXT")]
+    chat: Option<String>,
+    /// The prompt as token ids, comma separated (`1,17,33`).
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// The most tokens to add.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 is greedy; above 0 the logits are divided by it and a token drawn.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Draw among the most likely tokens that add up to this probability.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Draw among this many most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// The seed of the draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Token ids that end the text (comma separated); by default the
+    /// tokenizer's end-of-sequence token.
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    stop_ids: Option<Vec<u32>>,
+    /// Never stop early: generate exactly --max-new-tokens tokens.
+    #[arg(long, conflicts_with = "stop_ids")]
+    ignore_eos: bool,
+    /// Print one JSON object (prompt_ids, generated_ids, text,
+    /// tokens_per_second) instead of streaming.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where the model is and how to load it.
@@ -168,7 +205,7 @@ fn main() -> ExitCode {
 }
 
 fn load(args: &ModelArgs) -> Result<AutoModel, peft_models::ModelError> {
-    let dir = peft_models::hub::resolve(&args.model, Some(&args.revision))?;
+    let dir = model_dir(args)?;
     let mut model = AutoModel::from_dir(dir, args.dtype.candle(), &Device::Cpu)?;
     if let Some(quantize) = args.quantize {
         model.quantize(quantize.ggml())?;
@@ -179,61 +216,137 @@ fn load(args: &ModelArgs) -> Result<AutoModel, peft_models::ModelError> {
 fn run(command: Command) -> CliResult {
     match command {
         Command::Info { model: args, json } => info(&args, json),
-        Command::Generate {
+        Command::Generate(args) => generate_command(&args),
+        Command::Eval {
             model: args,
             adapter,
-            prompt_ids,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            stop_ids,
+            data,
             json,
         } => {
             let mut model = load(&args)?;
             if let Some(adapter) = adapter {
                 model.load_adapter(&adapter, "default")?;
             }
-            let options = GenerateOptions {
-                max_new_tokens,
-                sampling: Sampling {
-                    temperature,
-                    top_k,
-                    top_p,
-                    seed,
-                },
-                stop_tokens: stop_ids,
-            };
+            let tokenizer = Tokenizer::from_dir(model_dir(&args)?)?;
+            let texts = peft_models::eval::read_texts(&data)?;
+            let report = peft_models::eval::evaluate(&model, &tokenizer, &texts)?;
             let mut out = std::io::stdout().lock();
-            let started = Instant::now();
-            let generated = generate(&model, &prompt_ids, &options, |token| {
-                if !json {
-                    // Streamed: each id as soon as it is chosen.
-                    let _ = write!(out, "{token} ");
-                    let _ = out.flush();
-                }
-            })?;
-            let seconds = started.elapsed().as_secs_f64();
-            let tokens_per_second = generated.tokens.len() as f64 / seconds.max(1e-9);
             if json {
                 let report = json!({
-                    "prompt_ids": prompt_ids,
-                    "generated_ids": generated.tokens,
-                    "stopped": generated.stopped,
-                    "tokens_per_second": tokens_per_second,
+                    "loss": report.loss,
+                    "perplexity": report.perplexity,
+                    "tokens": report.tokens,
+                    "lines": texts.len(),
                 });
                 writeln!(out, "{report}")?;
             } else {
-                writeln!(out)?;
-                eprintln!(
-                    "{} tokens in {seconds:.2} s ({tokens_per_second:.1} tokens/s)",
-                    generated.tokens.len()
-                );
+                writeln!(out, "loss:       {:.6}", report.loss)?;
+                writeln!(out, "perplexity: {:.4}", report.perplexity)?;
+                writeln!(out, "tokens:     {} (in {} lines)", report.tokens, texts.len())?;
             }
             Ok(())
         }
     }
+}
+
+fn generate_command(args: &GenerateArgs) -> CliResult {
+    let mut model = load(&args.model)?;
+    if let Some(adapter) = &args.adapter {
+        model.load_adapter(adapter, "default")?;
+    }
+    // A tokenizer is needed for text in or out; ids alone work without one.
+    let tokenizer = match Tokenizer::from_dir(model_dir(&args.model)?) {
+        Ok(tokenizer) => Some(tokenizer),
+        Err(_) if args.prompt_ids.is_some() => None,
+        Err(error) => return Err(error.into()),
+    };
+    let prompt_ids = match (&args.prompt, &args.chat, &args.prompt_ids, &tokenizer) {
+        (_, _, Some(ids), _) => ids.clone(),
+        (Some(text), _, _, Some(tokenizer)) => tokenizer.encode(text, true)?,
+        (_, Some(message), _, Some(tokenizer)) => {
+            let messages = [Message {
+                role: "user".to_owned(),
+                content: message.clone(),
+            }];
+            tokenizer.chat_ids(&messages, true)?
+        }
+        _ => return Err("give --prompt, --chat or --prompt-ids".into()),
+    };
+    let stop_tokens = match (&args.stop_ids, &tokenizer) {
+        _ if args.ignore_eos => Vec::new(),
+        (Some(ids), _) => ids.clone(),
+        (None, Some(tokenizer)) => tokenizer.eos_token_id().into_iter().collect(),
+        (None, None) => Vec::new(),
+    };
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        stop_tokens,
+    };
+    let mut out = std::io::stdout().lock();
+    let started = Instant::now();
+    let (mut tokens, mut printed) = (Vec::new(), String::new());
+    let generated = generate(&model, &prompt_ids, &options, |token| {
+        tokens.push(token);
+        if args.json {
+            return;
+        }
+        // Streamed as it is chosen: the text when there is a tokenizer (a
+        // byte-level token may end inside a character: printed once whole).
+        match &tokenizer {
+            Some(tokenizer) => {
+                if let Ok(text) = tokenizer.decode(&tokens, true) {
+                    if let Some(new) = text
+                        .strip_prefix(printed.as_str())
+                        .filter(|new| !new.contains('\u{fffd}'))
+                    {
+                        let _ = write!(out, "{new}");
+                        printed = text;
+                    }
+                }
+            }
+            None => {
+                let _ = write!(out, "{token} ");
+            }
+        }
+        let _ = out.flush();
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens_per_second = generated.tokens.len() as f64 / seconds.max(1e-9);
+    let text = match &tokenizer {
+        Some(tokenizer) => Some(tokenizer.decode(&generated.tokens, true)?),
+        None => None,
+    };
+    if args.json {
+        let report = json!({
+            "prompt_ids": prompt_ids,
+            "generated_ids": generated.tokens,
+            "text": text,
+            "stopped": generated.stopped,
+            "tokens_per_second": tokens_per_second,
+        });
+        writeln!(out, "{report}")?;
+    } else {
+        if let Some(rest) = text.as_deref().and_then(|text| text.strip_prefix(printed.as_str())) {
+            write!(out, "{rest}")?;
+        }
+        writeln!(out)?;
+        eprintln!(
+            "{} tokens in {seconds:.2} s ({tokens_per_second:.1} tokens/s)",
+            generated.tokens.len()
+        );
+    }
+    Ok(())
+}
+
+/// The checkpoint folder `args` names (a Hub id resolved in the cache).
+fn model_dir(args: &ModelArgs) -> Result<PathBuf, peft_models::ModelError> {
+    peft_models::hub::resolve(&args.model, Some(&args.revision))
 }
 
 fn info(args: &ModelArgs, json: bool) -> CliResult {

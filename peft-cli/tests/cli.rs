@@ -160,3 +160,46 @@ fn quantize_at_load() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("256"));
 }
+
+#[test]
+fn text_chat_and_eval_with_the_checkpoints_tokenizer() {
+    let dir = fixture("llama_with_tokenizer");
+    let model = dir.to_str().unwrap();
+    let adapter = dir.join("adapter");
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    for (flag, key, text) in [("--chat", "chat", "hello robot"), ("--prompt", "prompt", "The robot")] {
+        let report = json_of(&peft(&[
+            "generate",
+            "--model",
+            model,
+            flag,
+            text,
+            "--max-new-tokens",
+            "10",
+            "--ignore-eos",
+            "--json",
+        ]));
+        assert_eq!(report["prompt_ids"], expected[key]["prompt_ids"], "{flag}");
+        assert_eq!(report["generated_ids"], expected[key]["generated_ids_base"], "{flag}");
+        assert_eq!(report["text"], expected[key]["text_base"], "{flag}");
+    }
+    let data = dir.join("eval.jsonl");
+    for (adapted, key) in [(false, "eval_base"), (true, "eval_adapted")] {
+        let mut args = vec!["eval", "--model", model, "--data", data.to_str().unwrap(), "--json"];
+        if adapted {
+            args.extend(["--adapter", adapter.to_str().unwrap()]);
+        }
+        let report = json_of(&peft(&args));
+        assert_eq!(report["tokens"], expected[key]["tokens"]);
+        let loss = report["loss"].as_f64().unwrap();
+        assert!(
+            (loss - expected[key]["loss"].as_f64().unwrap()).abs() < 1e-5,
+            "{key}: {loss}"
+        );
+    }
+    // Text needs a tokenizer: a checkpoint without one says so.
+    let bare = fixture("llama_lora_all_linear");
+    let output = peft(&["generate", "--model", bare.to_str().unwrap(), "--prompt", "hi"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("tokenizer.json not found"));
+}

@@ -102,6 +102,25 @@ pub enum ModelError {
         /// Why.
         reason: String,
     },
+    /// The tokenizer could not read its file, a text or ids, or render its
+    /// chat template.
+    #[error("{}: {message}", path.display())]
+    Tokenizer {
+        /// `tokenizer.json`.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A line of a data file is not what it should be.
+    #[error("{}:{line}: {reason}", path.display())]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A layer cannot be quantized as asked.
     #[error("cannot quantize `{module}`: {reason}")]
     Quantize {

@@ -32,6 +32,8 @@
 //! cache. [`Checkpoint`] opens a folder (`config.json`, `model.safetensors` or
 //! shards with `model.safetensors.index.json`) and checks it;
 //! [`AutoModel`] picks the architecture from `config.json`'s `model_type`.
+//! [`eval`] measures the next-token loss on a jsonl data set.
+//! [`tokenizer`] reads `tokenizer.json` and renders chat templates.
 //! [`rope`] computes rotary embeddings as transformers does.
 //! [`generate`] continues a prompt, greedy or sampled, through the KV cache.
 //! [`nn`] holds the differentiable building blocks the architectures share.
@@ -42,6 +44,7 @@ mod auto;
 mod cache;
 mod checkpoint;
 mod error;
+pub mod eval;
 pub mod gemma2;
 pub mod generate;
 pub mod gpt2;
@@ -53,7 +56,9 @@ pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 pub mod rope;
+pub mod tokenizer;
 
 pub use auto::{AutoModel, SUPPORTED_MODEL_TYPES};
 pub use checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
 pub use error::{ModelError, Result};
+pub use tokenizer::{Message, Tokenizer};
