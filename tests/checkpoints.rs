@@ -120,6 +120,35 @@ fn half_precision_loads_convert_the_weights() -> TestResult {
     Ok(())
 }
 
+/// A checkpoint stored in half precision loads as stored (copied out of the
+/// mapping piece by piece) to exactly the weights an f32 file converted at
+/// load gives.
+#[test]
+fn half_precision_files_load_to_the_converted_weights() -> TestResult {
+    let case = "llama_lora_all_linear";
+    let ids = input_ids(case);
+    for dtype in [DType::F16, DType::BF16] {
+        let dir = copy_of(case, &format!("stored_{dtype:?}"));
+        let weights = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu)?;
+        let stored: HashMap<String, Tensor> = weights
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, tensor.to_dtype(dtype)?)))
+            .collect::<candle_core::Result<_>>()?;
+        candle_core::safetensors::save(&stored, dir.join(WEIGHTS_FILE))?;
+        let from_stored = AutoModel::from_dir(&dir, dtype, &Device::Cpu)?.forward(&ids)?;
+        let converted = AutoModel::from_dir(fixture_path(case), dtype, &Device::Cpu)?.forward(&ids)?;
+        let difference = (from_stored.to_dtype(DType::F32)? - converted.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(difference, 0.0, "{dtype:?}");
+        // And loading the half-precision file as f32 widens it.
+        let widened = AutoModel::from_dir(&dir, DType::F32, &Device::Cpu)?.forward(&ids)?;
+        assert_close("widened", &widened, &fixture_io(case)["logits_base"], 0.05)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn missing_files_are_named() {
     let dir = copy_of("llama_lora_all_linear", "no-config");

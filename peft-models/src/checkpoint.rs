@@ -4,12 +4,16 @@
 //! Opening checks what can be checked before any weight is read: the
 //! config is JSON with a `model_type`, every shard the index names exists
 //! and holds the tensors the index says it holds. Loading memory-maps the
-//! shards, so only the tensors a model asks for are read.
+//! shards, so only the tensors a model asks for are read, and hands the
+//! mapped pages back as they are copied: the peak resident memory of a load
+//! is the weights plus a few MiB, not twice the weights.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -94,12 +98,128 @@ impl Checkpoint {
         // SAFETY: the files are mapped read-only; like every reader of
         // memory-mapped checkpoints (candle, transformers' safetensors), this
         // assumes no one truncates or rewrites them while they are loaded.
-        unsafe { VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }.map_err(|cause| {
-            ModelError::Safetensors {
-                path: self.dir.clone(),
-                message: cause.to_string(),
+        let mapped = unsafe { MmapedSafetensors::multi(&self.weights) }.map_err(|cause| ModelError::Safetensors {
+            path: self.dir.clone(),
+            message: cause.to_string(),
+        })?;
+        Ok(VarBuilder::from_backend(
+            Box::new(ReleasingMmap(mapped)),
+            dtype,
+            device.clone(),
+        ))
+    }
+}
+
+/// Memory-mapped safetensors that give a tensor's pages back to the kernel
+/// as it is copied out. A mapped page a load has read counts in the
+/// process's resident memory until unmapped; without this, loading peaks at
+/// the mapped file plus its copy (measured: 2.0 x the weights of a 174 MiB
+/// checkpoint). A tensor kept in its stored dtype (f32, f16, bf16) is copied
+/// in [`RELEASE_CHUNK`] pieces, each released after its copy, so the peak is
+/// the weights plus one piece; a converted one is released once converted.
+struct ReleasingMmap(MmapedSafetensors);
+
+/// The bytes copied between two releases of mapped pages.
+const RELEASE_CHUNK: usize = 8 << 20;
+
+impl ReleasingMmap {
+    /// Tensor `name` as stored when `dtype` is its stored dtype, else `None`.
+    fn load_as_stored(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Option<Tensor>> {
+        use safetensors::Dtype as Stored;
+        let view = self.0.get(name)?;
+        let shape = view.shape().to_vec();
+        let (data, device) = (view.data(), device.clone());
+        let tensor = match (view.dtype(), dtype) {
+            (Stored::F32, DType::F32) => Tensor::from_vec(copy_releasing(data, f32::from_le_bytes), shape, &device)?,
+            (Stored::F16, DType::F16) => {
+                Tensor::from_vec(copy_releasing(data, half::f16::from_le_bytes), shape, &device)?
             }
-        })
+            (Stored::BF16, DType::BF16) => {
+                Tensor::from_vec(copy_releasing(data, half::bf16::from_le_bytes), shape, &device)?
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(tensor))
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        if let Some(tensor) = self.load_as_stored(name, dtype, device)? {
+            return Ok(tensor);
+        }
+        let tensor = self.0.load(name, device)?.to_dtype(dtype)?;
+        release_pages(self.0.get(name)?.data());
+        Ok(tensor)
+    }
+}
+
+/// Little-endian `bytes` as `T`s, releasing each [`RELEASE_CHUNK`] of the
+/// mapping once copied.
+fn copy_releasing<T, const N: usize>(bytes: &[u8], from_le_bytes: fn([u8; N]) -> T) -> Vec<T> {
+    let mut values = Vec::with_capacity(bytes.len() / N);
+    for chunk in bytes.chunks(RELEASE_CHUNK / N * N) {
+        values.extend(chunk.chunks_exact(N).map(|b| {
+            let mut array = [0u8; N];
+            array.copy_from_slice(b);
+            from_le_bytes(array)
+        }));
+        release_pages(chunk);
+    }
+    values
+}
+
+/// Drops the resident pages wholly inside `data`, a slice of a read-only
+/// private file mapping (the file is unchanged; a later read maps them in
+/// again). Does nothing off Unix.
+fn release_pages(data: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = match usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }) {
+            Ok(page) if page > 0 => page,
+            _ => return,
+        };
+        let start = (data.as_ptr() as usize).div_ceil(page) * page;
+        let end = (data.as_ptr() as usize + data.len()) / page * page;
+        if end > start {
+            // SAFETY: [start, end) lies inside `data`, part of a read-only
+            // private file mapping that stays mapped; MADV_DONTNEED on such
+            // a mapping only drops pages, which later reads fetch again from
+            // the unchanged file, so every view of it keeps its bytes.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = data;
+}
+
+impl SimpleBackend for ReleasingMmap {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.load(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            // The error candle's own backends give, which ModelError reads.
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: shape,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
     }
 }
 

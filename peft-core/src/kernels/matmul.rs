@@ -122,6 +122,11 @@ impl<'a, T: Copy> Matrix<'a, T> {
         Self::checked(data, count, self.cols, self.row_stride, self.col_stride)
     }
 
+    /// Columns `start..start + count` of this matrix.
+    fn cols_from(self, start: usize, count: usize) -> Result<Self> {
+        Ok(self.t().rows_from(start, count)?.t())
+    }
+
     pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
@@ -143,7 +148,10 @@ impl<'a, T: Copy> Matrix<'a, T> {
 /// A product with a result at least [`THIN_DIMENSION`] wide and tall is left
 /// to `gemm`'s own threads. A thin one (the `r`-wide LoRA products, which
 /// `gemm` runs slower on two threads than on one) is split into blocks of
-/// result rows, one `gemm` call per thread.
+/// result rows, one `gemm` call per thread; a short, wide one (decoding a
+/// token: a few rows against a whole weight, which `gemm` runs on one
+/// thread) into blocks of result columns, each thread reading its share of
+/// the weight.
 pub(crate) fn matmul_into<T: WithDType>(
     dst: &mut [T],
     lhs: Matrix<'_, T>,
@@ -161,6 +169,9 @@ pub(crate) fn matmul_into<T: WithDType>(
         };
         return gemm_into(dst, lhs, rhs, scale, accumulate, parallelism);
     }
+    if threads > 1 && m < THIN_DIMENSION && n >= 2 * WIDE_BLOCK && dst.len() == m * n {
+        return matmul_by_columns(dst, lhs, rhs, scale, accumulate, threads);
+    }
     if threads <= 1 || m < 2 * THIN_DIMENSION || n == 0 || dst.len() != m * n {
         return gemm_into(dst, lhs, rhs, scale, accumulate, Parallelism::None);
     }
@@ -171,6 +182,50 @@ pub(crate) fn matmul_into<T: WithDType>(
             let lhs = lhs.rows_from(task * rows_per_task, dst.len() / n)?;
             gemm_into(dst, lhs, rhs, scale, accumulate, Parallelism::None)
         })
+}
+
+/// [`matmul_into`] for a short, wide result: `threads` blocks of columns,
+/// each computed on its own thread into its own buffer, then written (or
+/// added) into `dst`. The copy is `m · n` elements against the `k · n` of
+/// the weight each product reads, so it costs little when `m` is small.
+fn matmul_by_columns<T: WithDType>(
+    dst: &mut [T],
+    lhs: Matrix<'_, T>,
+    rhs: Matrix<'_, T>,
+    scale: T,
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
+    let (m, n) = (lhs.rows, rhs.cols);
+    let cols_per_task = n.div_ceil(threads);
+    let blocks = (0..n.div_ceil(cols_per_task))
+        .into_par_iter()
+        .map(|task| {
+            let start = task * cols_per_task;
+            let count = cols_per_task.min(n - start);
+            let mut block = vec![T::zero(); m * count];
+            gemm_into(
+                &mut block,
+                lhs,
+                rhs.cols_from(start, count)?,
+                scale,
+                false,
+                Parallelism::None,
+            )?;
+            Ok((start, count, block))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (start, count, block) in blocks {
+        for (dst_row, block_row) in dst.chunks_exact_mut(n).zip(block.chunks_exact(count)) {
+            let dst_block = &mut dst_row[start..start + count];
+            if accumulate {
+                dst_block.iter_mut().zip(block_row).for_each(|(d, b)| *d += *b);
+            } else {
+                dst_block.copy_from_slice(block_row);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// [`matmul_into`] with `gemm`'s threads as given: `Parallelism::None` on
@@ -230,5 +285,39 @@ pub(crate) fn gemm_into<T: WithDType>(
     Ok(())
 }
 
+/// A short result at least twice this wide is split by columns in [`matmul_into`].
+const WIDE_BLOCK: usize = 128;
+
 /// A result with fewer rows or columns than this is a thin product for [`matmul_into`].
 const THIN_DIMENSION: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The column-split product equals the plain one, writing and adding,
+    /// with blocks that do not divide the width evenly.
+    #[test]
+    fn split_by_columns_equals_the_plain_product() -> Result<()> {
+        let (m, k, n) = (3, 5, 301);
+        let lhs: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let rhs: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let (lhs, rhs) = (Matrix::row_major(&lhs, m, k), Matrix::row_major(&rhs, k, n));
+        let start: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.01).collect();
+        for accumulate in [false, true] {
+            let mut expected = start.clone();
+            gemm_into(&mut expected, lhs, rhs, 0.5, accumulate, Parallelism::None)?;
+            for threads in [2, 3] {
+                let mut split = start.clone();
+                matmul_by_columns(&mut split, lhs, rhs, 0.5, accumulate, threads)?;
+                for (s, e) in split.iter().zip(&expected) {
+                    assert!(
+                        (s - e).abs() < 1e-5,
+                        "accumulate {accumulate}, {threads} threads: {s} vs {e}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
