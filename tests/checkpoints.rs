@@ -502,3 +502,148 @@ fn quantizing_at_load_keeps_the_logits_within_quantization_error() -> TestResult
     ));
     Ok(())
 }
+
+/// A stand-in for the Hub on 127.0.0.1 serving the files of `remote` as
+/// repository `org/name` at commit `commit`: the file list
+/// (`/api/models/<id>/revision/<rev>`) and `resolve/<rev>/<file>` with the
+/// headers hf-hub reads (`etag`, `x-repo-commit`, `content-range`). Counts
+/// the requests it answers.
+struct FakeHub {
+    endpoint: String,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FakeHub {
+    fn serve(remote: PathBuf, id: &'static str, commit: &'static str) -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let (mut request_line, mut range) = (String::new(), None);
+                reader.read_line(&mut request_line).unwrap();
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).unwrap();
+                    if header.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(value) = header.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (start, end) = value.trim().split_once('-').unwrap();
+                        range = Some((start.parse::<usize>().unwrap(), end.parse::<usize>().ok()));
+                    }
+                }
+                let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let mut files: Vec<String> = std::fs::read_dir(&remote)
+                    .unwrap()
+                    .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                files.sort();
+                let (status, headers, body) = if path == format!("/api/models/{id}/revision/main") {
+                    let siblings: Vec<Value> = files.iter().map(|f| json!({"rfilename": f})).collect();
+                    let body = json!({"siblings": siblings, "sha": commit}).to_string().into_bytes();
+                    ("200 OK", String::new(), body)
+                } else if let Some(file) = path.strip_prefix(&format!("/{id}/resolve/main/")) {
+                    match std::fs::read(remote.join(file)) {
+                        Ok(bytes) => {
+                            let (start, end) = range.unwrap_or((0, None));
+                            let end = end.unwrap_or(bytes.len() - 1).min(bytes.len() - 1);
+                            let headers = format!(
+                                "etag: \"etag-{}\"\r\nx-repo-commit: {commit}\r\ncontent-range: bytes {start}-{end}/{}\r\n",
+                                file.replace('.', "-"),
+                                bytes.len()
+                            );
+                            ("206 Partial Content", headers, bytes[start..=end].to_vec())
+                        }
+                        Err(_) => ("404 Not Found", String::new(), Vec::new()),
+                    }
+                } else {
+                    ("404 Not Found", String::new(), Vec::new())
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&body));
+            }
+        });
+        Self { endpoint, requests }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn hub_ids_missing_from_the_cache_are_downloaded_into_it() -> TestResult {
+    use peft_models::hub::{resolve_with, HubOptions};
+    use peft_models::Tokenizer;
+    let case = "llama_with_tokenizer";
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    // The remote repository: a sharded checkpoint with its tokenizer, and a
+    // pickled file a download must leave alone.
+    let remote = copy_of(case, "hub-remote");
+    shard(&remote);
+    for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+        std::fs::copy(fixture_path(case).join(file), remote.join(file))?;
+    }
+    std::fs::write(remote.join("pytorch_model.bin"), b"not for peft")?;
+    let hub = FakeHub::serve(remote, "tiny-org/tiny-llama", commit);
+    let cache = scratch("checkpoints", "hub-download-cache");
+    let options = HubOptions {
+        cache: cache.clone(),
+        offline: false,
+        endpoint: hub.endpoint.clone(),
+        token: None,
+        progress: false,
+    };
+
+    let snapshot = resolve_with("tiny-org/tiny-llama", None, &options)?;
+    let repo = cache.join("models--tiny-org--tiny-llama");
+    assert_eq!(snapshot, repo.join("snapshots").join(commit));
+    assert_eq!(std::fs::read_to_string(repo.join("refs/main"))?, commit);
+    assert!(!snapshot.join("pytorch_model.bin").exists());
+    let model = AutoModel::from_dir(&snapshot, DType::F32, &Device::Cpu)?;
+    assert_close(
+        "downloaded",
+        &model.forward(&input_ids(case))?,
+        &fixture_io(case)["logits_base"],
+        LOGITS_TOL,
+    )?;
+    assert!(Tokenizer::from_dir(&snapshot)?.has_chat_template());
+
+    // Now in the cache: found there without asking the Hub, also offline.
+    let asked = hub.requests();
+    assert_eq!(resolve_with("tiny-org/tiny-llama", None, &options)?, snapshot);
+    let offline = HubOptions {
+        offline: true,
+        ..options.clone()
+    };
+    assert_eq!(resolve_with("tiny-org/tiny-llama", Some(commit), &offline)?, snapshot);
+    assert_eq!(hub.requests(), asked);
+
+    // Offline and not cached: NotInCache; online and not on the Hub: a
+    // download error naming the id and the cache.
+    assert!(matches!(
+        resolve_with("tiny-org/other", None, &offline),
+        Err(ModelError::NotInCache { .. })
+    ));
+    match resolve_with("tiny-org/other", None, &options) {
+        Err(error @ ModelError::Download(_)) => {
+            let message = error.to_string();
+            assert!(
+                message.contains("tiny-org/other") && message.contains("hub-download-cache"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a download error, got {other:?}"),
+    }
+    Ok(())
+}

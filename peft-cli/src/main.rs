@@ -5,7 +5,7 @@
 //! Errors go to stderr with their cause chain and exit with status 1;
 //! usage errors exit with status 2 (clap's convention, as cargo's).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -15,6 +15,7 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use peft_core::{all_linear, PeftModel};
 use peft_models::generate::{generate, GenerateOptions, Sampling};
+use peft_models::hub::HubOptions;
 use peft_models::tokenizer::{Message, Tokenizer};
 use peft_models::AutoModel;
 use serde_json::json;
@@ -122,9 +123,11 @@ struct GenerateArgs {
 /// Where the model is and how to load it.
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// A checkpoint folder, or a Hub id (org/name) in the local Hugging Face
-    /// cache (HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub;
-    /// peft does not download).
+    /// A checkpoint folder, or a Hub id (org/name): taken from the Hugging
+    /// Face cache (HF_HUB_CACHE, else $HF_HOME/hub, else
+    /// ~/.cache/huggingface/hub) or downloaded into it (safetensors weights
+    /// and tokenizer files; HF_TOKEN for gated models, HF_ENDPOINT for
+    /// another Hub, HF_HUB_OFFLINE=1 for the cache only).
     #[arg(long, value_name = "DIR|ORG/NAME")]
     model: String,
     /// The revision of a Hub id: a branch, a tag or a commit hash.
@@ -344,9 +347,14 @@ fn generate_command(args: &GenerateArgs) -> CliResult {
     Ok(())
 }
 
-/// The checkpoint folder `args` names (a Hub id resolved in the cache).
+/// The checkpoint folder `args` names (a Hub id from the cache, or
+/// downloaded into it, with progress bars when a person is watching).
 fn model_dir(args: &ModelArgs) -> Result<PathBuf, peft_models::ModelError> {
-    peft_models::hub::resolve(&args.model, Some(&args.revision))
+    let options = HubOptions {
+        progress: std::io::stdout().is_terminal(),
+        ..HubOptions::from_env()
+    };
+    peft_models::hub::resolve_with(&args.model, Some(&args.revision), &options)
 }
 
 fn info(args: &ModelArgs, json: bool) -> CliResult {

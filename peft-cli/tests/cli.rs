@@ -132,21 +132,32 @@ fn hub_ids_come_from_the_cache_the_environment_names() {
     for file in ["config.json", "model.safetensors"] {
         std::fs::copy(fixture("llama_lora_all_linear").join(file), snapshot.join(file)).unwrap();
     }
-    let run = |model: &str| {
+    // A Hub that refuses connections: a port just freed.
+    let dead_endpoint = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let run = |model: &str, offline: &str| {
         Command::new(env!("CARGO_BIN_EXE_peft"))
             .args(["info", "--model", model, "--json"])
             .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", offline)
+            .env("HF_ENDPOINT", &dead_endpoint)
             .output()
             .unwrap()
     };
-    assert_eq!(json_of(&run("tiny-org/tiny-llama"))["model_type"], "llama");
-    let missing = run("tiny-org/not-there");
-    assert_eq!(missing.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&missing.stderr);
-    assert!(
-        stderr.contains("tiny-org/not-there") && stderr.contains(cache.to_str().unwrap()),
-        "{stderr}"
-    );
+    assert_eq!(json_of(&run("tiny-org/tiny-llama", "1"))["model_type"], "llama");
+    assert_eq!(json_of(&run("tiny-org/tiny-llama", "0"))["model_type"], "llama");
+    // Not cached: offline says so; online says what it could not download.
+    for (offline, says) in [("1", "offline"), ("0", "could not download")] {
+        let missing = run("tiny-org/not-there", offline);
+        assert_eq!(missing.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&missing.stderr);
+        assert!(
+            stderr.contains("tiny-org/not-there") && stderr.contains(cache.to_str().unwrap()) && stderr.contains(says),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

@@ -251,6 +251,19 @@ struct ShardIndex {
     weight_map: BTreeMap<String, String>,
 }
 
+/// Reads a shard index, naming it in errors.
+fn read_shard_index(index_path: &Path) -> Result<ShardIndex> {
+    serde_json::from_str(&read_text(index_path, "shard index")?).map_err(|cause| ModelError::Json {
+        path: index_path.to_path_buf(),
+        cause,
+    })
+}
+
+/// The shard files a shard index names, each once, in order.
+pub(crate) fn shards_of_index(index_path: &Path) -> Result<BTreeSet<String>> {
+    Ok(read_shard_index(index_path)?.weight_map.into_values().collect())
+}
+
 /// The weight files of the checkpoint in `dir`, the index checked against
 /// the shards' headers.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -265,11 +278,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             what: "model.safetensors (or model.safetensors.index.json)",
         });
     }
-    let index: ShardIndex =
-        serde_json::from_str(&read_text(&index_path, "shard index")?).map_err(|cause| ModelError::Json {
-            path: index_path.clone(),
-            cause,
-        })?;
+    let index = read_shard_index(&index_path)?;
     let mut by_shard: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (key, shard) in &index.weight_map {
         by_shard.entry(shard.as_str()).or_default().push(key.as_str());

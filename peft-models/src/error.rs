@@ -81,11 +81,11 @@ pub enum ModelError {
         /// candle's error (part of the message).
         cause: candle_core::Error,
     },
-    /// A Hub id that is not in the local Hugging Face cache (peft does not
-    /// download).
+    /// A Hub id that is not in the local Hugging Face cache, while offline
+    /// (`HF_HUB_OFFLINE=1`, or a cache-only lookup).
     #[error(
-        "model `{repo}` at revision `{revision}` is not in the Hugging Face cache {}: peft does not download; \
-         fetch it first (huggingface-cli download {repo}) or give a checkpoint folder",
+        "model `{repo}` at revision `{revision}` is not in the Hugging Face cache {} and peft is offline; \
+         unset HF_HUB_OFFLINE to download it, or give a checkpoint folder",
         cache.display()
     )]
     NotInCache {
@@ -96,6 +96,10 @@ pub enum ModelError {
         /// The cache folder looked in.
         cache: PathBuf,
     },
+    /// Downloading a checkpoint from the Hub failed (boxed: it names five
+    /// things).
+    #[error(transparent)]
+    Download(Box<DownloadError>),
     /// Generation was asked for something the model cannot do.
     #[error("cannot generate: {reason}")]
     Generation {
@@ -146,3 +150,24 @@ impl From<peft_core::PeftError> for ModelError {
 
 /// `Result` with [`ModelError`].
 pub type Result<T, E = ModelError> = ::core::result::Result<T, E>;
+
+/// What [`ModelError::Download`] says: which file of which repository could
+/// not be downloaded where, and why.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "could not download {file} of {repo} (revision {revision}) into {}: {message}; \
+     with HF_HUB_OFFLINE=1 peft uses only the cache",
+    cache.display()
+)]
+pub struct DownloadError {
+    /// The Hub id.
+    pub repo: String,
+    /// The revision asked for.
+    pub revision: String,
+    /// The file being fetched (or what was being asked, such as the file list).
+    pub file: String,
+    /// Why, as the client says it.
+    pub message: String,
+    /// The cache folder downloaded into.
+    pub cache: PathBuf,
+}

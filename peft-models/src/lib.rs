@@ -60,5 +60,5 @@ pub mod tokenizer;
 
 pub use auto::{AutoModel, SUPPORTED_MODEL_TYPES};
 pub use checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
-pub use error::{ModelError, Result};
+pub use error::{DownloadError, ModelError, Result};
 pub use tokenizer::{Message, Tokenizer};
