@@ -124,31 +124,27 @@ const RELEASE_CHUNK: usize = 8 << 20;
 
 impl ReleasingMmap {
     /// Tensor `name` as stored when `dtype` is its stored dtype, else `None`.
-    fn load_as_stored(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Option<Tensor>> {
+    /// Tensor `name` in `dtype`: copied piece by piece when `dtype` is its
+    /// stored dtype, else converted by candle and then released.
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        use candle_core::safetensors::Load;
         use safetensors::Dtype as Stored;
         let view = self.0.get(name)?;
-        let shape = view.shape().to_vec();
-        let (data, device) = (view.data(), device.clone());
-        let tensor = match (view.dtype(), dtype) {
-            (Stored::F32, DType::F32) => Tensor::from_vec(copy_releasing(data, f32::from_le_bytes), shape, &device)?,
+        let (data, shape) = (view.data(), view.shape().to_vec());
+        match (view.dtype(), dtype) {
+            (Stored::F32, DType::F32) => Tensor::from_vec(copy_releasing(data, f32::from_le_bytes), shape, device),
             (Stored::F16, DType::F16) => {
-                Tensor::from_vec(copy_releasing(data, half::f16::from_le_bytes), shape, &device)?
+                Tensor::from_vec(copy_releasing(data, half::f16::from_le_bytes), shape, device)
             }
             (Stored::BF16, DType::BF16) => {
-                Tensor::from_vec(copy_releasing(data, half::bf16::from_le_bytes), shape, &device)?
+                Tensor::from_vec(copy_releasing(data, half::bf16::from_le_bytes), shape, device)
             }
-            _ => return Ok(None),
-        };
-        Ok(Some(tensor))
-    }
-
-    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        if let Some(tensor) = self.load_as_stored(name, dtype, device)? {
-            return Ok(tensor);
+            _ => {
+                let tensor = view.load(device)?.to_dtype(dtype)?;
+                release_pages(data);
+                Ok(tensor)
+            }
         }
-        let tensor = self.0.load(name, device)?.to_dtype(dtype)?;
-        release_pages(self.0.get(name)?.data());
-        Ok(tensor)
     }
 }
 

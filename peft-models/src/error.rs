@@ -106,6 +106,13 @@ pub enum ModelError {
         /// Why.
         reason: String,
     },
+    /// A data set could not be evaluated: no line long enough to predict a
+    /// token, or a token the model's vocabulary does not hold.
+    #[error("cannot evaluate: {reason}")]
+    Eval {
+        /// Why.
+        reason: String,
+    },
     /// The tokenizer could not read its file, a text or ids, or render its
     /// chat template.
     #[error("{}: {message}", path.display())]

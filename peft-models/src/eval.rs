@@ -74,7 +74,7 @@ pub fn evaluate(model: &AutoModel, tokenizer: &Tokenizer, texts: &[String]) -> R
         for (position, &target) in ids.iter().skip(1).enumerate() {
             let row = &rows[position];
             let Some(&target_logit) = row.get(target as usize) else {
-                return Err(ModelError::Generation {
+                return Err(ModelError::Eval {
                     reason: format!(
                         "token {target} is outside the model's vocabulary of {}: the tokenizer is another model's",
                         row.len()
@@ -88,7 +88,7 @@ pub fn evaluate(model: &AutoModel, tokenizer: &Tokenizer, texts: &[String]) -> R
         }
     }
     if tokens == 0 {
-        return Err(ModelError::Generation {
+        return Err(ModelError::Eval {
             reason: "no line has two tokens to predict one from".to_owned(),
         });
     }
