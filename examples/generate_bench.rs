@@ -8,6 +8,8 @@
 //! cargo run --release --example generate_bench -- --write /tmp/llama512
 //! # Load time, peak memory, tokens/s of greedy generation at batch 1
 //! cargo run --release --example generate_bench -- --model /tmp/llama512 --new-tokens 128 --threads 2
+//! # The same with the hidden linear layers quantized at load (q8_0, q4_0 or q4k)
+//! cargo run --release --example generate_bench -- --model /tmp/llama512 --threads 2 --quantize q8_0
 //! ```
 //!
 //! Generation reads every weight once per token, so its speed is bounded by
@@ -19,7 +21,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
+use peft_core::PeftModel;
 use peft_models::generate::{generate, GenerateOptions};
 use peft_models::AutoModel;
 
@@ -35,6 +39,7 @@ struct Args {
     new_tokens: usize,
     runs: usize,
     threads: Option<usize>,
+    quantize: Option<GgmlDType>,
 }
 
 fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
@@ -50,6 +55,7 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         new_tokens: 128,
         runs: 3,
         threads: None,
+        quantize: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +72,14 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
             "--new-tokens" => args.new_tokens = value.parse()?,
             "--runs" => args.runs = value.parse()?,
             "--threads" => args.threads = Some(value.parse()?),
+            "--quantize" => {
+                args.quantize = Some(match value.as_str() {
+                    "q8_0" => GgmlDType::Q8_0,
+                    "q4_0" => GgmlDType::Q4_0,
+                    "q4k" => GgmlDType::Q4K,
+                    other => return Err(format!("--quantize {other}: expected q8_0, q4_0 or q4k").into()),
+                })
+            }
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
@@ -166,7 +180,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let rss_before = peak_rss_mib();
     let started = Instant::now();
-    let model = AutoModel::from_dir(dir, DType::F32, &Device::Cpu)?;
+    let mut model = AutoModel::from_dir(dir, DType::F32, &Device::Cpu)?;
+    if let Some(dtype) = args.quantize {
+        model.quantize(dtype)?;
+    }
     let load = started.elapsed();
     let rss_loaded = peak_rss_mib();
     let file_bytes = std::fs::metadata(dir.join("model.safetensors"))?.len() as f64;
@@ -174,11 +191,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let embedding_bytes =
         config["vocab_size"].as_f64().unwrap_or(0.0) * config["hidden_size"].as_f64().unwrap_or(0.0) * 4.0;
-    let bytes_per_token = file_bytes - embedding_bytes;
+    // A quantized layer reads its blocks instead of its f32 weight.
+    let quantized_savings: f64 = model
+        .layers()
+        .iter()
+        .filter_map(|layer| layer.layer.quantized_weight())
+        .map(|weight| (weight.shape().elem_count() * 4 - weight.size_in_bytes()) as f64)
+        .sum();
+    let bytes_per_token = file_bytes - embedding_bytes - quantized_savings;
     println!(
-        "{} ({}): weights {:.1} MiB, {threads} threads",
+        "{} ({}{}): weights {:.1} MiB, {threads} threads",
         dir.display(),
         model.model_type(),
+        args.quantize
+            .map_or(String::new(), |dtype| format!(", hidden layers quantized to {dtype:?}")),
         file_bytes / 1048576.0
     );
     match (rss_before, rss_loaded) {

@@ -293,24 +293,27 @@ fn an_adapter_for_another_architecture_is_refused() {
 
 #[test]
 fn the_kv_cache_gives_the_logits_of_the_whole_sequence() -> TestResult {
-    let case = "llama_lora_all_linear";
-    let mut model = AutoModel::from_dir(fixture_path(case), DType::F32, &Device::Cpu)?;
-    model.load_adapter(fixture_path(case).join("adapter"), "default")?;
-    let ids: Vec<u32> = input_ids(case).i(0)?.to_vec1()?;
-    let whole = model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
-    // Three tokens, then one at a time.
-    let mut cache = peft_models::llama::KvCache::default();
-    let mut steps = vec![model.forward_step(
-        &Tensor::new(&ids[..3], &Device::Cpu)?.unsqueeze(0)?,
-        &ids[..3],
-        &mut cache,
-    )?];
-    for i in 3..ids.len() {
-        let new = Tensor::new(&ids[i..=i], &Device::Cpu)?.unsqueeze(0)?;
-        steps.push(model.forward_step(&new, &ids[..=i], &mut cache)?);
+    for case in ["llama_lora_all_linear", "gpt2_lora_conv1d"] {
+        let mut model = AutoModel::from_dir(fixture_path(case), DType::F32, &Device::Cpu)?;
+        model.load_adapter(fixture_path(case).join("adapter"), "default")?;
+        let ids: Vec<u32> = input_ids(case).i(0)?.to_vec1()?;
+        let whole = model.forward(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?;
+        // Three tokens, then one at a time.
+        let mut cache = peft_models::llama::KvCache::default();
+        let mut steps =
+            vec![model.forward_with_cache(&Tensor::new(&ids[..3], &Device::Cpu)?.unsqueeze(0)?, &mut cache)?];
+        for i in 3..ids.len() {
+            let new = Tensor::new(&ids[i..=i], &Device::Cpu)?.unsqueeze(0)?;
+            steps.push(model.forward_with_cache(&new, &mut cache)?);
+        }
+        assert_eq!(cache.seen(), ids.len());
+        assert_close(
+            &format!("cached ({case})"),
+            &Tensor::cat(&steps, 1)?,
+            &whole,
+            LOGITS_TOL,
+        )?;
     }
-    assert_eq!(cache.seen(), ids.len());
-    assert_close("cached", &Tensor::cat(&steps, 1)?, &whole, LOGITS_TOL)?;
     Ok(())
 }
 

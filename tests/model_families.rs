@@ -49,11 +49,11 @@ fn check_step_logits(model: &AutoModel, io: &HashMap<String, Tensor>, which: &st
     let mut cache = KvCache::default();
     let mut steps = Vec::new();
     let mut input = generated[..prompt_len].to_vec();
-    for i in prompt_len..generated.len() {
+    for &next in &generated[prompt_len..] {
         let ids = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward_step(&ids, &generated[..i], &mut cache)?;
+        let logits = model.forward_with_cache(&ids, &mut cache)?;
         steps.push(logits.i((.., logits.dim(1)? - 1..))?);
-        input = vec![generated[i]];
+        input = vec![next];
     }
     assert_close(
         &format!("step logits ({which})"),

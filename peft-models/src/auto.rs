@@ -163,11 +163,10 @@ impl AutoModel {
         }
     }
 
-    /// Logits for the new tokens `new_ids` `[1, t]` of `sequence` (every
-    /// token so far, the new ones last), through `cache` where the
-    /// architecture has one (the Llama family); GPT-2 recomputes
-    /// `sequence` whole.
-    pub fn forward_step(&self, new_ids: &Tensor, sequence: &[u32], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    /// Logits for the token ids `new_ids` `[batch, t]` that follow the
+    /// positions `cache` holds; their keys and values are added to it.
+    /// Start each sequence with `KvCache::default()`.
+    pub fn forward_with_cache(&self, new_ids: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         match self {
             AutoModel::Llama(model)
             | AutoModel::Mistral(model)
@@ -175,7 +174,7 @@ impl AutoModel {
             | AutoModel::Qwen2(model)
             | AutoModel::Qwen3(model) => model.forward_with_cache(new_ids, cache),
             AutoModel::Gemma2(model) => model.forward_with_cache(new_ids, cache),
-            AutoModel::Gpt2(model) => model.forward(&Tensor::new(sequence, new_ids.device())?.unsqueeze(0)?),
+            AutoModel::Gpt2(model) => model.forward_with_cache(new_ids, cache),
         }
     }
 

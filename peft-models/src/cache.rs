@@ -3,8 +3,8 @@
 use candle_core::{Result, Tensor};
 
 /// The keys and values of the positions a decoder has seen, layer by layer,
-/// for generating one token at a time (`forward_with_cache` of the Llama
-/// family and Gemma 2). Start with `KvCache::default()` for each new
+/// for generating one token at a time (`forward_with_cache` of every
+/// architecture). Start with `KvCache::default()` for each new
 /// sequence.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {

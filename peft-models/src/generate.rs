@@ -110,7 +110,6 @@ pub fn generate(
     let device = Device::Cpu;
     let mut rng = StdRng::seed_from_u64(options.sampling.seed);
     let mut cache = KvCache::default();
-    let mut sequence = prompt.to_vec();
     let mut generated = Generated {
         tokens: Vec::new(),
         stopped: false,
@@ -118,12 +117,11 @@ pub fn generate(
     let mut input = prompt.to_vec();
     while generated.tokens.len() < options.max_new_tokens {
         let ids = Tensor::new(input.as_slice(), &device)?.unsqueeze(0)?;
-        let logits = model.forward_step(&ids, &sequence, &mut cache)?;
+        let logits = model.forward_with_cache(&ids, &mut cache)?;
         let last = logits.i((0, logits.dim(1)? - 1))?;
         let token = next_token(&last, &options.sampling, &mut rng)?;
         on_token(token);
         generated.tokens.push(token);
-        sequence.push(token);
         if options.stop_tokens.contains(&token) {
             generated.stopped = true;
             break;

@@ -43,8 +43,9 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use peft_core::prelude::*;
 use serde::Deserialize;
 
+use crate::cache::{KvCache, LayerCache};
 use crate::error::ModelError;
-use crate::nn::{causal_mask, layer_norm, masked_attention, merge_heads, split_heads};
+use crate::nn::{causal_mask_after, layer_norm, masked_attention, merge_heads};
 
 /// The fields of transformers' GPT-2 `config.json` this model uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -153,12 +154,21 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let n = x.dim(D::Minus1)?;
+    /// `cache` holds the keys and values of the positions before `x`'s
+    /// (none without a cache); the new ones are appended to it.
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let (b, t, n) = x.dims3()?;
         let head_dim = n / self.n_head;
         let qkv = self.c_attn.forward(x)?;
-        let heads = |i: usize| split_heads(&qkv.narrow(D::Minus1, i * n, n)?, self.n_head, head_dim);
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        // `[batch, t, heads, head_dim]`, the cache's layout.
+        let part = |i: usize| qkv.narrow(D::Minus1, i * n, n)?.reshape((b, t, self.n_head, head_dim));
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(cache) => cache.append(k, v)?,
+        };
+        let heads = |x: Tensor| x.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
         let mut scores = q.matmul(&k.t()?)?;
         if self.scale {
             scores = (scores / (head_dim as f64).sqrt())?;
@@ -194,8 +204,8 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, eps: f64, mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&layer_norm(&self.ln_1, eps, x)?, mask)?)?;
+    fn forward(&self, x: &Tensor, eps: f64, mask: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&layer_norm(&self.ln_1, eps, x)?, mask, cache)?)?;
         &x + self.mlp.forward(&layer_norm(&self.ln_2, eps, &x)?)?
     }
 }
@@ -237,7 +247,6 @@ impl Gpt2LmHeadModel {
         })
     }
 
-    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32 or i64).
     /// The positions of the learned position table (`n_positions`).
     pub fn max_positions(&self) -> usize {
         self.n_positions
@@ -245,13 +254,38 @@ impl Gpt2LmHeadModel {
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.run(input_ids, None)
+    }
+
+    /// Logits for token ids `[batch, t]` that follow the positions `cache`
+    /// holds; their keys and values are added to it.
+    pub fn forward_with_cache(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.run(input_ids, Some(cache))
+    }
+
+    fn run(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let eps = self.layer_norm_epsilon;
-        let mask = causal_mask(t, input_ids.device())?;
-        let positions = self.transformer.wpe.embeddings().narrow(0, 0, t)?;
+        let seen = cache.as_ref().map_or(0, |cache| cache.seen());
+        if seen + t > self.n_positions {
+            candle_core::bail!(
+                "positions {seen}..{} are past GPT-2's {} learned positions",
+                seen + t,
+                self.n_positions
+            );
+        }
+        let mask = causal_mask_after(seen, t, input_ids.device())?;
+        let positions = self.transformer.wpe.embeddings().narrow(0, seen, t)?;
         let mut x = self.transformer.wte.forward(input_ids)?.broadcast_add(&positions)?;
-        for block in &self.transformer.h {
-            x = block.forward(&x, eps, &mask)?;
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.resize(self.transformer.h.len());
+        }
+        for (i, block) in self.transformer.h.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|cache| cache.layer(i));
+            x = block.forward(&x, eps, &mask, layer_cache)?;
+        }
+        if let Some(cache) = cache {
+            cache.advance(t);
         }
         self.lm_head.forward(&layer_norm(&self.transformer.ln_f, eps, &x)?)
     }

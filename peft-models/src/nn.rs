@@ -11,15 +11,29 @@ use candle_core::{Device, Result, Tensor};
 /// The additive causal mask `[t, t]`: 0 where key `j <= i`, `-inf` above the
 /// diagonal. Broadcasts over `[batch, heads, t, t]` attention scores.
 pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t * t)
-        .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 })
+    causal_mask_after(0, t, device)
+}
+
+/// The additive causal mask `[t, seen + t]` of `t` new positions that follow
+/// `seen` cached ones: new position `i` sees keys `j <= seen + i`.
+pub fn causal_mask_after(seen: usize, t: usize, device: &Device) -> Result<Tensor> {
+    let keys = seen + t;
+    let mask: Vec<f32> = (0..t * keys)
+        .map(|n| {
+            if n % keys > seen + n / keys {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
         .collect();
-    Tensor::from_vec(mask, (t, t), device)
+    Tensor::from_vec(mask, (t, keys), device)
 }
 
 /// `softmax(scores + mask) @ v` over the last dimension, differentiably.
 ///
-/// `scores` is `[batch, heads, t, t]` (already scaled), `v` `[batch, heads, t, head_dim]`.
+/// `scores` is `[batch, heads, t, keys]` (already scaled), `mask` `[t, keys]`,
+/// `v` `[batch, heads, keys, head_dim]`.
 pub fn masked_attention(scores: &Tensor, mask: &Tensor, v: &Tensor) -> Result<Tensor> {
     let probs = peft_core::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
     probs.matmul(v)
