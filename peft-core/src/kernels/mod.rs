@@ -5,3 +5,4 @@
 pub mod fused;
 pub(crate) mod matmul;
 pub mod ops;
+pub mod random;

@@ -174,7 +174,7 @@ impl AdapterConfig for Ia3Config {
         let l = if self.init_ia3_weights {
             Var::ones(shape, dtype, &device)?
         } else {
-            Var::randn_f64(0.0, 1.0, shape, dtype, &device)?
+            crate::kernels::random::normal_var(0.0, 1.0, shape, dtype, &device)?
         };
         Ok(Box::new(Ia3Adapter::new(l, feedforward)?))
     }

@@ -81,7 +81,7 @@ impl Adapter for LoraConvAdapter {
 
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor> {
         let x = if cx.training() && self.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.dropout)?
+            crate::kernels::random::dropout(x, self.dropout)?
         } else {
             x.clone()
         };

@@ -55,7 +55,7 @@ impl LoraAdapter {
     /// `dropout(x)` when `training` and the probability is positive, else `x`.
     pub(crate) fn dropout_input(&self, x: &Tensor, training: bool) -> CandleResult<Tensor> {
         if training && self.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.dropout)
+            crate::kernels::random::dropout(x, self.dropout)
         } else {
             Ok(x.clone())
         }

@@ -148,13 +148,13 @@ impl LoraConfig {
     ) -> CandleResult<(Var, Var)> {
         let uniform = |fan_in: usize, shape: (usize, usize)| {
             let bound = 1.0 / (fan_in as f64).sqrt();
-            Var::rand_f64(-bound, bound, shape, dtype, device)
+            crate::kernels::random::uniform_var(-bound, bound, shape, dtype, device)
         };
         let zeros = || Var::zeros((out_features, r), dtype, device);
         Ok(match self.init_lora_weights {
             LoraInit::Default => (uniform(in_features, (r, in_features))?, zeros()?),
             LoraInit::Gaussian => (
-                Var::randn_f64(0.0, 1.0 / r as f64, (r, in_features), dtype, device)?,
+                crate::kernels::random::normal_var(0.0, 1.0 / r as f64, (r, in_features), dtype, device)?,
                 zeros()?,
             ),
             LoraInit::Random => (uniform(in_features, (r, in_features))?, uniform(r, (out_features, r))?),
@@ -174,10 +174,10 @@ impl LoraConfig {
         }
         let (vocab, dim, dtype, device) = (layer.in_features(), layer.out_features(), layer.dtype(), layer.device());
         let a = match self.init_lora_weights {
-            LoraInit::Random => Var::randn_f64(0.0, 1.0, (r, vocab), dtype, &device)?,
+            LoraInit::Random => crate::kernels::random::normal_var(0.0, 1.0, (r, vocab), dtype, &device)?,
             LoraInit::Default | LoraInit::Gaussian => Var::zeros((r, vocab), dtype, &device)?,
         };
-        let b = Var::randn_f64(0.0, 1.0, (dim, r), dtype, &device)?;
+        let b = crate::kernels::random::normal_var(0.0, 1.0, (dim, r), dtype, &device)?;
         Ok(Box::new(LoraEmbeddingAdapter::new(
             a,
             b,
@@ -213,13 +213,13 @@ impl LoraConfig {
         b_shape.extend(std::iter::repeat_n(1, kernel.len() - 2));
         let uniform = |fan_in: usize, shape: &[usize]| {
             let bound = 1.0 / (fan_in as f64).sqrt();
-            Var::rand_f64(-bound, bound, shape, dtype, &device)
+            crate::kernels::random::uniform_var(-bound, bound, shape, dtype, &device)
         };
         let fan_in = kernel[1..].iter().product::<usize>();
         let (a, b) = match self.init_lora_weights {
             LoraInit::Default => (uniform(fan_in, &a_shape)?, Var::zeros(b_shape, dtype, &device)?),
             LoraInit::Gaussian => (
-                Var::randn_f64(0.0, 1.0 / r as f64, a_shape, dtype, &device)?,
+                crate::kernels::random::normal_var(0.0, 1.0 / r as f64, a_shape, dtype, &device)?,
                 Var::zeros(b_shape, dtype, &device)?,
             ),
             LoraInit::Random => (uniform(fan_in, &a_shape)?, uniform(r, &b_shape)?),

@@ -22,7 +22,7 @@ use crate::targets::Targets;
 /// `fan_in` being the second dimension.
 pub(crate) fn kaiming_uniform(shape: (usize, usize), dtype: DType, device: &Device) -> CandleResult<Var> {
     let bound = 1.0 / (shape.1 as f64).sqrt();
-    Var::rand_f64(-bound, bound, shape, dtype, device)
+    crate::kernels::random::uniform_var(-bound, bound, shape, dtype, device)
 }
 
 /// PEFT's two training-time dropouts of a LyCORIS adapter: `module`
@@ -64,7 +64,7 @@ fn module_dropped(module_dropout: f32) -> CandleResult<bool> {
     if module_dropout <= 0.0 {
         return Ok(false);
     }
-    let draw = Tensor::rand(0f32, 1f32, 1, &Device::Cpu)?.to_vec1::<f32>()?[0];
+    let draw = crate::kernels::random::uniform(0.0, 1.0, 1, DType::F32, &Device::Cpu)?.to_vec1::<f32>()?[0];
     Ok(draw <= module_dropout)
 }
 
@@ -73,7 +73,7 @@ fn module_dropped(module_dropout: f32) -> CandleResult<bool> {
 /// dropped the mask is all zeros (PEFT would divide by zero and give NaN).
 fn rank_dropout_mask(delta: &Tensor, p: f32, rescale: bool) -> CandleResult<Tensor> {
     let out = delta.dims()[0];
-    let keep = Tensor::rand(0f32, 1f32, (out, 1), delta.device())?
+    let keep = crate::kernels::random::uniform(0.0, 1.0, (out, 1), DType::F32, delta.device())?
         .gt(f64::from(p))?
         .to_dtype(DType::F32)?;
     let mask = if rescale {
