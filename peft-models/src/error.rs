@@ -132,6 +132,21 @@ pub enum ModelError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Training settings that cannot work together, or a run that cannot go on.
+    #[error("cannot train: {reason}")]
+    Train {
+        /// Why.
+        reason: String,
+    },
+    /// A checkpoint to resume from is missing a file, is damaged, or was
+    /// made with other settings.
+    #[error("cannot resume from {}: {reason}", path.display())]
+    Resume {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A layer cannot be quantized as asked.
     #[error("cannot quantize `{module}`: {reason}")]
     Quantize {

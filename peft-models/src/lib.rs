@@ -57,6 +57,7 @@ pub mod qwen2;
 pub mod qwen3;
 pub mod rope;
 pub mod tokenizer;
+pub mod train;
 
 pub use auto::{AutoModel, SUPPORTED_MODEL_TYPES};
 pub use checkpoint::{Checkpoint, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};

@@ -65,7 +65,9 @@ fn seeded_draws(count: usize, mut draw: impl FnMut(&mut StdRng) -> f32) -> Optio
 }
 
 fn tensor_from(values: Vec<f32>, shape: Shape, dtype: DType, device: &Device) -> Result<Tensor> {
-    Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+    Tensor::from_vec(values, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
 }
 
 /// A tensor of U(`lo`, `hi`) draws.
