@@ -20,6 +20,8 @@ use peft_models::tokenizer::{Message, Tokenizer};
 use peft_models::AutoModel;
 use serde_json::json;
 
+mod train;
+
 /// Hugging Face checkpoints with PEFT adapters, no Python.
 ///
 /// A model is a checkpoint folder as transformers saves it: config.json and
@@ -53,6 +55,15 @@ enum Command {
     /// Example: peft generate --model tests/fixtures/llama_lora_all_linear
     ///          --adapter tests/fixtures/llama_lora_all_linear/adapter --prompt-ids 1,17,33,8
     Generate(Box<GenerateArgs>),
+    /// Train an adapter on a jsonl data set; the output folder is a PEFT
+    /// adapter folder (peft generate --adapter, PeftModel.from_pretrained).
+    ///
+    /// Example: peft train --model tests/fixtures/llama_with_tokenizer
+    ///          --data tests/fixtures/train_data --steps 50 --out /tmp/adapter
+    ///
+    /// Ctrl-C finishes the step, writes OUT/checkpoint-STEP/ and exits;
+    /// --resume OUT/checkpoint-STEP continues exactly.
+    Train(Box<train::TrainArgs>),
     /// The next-token loss and perplexity on a jsonl file of {"text": ...}
     /// lines, each tokenized alone with the tokenizer's special tokens.
     ///
@@ -220,6 +231,7 @@ fn run(command: Command) -> CliResult {
     match command {
         Command::Info { model: args, json } => info(&args, json),
         Command::Generate(args) => generate_command(&args),
+        Command::Train(args) => train::train_command(*args),
         Command::Eval {
             model: args,
             adapter,

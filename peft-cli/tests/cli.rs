@@ -214,3 +214,235 @@ fn text_chat_and_eval_with_the_checkpoints_tokenizer() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("tokenizer.json not found"));
 }
+
+/// A fresh folder under the target dir for one test's outputs.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The last line of stdout, as JSON.
+fn last_json_line(output: &Output) -> Value {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        "12",
+        "--batch-size",
+        "3",
+        "--learning-rate",
+        "1e-3",
+        "--save-every",
+        "6",
+        "--dropout",
+        "0.05",
+        "--json",
+    ]
+}
+
+#[test]
+fn train_writes_an_adapter_that_generate_and_eval_load_and_resumes_exactly() {
+    let model = fixture("llama_with_tokenizer");
+    let data = fixture("train_data");
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let out = scratch("train_straight");
+    let done = last_json_line(&peft(&train_args(model, data, out.to_str().unwrap())));
+    assert_eq!(done["event"], "done");
+    assert_eq!(done["steps"], 12);
+    assert_eq!(done["interrupted"], false);
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "train_args.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    let adapter = out.to_str().unwrap();
+    let generated = json_of(&peft(&[
+        "generate",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--chat",
+        "Say hello.",
+        "--max-new-tokens",
+        "4",
+        "--ignore-eos",
+        "--json",
+    ]));
+    assert_eq!(generated["generated_ids"].as_array().unwrap().len(), 4);
+    let eval = fixture("llama_with_tokenizer").join("eval.jsonl");
+    let evaluated = json_of(&peft(&[
+        "eval",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--data",
+        eval.to_str().unwrap(),
+        "--json",
+    ]));
+    assert!(evaluated["loss"].as_f64().unwrap().is_finite());
+
+    // Resumed from step 6 into another folder: the same final bytes.
+    let resumed = scratch("train_resumed");
+    let checkpoint = out.join("checkpoint-6");
+    let mut args = train_args(model, data, resumed.to_str().unwrap());
+    args.extend(["--resume", checkpoint.to_str().unwrap()]);
+    assert_eq!(last_json_line(&peft(&args))["steps"], 12);
+    let bytes = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(bytes(&out), bytes(&resumed));
+
+    // Other settings are refused, naming the one that differs.
+    let mut args = train_args(model, data, resumed.to_str().unwrap());
+    args.extend(["--resume", checkpoint.to_str().unwrap(), "--seed", "3"]);
+    let refused = peft(&args);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("cannot resume") && stderr.contains("`seed`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn train_reads_a_config_file_under_the_flags_and_names_bad_input() {
+    let model = fixture("llama_with_tokenizer");
+    let data = fixture("train_data");
+    let out = scratch("train_config");
+    let config = out.join("config.yaml");
+    std::fs::write(
+        &config,
+        "steps: 3\nlearning_rate: 0.5\nbatch-size: 2\nkind: loha\nrank: 2\n",
+    )
+    .unwrap();
+    let done = last_json_line(&peft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--learning-rate",
+        "0.01",
+        "--json",
+    ]));
+    assert_eq!(done["steps"], 3);
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(out.join("train_args.json")).unwrap()).unwrap();
+    assert_eq!(recorded["learning-rate"], 0.01); // the flag wins
+    assert_eq!(recorded["batch-size"], 2); // the file fills in
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["peft_type"], "LOHA");
+
+    // A key that is no flag.
+    std::fs::write(&config, "stepz: 3\n").unwrap();
+    let output = peft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("config.yaml") && stderr.contains("stepz"), "{stderr}");
+
+    // A bad data line: file and line.
+    let bad = scratch("train_bad_data");
+    std::fs::write(
+        bad.join("train.jsonl"),
+        "{\"text\": \"fine\"}\n{\"prompt\": \"q\", \"completion\": \"\"}\n",
+    )
+    .unwrap();
+    let output = peft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("train.jsonl:2: `completion` is empty"), "{stderr}");
+    assert!(!bad.join("adapter_model.safetensors").exists());
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_finishes_the_step_and_writes_a_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let model = fixture("llama_with_tokenizer");
+    let data = fixture("train_data");
+    let out = scratch("train_interrupted");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_peft"))
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1000000",
+            "--log-every",
+            "1",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Wait for a step, then interrupt.
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "step");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<Value> = lines
+        .map(|line| serde_json::from_str(&line.unwrap()).unwrap())
+        .collect();
+    assert!(child.wait().unwrap().success());
+    let done = rest.last().unwrap();
+    assert_eq!(done["event"], "done");
+    assert_eq!(done["interrupted"], true);
+    let steps = done["steps"].as_u64().unwrap();
+    let checkpoint = out.join(format!("checkpoint-{steps}"));
+    assert_eq!(done["adapter"], checkpoint.to_str().unwrap());
+    for file in [
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(checkpoint.join(file).is_file(), "{file}");
+    }
+}

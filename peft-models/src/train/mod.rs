@@ -548,6 +548,20 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     }
 }
 
+/// The step a checkpoint folder was written after (its `trainer_state.json`).
+pub fn checkpoint_step(dir: &Path) -> Result<usize> {
+    Ok(read_state(dir)?.step)
+}
+
+fn read_state(dir: &Path) -> Result<TrainerState> {
+    let bad = |reason: String| ModelError::Resume {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(dir.join(STATE_FILE)).map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| bad(format!("{STATE_FILE}: {e}")))
+}
+
 /// Writes `OUT/checkpoint-STEP/` (adapter, optimizer moments, state) into a
 /// hidden folder first and renames it into place, so an interrupted write
 /// never leaves a half checkpoint under a checkpoint's name.
@@ -587,9 +601,7 @@ fn read_checkpoint<M: Adaptable>(
         path: dir.to_path_buf(),
         reason,
     };
-    let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
+    let state = read_state(dir)?;
     if let Some(difference) = config.differing_field(&state.config) {
         return Err(bad(format!(
             "the checkpoint was made with other settings: {difference}"
