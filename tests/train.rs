@@ -337,3 +337,18 @@ fn resuming_with_other_settings_is_refused_and_changes_nothing() -> TestResult {
     assert_eq!(model.adapter_names(), vec!["default".to_owned()]);
     Ok(())
 }
+
+/// `train_data/trained_{lora,dora}` were written by `peft train`;
+/// `peft_logits.safetensors` holds Python PEFT's logits with them
+/// (`train_data/check_in_peft.py`).
+#[test]
+fn python_peft_gives_the_logits_of_adapters_peft_train_wrote() -> TestResult {
+    let expected = candle_core::safetensors::load(data_path("peft_logits.safetensors"), &Device::Cpu)?;
+    let ids = expected["input_ids"].to_dtype(DType::U32)?;
+    for name in ["trained_lora", "trained_dora"] {
+        let mut model = AutoModel::from_dir(fixture_path(MODEL), DType::F32, &Device::Cpu)?;
+        model.load_adapter(data_path(name), "default")?;
+        support::assert_close(name, &model.forward(&ids)?, &expected[&format!("logits_{name}")], 1e-4)?;
+    }
+    Ok(())
+}
