@@ -9,7 +9,7 @@
 //! ```
 //!
 //! `--tuned yes` (the default) applies the two runtime settings of
-//! [`tune_runtime`]; `--tuned no` measures with glibc's and candle's defaults.
+//! `peft_models::train::tune_runtime`; `--tuned no` measures with glibc's and candle's defaults.
 //!
 //! Prints tokens/s of the forward pass (base, LoRA unmerged, LoRA merged) and
 //! of a training step (forward, backward, AdamW on the adapters), the time of
@@ -38,7 +38,7 @@ struct Args {
     steps: usize,
     threads: Option<usize>,
     dtype: DType,
-    /// Runtime settings for training on the CPU (see [`tune_runtime`]).
+    /// Runtime settings for training on the CPU (`peft_models::train::tune_runtime`).
     tuned: bool,
 }
 
@@ -178,44 +178,10 @@ fn time_and_heap<T>(f: impl FnOnce() -> T) -> (T, Duration, f64) {
     (out, elapsed, rise as f64 / MIB)
 }
 
-/// The two runtime settings docs/PERFORMANCE.md recommends for training on
-/// the CPU; each gains 10 to 25% on a training step here:
-///
-/// - glibc's malloc returns freed memory above 128 KiB to the kernel, so every
-///   activation-sized tensor is page-faulted in again; raising the mmap and
-///   trim thresholds keeps it (the same as `GLIBC_TUNABLES=
-///   glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824`);
-/// - candle's element-wise thread pool spins 25,000 times after each op before
-///   it sleeps, on a core `gemm`'s threads need next;
-///   `CANDLE_BARRIER_POOL_SPIN_LIMIT=50` makes it sleep almost at once.
-///
-/// Returns what it set, for the report.
-fn tune_runtime() -> String {
-    let mut set = Vec::new();
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only changes glibc's thresholds; called before any
-        // other thread exists.
-        let ok = unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30) == 1
-        };
-        if ok {
-            set.push("glibc malloc keeps freed memory".to_owned());
-        }
-    }
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "50");
-    }
-    if let Ok(spin) = std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT") {
-        set.push(format!("CANDLE_BARRIER_POOL_SPIN_LIMIT={spin}"));
-    }
-    set.join(", ")
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let runtime = if args.tuned {
-        tune_runtime()
+        peft_models::train::tune_runtime().join(", ")
     } else {
         "defaults".to_owned()
     };

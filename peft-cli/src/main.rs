@@ -203,6 +203,10 @@ type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Train(_)) {
+        // Before any thread exists: glibc's malloc and candle's pool settings.
+        peft_models::train::tune_runtime();
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

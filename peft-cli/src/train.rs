@@ -477,7 +477,8 @@ pub fn train_command(args: TrainArgs) -> CliResult {
     if args.json {
         let summary = json!({"event": "done", "steps": report.steps, "interrupted": report.interrupted,
             "loss": report.last_loss, "val_loss": report.last_eval.map(|e| e.val_loss),
-            "adapter": report.adapter_dir});
+            "adapter": report.adapter_dir, "compute_seconds": report.compute_seconds,
+            "overhead_seconds": report.overhead_seconds});
         writeln!(out, "{summary}")?;
     } else if report.interrupted {
         writeln!(

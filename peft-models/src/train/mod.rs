@@ -25,6 +25,9 @@
 
 pub mod data;
 pub mod optim;
+mod runtime;
+
+pub use runtime::tune_runtime;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -258,6 +261,13 @@ pub struct TrainReport {
     /// Where the adapter was written: the output folder, or the checkpoint
     /// of an interrupted run.
     pub adapter_dir: PathBuf,
+    /// Seconds in the model's forward and backward passes, clipping and
+    /// the optimizer (this run's steps).
+    pub compute_seconds: f64,
+    /// Seconds of the trainer's own work besides that in the same steps:
+    /// batching, metrics, the observer (evaluation and checkpoints, which
+    /// the settings ask for, are not counted).
+    pub overhead_seconds: f64,
 }
 
 /// A training run's inputs besides the model.
@@ -337,12 +347,15 @@ where
         last_loss: None,
         last_eval: None,
         adapter_dir: run.out.to_path_buf(),
+        compute_seconds: 0.0,
+        overhead_seconds: 0.0,
     };
     model.set_training(true);
     let outcome = (|| -> Result<()> {
         while state.step < total_steps {
             let step_started = Instant::now();
             let batches = next_batches(run.train, &mut state, &device)?;
+            let compute_started = Instant::now();
             let learning_rate =
                 config
                     .schedule
@@ -352,6 +365,7 @@ where
             let grad_norm = clip_grad_norm(&vars, &mut grads, config.max_grad_norm)?;
             optimizer.set_learning_rate(learning_rate);
             optimizer.step(&grads)?;
+            let compute = compute_started.elapsed().as_secs_f64();
             state.step += 1;
             let tokens: usize = batches.iter().map(|b| b.tokens).sum();
             state.tokens += tokens;
@@ -369,6 +383,8 @@ where
             report.last_loss = Some(loss);
             metrics.write(&step_metrics)?;
             observer.on_step(&step_metrics);
+            report.compute_seconds += compute;
+            report.overhead_seconds += step_started.elapsed().as_secs_f64() - compute;
             let last = state.step == total_steps;
             if let Some(valid) = run.valid {
                 if last || config.eval_every.is_some_and(|every| state.step.is_multiple_of(every)) {

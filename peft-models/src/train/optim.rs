@@ -174,14 +174,13 @@ impl Schedule {
 /// `max_norm`, every gradient is scaled by `max_norm / (norm + 1e-6)`, as
 /// PyTorch's `clip_grad_norm_`. Returns the norm before clipping.
 pub fn clip_grad_norm(vars: &[(String, Var)], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+    // Summed here in f64 rather than by tensor ops: one read of each
+    // gradient instead of four small ops (and thread wake-ups) per tensor.
     let mut sum = 0f64;
     for (_, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            sum += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+            let values = g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+            sum += values.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
         }
     }
     let norm = sum.sqrt();
