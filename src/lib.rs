@@ -45,3 +45,7 @@ pub struct GuideModels;
 #[doc = include_str!("../docs/guide/architecture.md")]
 #[cfg(doctest)]
 pub struct GuideArchitecture;
+
+#[doc = include_str!("../docs/guide/train.md")]
+#[cfg(doctest)]
+pub struct GuideTrain;

@@ -46,7 +46,7 @@ pub struct TrainArgs {
 }
 
 /// The flags a `--config` file may also set. `None` (or `false`) means not
-/// given; [`TrainOptions::resolve`] fills in the defaults.
+/// given; `train_config` and `add_adapter` fill in the defaults.
 #[derive(clap::Args, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct TrainOptions {
