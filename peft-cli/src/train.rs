@@ -37,6 +37,11 @@ pub struct TrainArgs {
     /// settings (the result is the same bytes as a run never stopped).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Go on training this PEFT adapter folder (any kind peft loads)
+    /// instead of a fresh one; the adapter flags (--kind, --rank, ...) then
+    /// do not apply.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kind", "rank", "alpha", "dropout", "targets", "exclude", "rslora"])]
+    pub adapter: Option<PathBuf>,
     /// Print one JSON object per step, evaluation and checkpoint, and a
     /// summary, instead of text.
     #[arg(long)]
@@ -422,7 +427,10 @@ pub fn train_command(args: TrainArgs) -> CliResult {
     let valid_set = valid_path
         .map(|path| read_data(&path, &tokenizer, &data_options))
         .transpose()?;
-    options.add_adapter(&mut model, &args.model.model)?;
+    match &args.adapter {
+        Some(adapter) => model.load_adapter(adapter, peft_models::train::ADAPTER)?,
+        None => options.add_adapter(&mut model, &args.model.model)?,
+    }
     let config = options.train_config();
     let total = config.total_steps(&train_set);
     if !args.json {
@@ -430,7 +438,10 @@ pub fn train_command(args: TrainArgs) -> CliResult {
             "{} ({}): {} on {} layers, {}",
             args.model.model,
             model.model_type(),
-            format!("{:?}", options.kind()).to_lowercase(),
+            match &args.adapter {
+                Some(dir) => format!("the adapter in {}", dir.display()),
+                None => format!("{:?}", options.kind()).to_lowercase(),
+            },
             model.adapted_modules().len(),
             model.num_parameters()
         );

@@ -446,3 +446,63 @@ fn ctrl_c_finishes_the_step_and_writes_a_checkpoint() {
         assert!(checkpoint.join(file).is_file(), "{file}");
     }
 }
+
+#[test]
+fn train_goes_on_from_a_peft_adapter_over_a_quantized_base() {
+    let model = fixture("llama_with_tokenizer");
+    let adapter = model.join("adapter");
+    let data = fixture("train_data");
+    let out = scratch("train_qlora_from_adapter");
+    let done = last_json_line(&peft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--quantize",
+        "q4_0",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--learning-rate",
+        "1e-2",
+        "--json",
+    ]));
+    assert_eq!(done["steps"], 3);
+    let config = |dir: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(config(&out)["r"], config(&adapter)["r"]);
+    let targets = |dir: &Path| {
+        let mut names: Vec<String> = config(dir)["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|name| name.as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(targets(&out), targets(&adapter)); // PEFT wrote a set, in any order
+    let bytes = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_ne!(bytes(&out), bytes(&adapter), "the adapter trained");
+
+    // Adapter flags do not go with --adapter: a usage error.
+    let output = peft(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--rank",
+        "3",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+}

@@ -179,7 +179,10 @@ impl TrainConfig {
         a.iter()
             .filter(|(key, _)| !matches!(key.as_str(), "eval_every" | "save_every"))
             .find(|(key, value)| b.get(*key) != Some(value))
-            .map(|(key, value)| format!("`{key}` is {value} here and {} in the checkpoint", b[key]))
+            .map(|(key, value)| {
+                let theirs = b.get(key).unwrap_or(&serde_json::Value::Null);
+                format!("`{key}` is {value} here and {theirs} in the checkpoint")
+            })
     }
 }
 
