@@ -52,6 +52,12 @@ fn write_lines(name: &str, lines: &[&str]) -> PathBuf {
     path
 }
 
+/// The tokens of `example` the loss predicts.
+fn predicted_ids(example: &peft_models::train::data::Example) -> Vec<u32> {
+    let pairs = example.ids.iter().zip(&example.predicted);
+    pairs.filter(|(_, &p)| p).map(|(&id, _)| id).collect()
+}
+
 #[test]
 fn each_format_predicts_what_mask_prompt_says() -> TestResult {
     let tokenizer = tokenizer();
@@ -71,26 +77,15 @@ fn each_format_predicts_what_mask_prompt_says() -> TestResult {
     // A prompt and completion: through the chat template; with the mask,
     // exactly the assistant's content and its end tag.
     let completion = &masked.examples()[2];
-    let assistant: Vec<u32> = completion
-        .ids
-        .iter()
-        .zip(&completion.predicted)
-        .filter(|(_, &p)| p)
-        .map(|(&id, _)| id)
-        .collect();
-    assert_eq!(tokenizer.decode(&assistant, false)?, "The news.<|im_end|>\n");
+    assert_eq!(
+        tokenizer.decode(&predicted_ids(completion), false)?,
+        "The news.<|im_end|>\n"
+    );
     // Two assistant turns: both, and nothing between them.
     let chat = &masked.examples()[5];
     assert!(chat.ids.len() < 128, "{} tokens: cut", chat.ids.len());
-    let predicted: Vec<u32> = chat
-        .ids
-        .iter()
-        .zip(&chat.predicted)
-        .filter(|(_, &p)| p)
-        .map(|(&id, _)| id)
-        .collect();
     assert_eq!(
-        tokenizer.decode(&predicted, false)?,
+        tokenizer.decode(&predicted_ids(chat), false)?,
         "Open doors.<|im_end|>\nBrr.<|im_end|>\n"
     );
     // Cut to max_seq_len, the second turn is gone.

@@ -230,36 +230,45 @@ fn last_json_line(output: &Output) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
-fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec![
-        "train",
-        "--model",
-        model,
-        "--data",
-        data,
-        "--out",
-        out,
-        "--steps",
-        "12",
-        "--batch-size",
-        "3",
-        "--learning-rate",
-        "1e-3",
-        "--save-every",
-        "6",
-        "--dropout",
-        "0.05",
-        "--json",
-    ]
+/// `peft train` on the tiny Llama with a tokenizer, `data` and `out`, then `extra`.
+fn train_command(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let model = fixture("llama_with_tokenizer");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_peft"));
+    command.args(["train", "--model", model.to_str().unwrap()]);
+    command.args(["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    command.args(extra);
+    command
+}
+
+fn peft_train(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    train_command(data, out, extra).output().unwrap()
+}
+
+/// The settings of the resume test's runs.
+const TWELVE_STEPS: &[&str] = &[
+    "--steps",
+    "12",
+    "--batch-size",
+    "3",
+    "--learning-rate",
+    "1e-3",
+    "--save-every",
+    "6",
+    "--dropout",
+    "0.05",
+    "--json",
+];
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]
 fn train_writes_an_adapter_that_generate_and_eval_load_and_resumes_exactly() {
     let model = fixture("llama_with_tokenizer");
     let data = fixture("train_data");
-    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
     let out = scratch("train_straight");
-    let done = last_json_line(&peft(&train_args(model, data, out.to_str().unwrap())));
+    let done = last_json_line(&peft_train(&data, &out, TWELVE_STEPS));
     assert_eq!(done["event"], "done");
     assert_eq!(done["steps"], 12);
     assert_eq!(done["interrupted"], false);
@@ -271,7 +280,7 @@ fn train_writes_an_adapter_that_generate_and_eval_load_and_resumes_exactly() {
     ] {
         assert!(out.join(file).is_file(), "{file}");
     }
-    let adapter = out.to_str().unwrap();
+    let (model, adapter) = (model.to_str().unwrap(), out.to_str().unwrap());
     let generated = json_of(&peft(&[
         "generate",
         "--model",
@@ -302,16 +311,13 @@ fn train_writes_an_adapter_that_generate_and_eval_load_and_resumes_exactly() {
     // Resumed from step 6 into another folder: the same final bytes.
     let resumed = scratch("train_resumed");
     let checkpoint = out.join("checkpoint-6");
-    let mut args = train_args(model, data, resumed.to_str().unwrap());
-    args.extend(["--resume", checkpoint.to_str().unwrap()]);
-    assert_eq!(last_json_line(&peft(&args))["steps"], 12);
+    let resume = [TWELVE_STEPS, &["--resume", checkpoint.to_str().unwrap()]].concat();
+    assert_eq!(last_json_line(&peft_train(&data, &resumed, &resume))["steps"], 12);
     let bytes = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
     assert_eq!(bytes(&out), bytes(&resumed));
 
     // Other settings are refused, naming the one that differs.
-    let mut args = train_args(model, data, resumed.to_str().unwrap());
-    args.extend(["--resume", checkpoint.to_str().unwrap(), "--seed", "3"]);
-    let refused = peft(&args);
+    let refused = peft_train(&data, &resumed, &[resume.as_slice(), &["--seed", "3"]].concat());
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -322,7 +328,6 @@ fn train_writes_an_adapter_that_generate_and_eval_load_and_resumes_exactly() {
 
 #[test]
 fn train_reads_a_config_file_under_the_flags_and_names_bad_input() {
-    let model = fixture("llama_with_tokenizer");
     let data = fixture("train_data");
     let out = scratch("train_config");
     let config = out.join("config.yaml");
@@ -331,61 +336,30 @@ fn train_reads_a_config_file_under_the_flags_and_names_bad_input() {
         "steps: 3\nlearning_rate: 0.5\nbatch-size: 2\nkind: loha\nrank: 2\n",
     )
     .unwrap();
-    let done = last_json_line(&peft(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--learning-rate",
-        "0.01",
-        "--json",
-    ]));
+    let config_flag = ["--config", config.to_str().unwrap()];
+    let done = last_json_line(&peft_train(
+        &data,
+        &out,
+        &[&config_flag[..], &["--learning-rate", "0.01", "--json"]].concat(),
+    ));
     assert_eq!(done["steps"], 3);
-    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(out.join("train_args.json")).unwrap()).unwrap();
+    let recorded = read_json(&out.join("train_args.json"));
     assert_eq!(recorded["learning-rate"], 0.01); // the flag wins
     assert_eq!(recorded["batch-size"], 2); // the file fills in
-    let saved: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
-    assert_eq!(saved["peft_type"], "LOHA");
+    assert_eq!(read_json(&out.join("adapter_config.json"))["peft_type"], "LOHA");
 
     // A key that is no flag.
     std::fs::write(&config, "stepz: 3\n").unwrap();
-    let output = peft(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let output = peft_train(&data, &out, &config_flag);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("config.yaml") && stderr.contains("stepz"), "{stderr}");
 
     // A bad data line: file and line.
     let bad = scratch("train_bad_data");
-    std::fs::write(
-        bad.join("train.jsonl"),
-        "{\"text\": \"fine\"}\n{\"prompt\": \"q\", \"completion\": \"\"}\n",
-    )
-    .unwrap();
-    let output = peft(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        bad.to_str().unwrap(),
-        "--out",
-        bad.to_str().unwrap(),
-    ]);
+    let lines = "{\"text\": \"fine\"}\n{\"prompt\": \"q\", \"completion\": \"\"}\n";
+    std::fs::write(bad.join("train.jsonl"), lines).unwrap();
+    let output = peft_train(&bad, &bad, &[]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("train.jsonl:2: `completion` is empty"), "{stderr}");
@@ -397,28 +371,16 @@ fn train_reads_a_config_file_under_the_flags_and_names_bad_input() {
 fn ctrl_c_finishes_the_step_and_writes_a_checkpoint() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let model = fixture("llama_with_tokenizer");
-    let data = fixture("train_data");
     let out = scratch("train_interrupted");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_peft"))
-        .args([
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--steps",
-            "1000000",
-            "--log-every",
-            "1",
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = train_command(
+        &fixture("train_data"),
+        &out,
+        &["--steps", "1000000", "--log-every", "1", "--json"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     // Wait for a step, then interrupt.
     let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
@@ -449,60 +411,39 @@ fn ctrl_c_finishes_the_step_and_writes_a_checkpoint() {
 
 #[test]
 fn train_goes_on_from_a_peft_adapter_over_a_quantized_base() {
-    let model = fixture("llama_with_tokenizer");
-    let adapter = model.join("adapter");
+    let adapter = fixture("llama_with_tokenizer").join("adapter");
     let data = fixture("train_data");
     let out = scratch("train_qlora_from_adapter");
-    let done = last_json_line(&peft(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
+    let from_adapter = ["--adapter", adapter.to_str().unwrap()];
+    let extra = [
         "--quantize",
         "q4_0",
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
         "--steps",
         "3",
         "--learning-rate",
         "1e-2",
         "--json",
-    ]));
+    ];
+    let done = last_json_line(&peft_train(&data, &out, &[&from_adapter[..], &extra].concat()));
     assert_eq!(done["steps"], 3);
-    let config = |dir: &Path| -> Value {
-        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap()
-    };
+    let config = |dir: &Path| read_json(&dir.join("adapter_config.json"));
     assert_eq!(config(&out)["r"], config(&adapter)["r"]);
     let targets = |dir: &Path| {
-        let mut names: Vec<String> = config(dir)["target_modules"]
+        let config = config(dir);
+        let mut names: Vec<&str> = config["target_modules"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|name| name.as_str().unwrap().to_owned())
+            .map(|n| n.as_str().unwrap())
             .collect();
         names.sort();
-        names
+        names.join(",")
     };
     assert_eq!(targets(&out), targets(&adapter)); // PEFT wrote a set, in any order
     let bytes = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
     assert_ne!(bytes(&out), bytes(&adapter), "the adapter trained");
 
     // Adapter flags do not go with --adapter: a usage error.
-    let output = peft(&[
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--rank",
-        "3",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let output = peft_train(&data, &out, &[&from_adapter[..], &["--rank", "3"]].concat());
     assert_eq!(output.status.code(), Some(2));
 }

@@ -228,7 +228,9 @@ pub(crate) fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
-fn read_text(path: &Path, what: &'static str) -> Result<String> {
+/// The text of `path`; a missing file is [`ModelError::MissingFile`] saying
+/// `what` it is.
+pub(crate) fn read_text(path: &Path, what: &'static str) -> Result<String> {
     std::fs::read_to_string(path).map_err(|cause| match cause.kind() {
         std::io::ErrorKind::NotFound => ModelError::MissingFile {
             path: path.to_path_buf(),

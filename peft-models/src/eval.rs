@@ -30,16 +30,7 @@ pub struct EvalReport {
 /// The `text` of every line of a jsonl file. A bad line is an error naming
 /// the file and the line (1-based): not JSON, no `text`, `text` not a string.
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {
-    let content = std::fs::read_to_string(path).map_err(|cause| match cause.kind() {
-        std::io::ErrorKind::NotFound => ModelError::MissingFile {
-            path: path.to_path_buf(),
-            what: "data file",
-        },
-        _ => ModelError::Io {
-            path: path.to_path_buf(),
-            cause,
-        },
-    })?;
+    let content = crate::checkpoint::read_text(path, "data file")?;
     let mut texts = Vec::new();
     for (number, line) in content.lines().enumerate() {
         if line.trim().is_empty() {

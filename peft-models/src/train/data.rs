@@ -89,16 +89,7 @@ impl Dataset {
     /// or non-string field, an empty completion, a conversation the chat
     /// template rejects, an example with nothing to predict.
     pub fn from_jsonl(path: &Path, tokenizer: &Tokenizer, options: &DataOptions) -> Result<Self> {
-        let content = std::fs::read_to_string(path).map_err(|cause| match cause.kind() {
-            std::io::ErrorKind::NotFound => ModelError::MissingFile {
-                path: path.to_path_buf(),
-                what: "data file",
-            },
-            _ => ModelError::Io {
-                path: path.to_path_buf(),
-                cause,
-            },
-        })?;
+        let content = crate::checkpoint::read_text(path, "data file")?;
         if options.max_seq_len < 2 {
             return Err(ModelError::Data {
                 path: path.to_path_buf(),
