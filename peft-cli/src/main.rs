@@ -20,6 +20,7 @@ use peft_models::tokenizer::{Message, Tokenizer};
 use peft_models::AutoModel;
 use serde_json::json;
 
+mod merge;
 mod train;
 
 /// Hugging Face checkpoints with PEFT adapters, no Python.
@@ -64,6 +65,13 @@ enum Command {
     /// Ctrl-C finishes the step, writes OUT/checkpoint-STEP/ and exits;
     /// --resume OUT/checkpoint-STEP continues exactly.
     Train(Box<train::TrainArgs>),
+    /// Merge adapters into a checkpoint and write a transformers-loadable
+    /// folder (the same shards and index), tensor by tensor: any
+    /// architecture, every kind PEFT's merge_and_unload merges.
+    ///
+    /// Example: peft merge --model tests/fixtures/merge_cases/llama
+    ///          --adapter tests/fixtures/merge_cases/lora/adapter --out /tmp/merged
+    Merge(Box<merge::MergeArgs>),
     /// The next-token loss and perplexity on a jsonl file of {"text": ...}
     /// lines, each tokenized alone with the tokenizer's special tokens.
     ///
@@ -236,6 +244,7 @@ fn run(command: Command) -> CliResult {
         Command::Info { model: args, json } => info(&args, json),
         Command::Generate(args) => generate_command(&args),
         Command::Train(args) => train::train_command(*args),
+        Command::Merge(args) => merge::merge_command(*args),
         Command::Eval {
             model: args,
             adapter,

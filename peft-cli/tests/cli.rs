@@ -447,3 +447,66 @@ fn train_goes_on_from_a_peft_adapter_over_a_quantized_base() {
     let output = peft_train(&data, &out, &[&from_adapter[..], &["--rank", "3"]].concat());
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn merge_writes_a_checkpoint_folder_and_refuses_to_overwrite_one() {
+    let cases = fixture("merge_cases");
+    let out = scratch("merge").join("merged");
+    let (model, adapter) = (cases.join("llama"), cases.join("lora/adapter"));
+    let args = [
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ];
+    let report = json_of(&peft(&args));
+    assert_eq!(report["shards"], 3);
+    assert_eq!(report["merged_modules"].as_array().unwrap().len(), 14);
+    let again = peft(&args);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert!(peft(&[&args[..], &["--force"]].concat()).status.success());
+    // Two weights for one adapter: refused.
+    let output = peft(&[&args[..], &["--force", "--weights", "0.5,0.5"]].concat());
+    assert_eq!(output.status.code(), Some(1));
+}
+
+/// The disk fills up part way (a file size limit on the child): no output
+/// folder appears, complete-looking or not.
+#[cfg(unix)]
+#[test]
+fn a_merge_that_fails_part_way_leaves_no_output_folder() {
+    let cases = fixture("merge_cases");
+    let dir = scratch("merge_disk_full");
+    let out = dir.join("merged");
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            "trap '' XFSZ; ulimit -f 30; exec \"$@\"",
+            "sh",
+            env!("CARGO_BIN_EXE_peft"),
+            "merge",
+        ])
+        .args(["--model", cases.join("llama").to_str().unwrap()])
+        .args([
+            "--adapter",
+            cases.join("lora/adapter").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!status.status.success(), "the limit did not bite");
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(stderr.contains("error:"), "{stderr}");
+    assert!(!out.exists());
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -105,7 +105,10 @@ pub use layer::{
     Composition, Conv1d, Conv2d, ConvGeometry, Embedding, ForwardContext, Layer, LayerKind, LayerWeights, Linear,
     QuantizedWeight,
 };
-pub use model::{adapter_dir, check_adapter_name, LayerMut, LayerRef, ParameterCount, PeftModel, DEFAULT_ADAPTER};
+pub use model::{
+    adapter_dir, check_adapter_name, BaseModule, LayerMut, LayerRef, ParameterCount, PeftModel, StandaloneAdapter,
+    DEFAULT_ADAPTER,
+};
 pub use path::ModulePath;
 pub use targets::{all_linear, layer_index, modules, name_matches, regex, Targets};
 

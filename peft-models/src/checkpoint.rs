@@ -95,15 +95,8 @@ impl Checkpoint {
     /// The weights, memory-mapped, converted to `dtype` on `device` as a
     /// model asks for them.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        // SAFETY: the files are mapped read-only; like every reader of
-        // memory-mapped checkpoints (candle, transformers' safetensors), this
-        // assumes no one truncates or rewrites them while they are loaded.
-        let mapped = unsafe { MmapedSafetensors::multi(&self.weights) }.map_err(|cause| ModelError::Safetensors {
-            path: self.dir.clone(),
-            message: cause.to_string(),
-        })?;
         Ok(VarBuilder::from_backend(
-            Box::new(ReleasingMmap(mapped)),
+            Box::new(ReleasingMmap::open(&self.dir, &self.weights)?),
             dtype,
             device.clone(),
         ))
@@ -117,16 +110,50 @@ impl Checkpoint {
 /// checkpoint). A tensor kept in its stored dtype (f32, f16, bf16) is copied
 /// in [`RELEASE_CHUNK`] pieces, each released after its copy, so the peak is
 /// the weights plus one piece; a converted one is released once converted.
-struct ReleasingMmap(MmapedSafetensors);
+pub(crate) struct ReleasingMmap(MmapedSafetensors);
 
 /// The bytes copied between two releases of mapped pages.
 const RELEASE_CHUNK: usize = 8 << 20;
 
 impl ReleasingMmap {
+    /// Maps `files` (one checkpoint's weight files), naming `dir` in errors.
+    pub(crate) fn open(dir: &Path, files: &[PathBuf]) -> Result<Self> {
+        // SAFETY: the files are mapped read-only; like every reader of
+        // memory-mapped checkpoints (candle, transformers' safetensors), this
+        // assumes no one truncates or rewrites them while they are loaded.
+        let mapped = unsafe { MmapedSafetensors::multi(files) }.map_err(|cause| ModelError::Safetensors {
+            path: dir.to_path_buf(),
+            message: cause.to_string(),
+        })?;
+        Ok(Self(mapped))
+    }
+
+    /// Whether a tensor `name` is there.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+
+    /// Tensor `name`'s bytes as stored, its mapped pages handed back.
+    pub(crate) fn raw(&self, name: &str) -> candle_core::Result<Vec<u8>> {
+        let view = self.0.get(name)?;
+        let bytes = view.data().to_vec();
+        release_pages(view.data());
+        Ok(bytes)
+    }
+
+    /// Every tensor's name, stored dtype and shape.
+    pub(crate) fn headers(&self) -> Vec<(String, safetensors::Dtype, Vec<usize>)> {
+        self.0
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, view.dtype(), view.shape().to_vec()))
+            .collect()
+    }
+
     /// Tensor `name` as stored when `dtype` is its stored dtype, else `None`.
     /// Tensor `name` in `dtype`: copied piece by piece when `dtype` is its
     /// stored dtype, else converted by candle and then released.
-    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    pub(crate) fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         use candle_core::safetensors::Load;
         use safetensors::Dtype as Stored;
         let view = self.0.get(name)?;
@@ -264,7 +291,7 @@ pub(crate) fn shards_of_index(index_path: &Path) -> Result<BTreeSet<String>> {
 
 /// The weight files of the checkpoint in `dir`, the index checked against
 /// the shards' headers.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join(WEIGHTS_FILE);
     if single.is_file() {
         return Ok(vec![single]);

@@ -147,6 +147,26 @@ pub enum ModelError {
         /// What is wrong.
         reason: String,
     },
+    /// An adapter does not fit the checkpoint it is merged into.
+    #[error("{}: {reason}", adapter.display())]
+    AdapterMismatch {
+        /// The adapter folder.
+        adapter: PathBuf,
+        /// What does not fit (the module, the tensor key, the shapes).
+        reason: String,
+    },
+    /// A merge that cannot be done as asked.
+    #[error("cannot merge: {reason}")]
+    Merge {
+        /// Why.
+        reason: String,
+    },
+    /// The output folder or file exists (pass `force` to replace it).
+    #[error("{} exists; choose another output or pass --force to replace it", path.display())]
+    OutputExists {
+        /// The output path.
+        path: PathBuf,
+    },
     /// A layer cannot be quantized as asked.
     #[error("cannot quantize `{module}`: {reason}")]
     Quantize {

@@ -50,6 +50,7 @@ pub mod generate;
 pub mod gpt2;
 pub mod hub;
 pub mod llama;
+pub mod merge;
 pub mod mistral;
 pub mod nn;
 pub mod phi3;

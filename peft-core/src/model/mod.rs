@@ -13,6 +13,7 @@
 mod attach;
 mod count;
 mod merge;
+mod standalone;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -21,6 +22,7 @@ use candle_core::Var;
 
 pub use attach::{adapter_dir, check_adapter_name};
 pub use count::ParameterCount;
+pub use standalone::{BaseModule, StandaloneAdapter};
 
 use crate::adaptable::{Adaptable, Role, Visitor, VisitorMut};
 use crate::error::{InModule, PeftError, Result};
