@@ -49,3 +49,7 @@ pub struct GuideArchitecture;
 #[doc = include_str!("../docs/guide/train.md")]
 #[cfg(doctest)]
 pub struct GuideTrain;
+
+#[doc = include_str!("../docs/guide/merge.md")]
+#[cfg(doctest)]
+pub struct GuideMerge;

@@ -133,12 +133,10 @@ impl ReleasingMmap {
         self.0.contains_tensor(name)
     }
 
-    /// Tensor `name`'s bytes as stored, its mapped pages handed back.
-    pub(crate) fn raw(&self, name: &str) -> candle_core::Result<Vec<u8>> {
-        let view = self.0.get(name)?;
-        let bytes = view.data().to_vec();
-        release_pages(view.data());
-        Ok(bytes)
+    /// Tensor `name`'s bytes as stored, in the mapping (hand the pages
+    /// back with [`release_pages`] once read).
+    pub(crate) fn stored_bytes(&self, name: &str) -> candle_core::Result<&[u8]> {
+        Ok(self.0.get(name)?.data())
     }
 
     /// Every tensor's name, stored dtype and shape.
@@ -193,7 +191,21 @@ fn copy_releasing<T, const N: usize>(bytes: &[u8], from_le_bytes: fn([u8; N]) ->
 /// Drops the resident pages wholly inside `data`, a slice of a read-only
 /// private file mapping (the file is unchanged; a later read maps them in
 /// again). Does nothing off Unix.
-fn release_pages(data: &[u8]) {
+/// Hands memory the allocator holds free back to the kernel. glibc raises
+/// its mmap threshold to the size of the largest block freed (up to 32
+/// MiB), so after a merge frees a weight-sized block, later ones come from
+/// the heap and stay resident once freed; a merge calls this after each
+/// merged tensor so that its peak stays about one tensor. Does nothing
+/// elsewhere than glibc.
+pub(crate) fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+pub(crate) fn release_pages(data: &[u8]) {
     #[cfg(unix)]
     {
         // SAFETY: sysconf has no preconditions.

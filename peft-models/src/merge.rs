@@ -16,7 +16,7 @@
 //! complete, and the input is only read.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use peft_core::{BaseModule, StandaloneAdapter};
 use serde_json::Value;
 
-use crate::checkpoint::{weight_files, ReleasingMmap, INDEX_FILE};
+use crate::checkpoint::{release_freed_memory, release_pages, weight_files, ReleasingMmap, INDEX_FILE};
 use crate::error::{ModelError, Result};
 
 /// An adapter to merge, with the factor its change is scaled by.
@@ -149,6 +149,7 @@ pub fn merge_checkpoint(
             let mapped = ReleasingMmap::open(model_dir, std::slice::from_ref(file))?;
             let target = partial.join(file.file_name().unwrap_or_default());
             let failure = RefCell::new(None);
+            let borrowed = Cell::new(None);
             let progress = RefCell::new((&mut *on_progress, done));
             let on_written = || {
                 let mut progress = progress.borrow_mut();
@@ -170,6 +171,7 @@ pub fn merge_checkpoint(
                         adapters,
                         dtype: options.dtype,
                         failure: &failure,
+                        borrowed: &borrowed,
                         on_written: &on_written,
                     };
                     (entry.name.clone(), view)
@@ -177,6 +179,9 @@ pub fn merge_checkpoint(
                 .collect();
             let metadata = Some(HashMap::from([("format".to_owned(), "pt".to_owned())]));
             let written = safetensors::serialize_to_file(views, metadata, &target);
+            if let Some(last) = borrowed.take() {
+                release_pages(last);
+            }
             if let Some(error) = failure.into_inner() {
                 return Err(error);
             }
@@ -211,6 +216,96 @@ pub fn merge_checkpoint(
             let _ = std::fs::remove_dir_all(&partial);
             Err(error)
         }
+    }
+}
+
+/// A candle [`VarBuilder`] over the checkpoint in `model_dir` that merges
+/// `adapters` into each weight as it is fetched (`M.weight` for every
+/// module `M` an adapter addresses; everything else as stored), in `dtype`
+/// on `device`. Any model that loads through a `VarBuilder`, such as
+/// candle-transformers' whose layers cannot be derived on, then runs with
+/// the adapters merged and no model code of ours. The adapters' modules are
+/// checked against the checkpoint's tensor names first.
+///
+/// ```no_run
+/// use candle_core::{DType, Device};
+/// use peft_models::merge::{merged_var_builder, WeightedAdapter};
+///
+/// let adapters = vec![WeightedAdapter::read("my-adapter", 1.0)?];
+/// let vb = merged_var_builder("my-llama".as_ref(), adapters, DType::F32, &Device::Cpu)?;
+/// // let model = candle_transformers::models::llama::Llama::load(vb, &config)?;
+/// # Ok::<(), peft_models::ModelError>(())
+/// ```
+pub fn merged_var_builder(
+    model_dir: &Path,
+    adapters: Vec<WeightedAdapter>,
+    dtype: DType,
+    device: &Device,
+) -> Result<candle_nn::VarBuilder<'static>> {
+    let files = weight_files(model_dir)?;
+    let mapped = ReleasingMmap::open(model_dir, &files)?;
+    let headers = mapped.headers();
+    let entries: Vec<Entry> = headers
+        .into_iter()
+        .map(|(name, stored, shape)| Entry { name, stored, shape })
+        .collect();
+    let names: HashMap<&str, &Entry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    for adapter in &adapters {
+        check_adapter(adapter, &names)?;
+    }
+    Ok(candle_nn::VarBuilder::from_backend(
+        Box::new(MergingBackend { mapped, adapters }),
+        dtype,
+        device.clone(),
+    ))
+}
+
+/// The backend of [`merged_var_builder`].
+struct MergingBackend {
+    mapped: ReleasingMmap,
+    adapters: Vec<WeightedAdapter>,
+}
+
+impl MergingBackend {
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let mut tensor = self.mapped.load(name, dtype, &Device::Cpu)?;
+        if let Some(module) = name.strip_suffix(".weight") {
+            for weighted in self.adapters.iter().filter(|w| w.adapter.adapts(module)) {
+                tensor = merge_one(weighted, module, tensor, &self.mapped)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            }
+        }
+        tensor.to_device(device)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for MergingBackend {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.load(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: shape,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.mapped.contains(name)
     }
 }
 
@@ -423,15 +518,25 @@ struct LazyTensor<'a> {
     adapters: &'a [WeightedAdapter],
     dtype: Option<DType>,
     failure: &'a RefCell<Option<ModelError>>,
+    /// The mapped bytes handed to the writer last: their pages are handed
+    /// back when the writer asks for the next tensor (it has written them).
+    borrowed: &'a Cell<Option<&'a [u8]>>,
     on_written: &'a dyn Fn(),
 }
 
-impl LazyTensor<'_> {
-    fn bytes(&self) -> Result<Vec<u8>> {
+impl<'a> LazyTensor<'a> {
+    /// The bytes to write: the mapped ones themselves for a tensor written
+    /// as stored (no copy), else the merged or converted tensor's.
+    fn bytes(&self) -> Result<Cow<'a, [u8]>> {
         let entry = self.entry;
-        let Some(stored) = candle_dtype(entry.stored) else {
-            // Integer and other tensors are copied as they are.
-            return Ok(self.mapped.raw(&entry.name)?);
+        let adapted = entry
+            .name
+            .strip_suffix(".weight")
+            .is_some_and(|module| self.adapters.iter().any(|w| w.adapter.adapts(module)));
+        let Some(stored) = candle_dtype(entry.stored).filter(|_| adapted || self.dtype.is_some()) else {
+            let bytes = self.mapped.stored_bytes(&entry.name)?;
+            self.borrowed.set(Some(bytes));
+            return Ok(Cow::Borrowed(bytes));
         };
         let mut tensor = self.mapped.load(&entry.name, stored, &Device::Cpu)?;
         if let Some(module) = entry.name.strip_suffix(".weight") {
@@ -440,7 +545,10 @@ impl LazyTensor<'_> {
             }
         }
         let out = candle_dtype(output_dtype(entry.stored, self.dtype)).unwrap_or(stored);
-        tensor_bytes(&tensor.to_dtype(out)?)
+        let bytes = tensor_bytes(&tensor.to_dtype(out)?)?;
+        drop(tensor);
+        release_freed_memory();
+        Ok(Cow::Owned(bytes))
     }
 }
 
@@ -514,6 +622,9 @@ impl safetensors::View for LazyTensor<'_> {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
+        if let Some(written) = self.borrowed.take() {
+            release_pages(written);
+        }
         let len = self.data_len();
         if self.failure.borrow().is_some() {
             return Cow::Owned(vec![0; len]);
@@ -526,15 +637,15 @@ impl safetensors::View for LazyTensor<'_> {
                     self.entry.name,
                     bytes.len()
                 )));
-                vec![0; len]
+                Cow::Owned(vec![0; len])
             }
             Err(error) => {
                 *self.failure.borrow_mut() = Some(error);
-                vec![0; len]
+                Cow::Owned(vec![0; len])
             }
         };
         (self.on_written)();
-        Cow::Owned(bytes)
+        bytes
     }
 
     fn data_len(&self) -> usize {

@@ -13,7 +13,10 @@ use crate::targets::Targets;
 /// [`LoraConfig`](crate::LoraConfig) implements it; other adapter kinds do the
 /// same, and [`PeftModel::add_adapter`](crate::PeftModel::add_adapter) accepts
 /// any of them.
-pub trait AdapterConfig {
+///
+/// Configs are plain data, `Send + Sync`, so a read adapter can be shared
+/// by threads (a candle `VarBuilder` backend merging it must be).
+pub trait AdapterConfig: Send + Sync {
     /// PEFT's name for the kind (`"LORA"`).
     fn peft_type(&self) -> &'static str;
 

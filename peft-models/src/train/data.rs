@@ -244,14 +244,16 @@ impl Batch {
     }
 }
 
+/// Why a line is bad: a message, or the tokenizer's error (boxed: it is
+/// large, and rare).
 enum LineError {
     Bad(String),
-    Model(ModelError),
+    Model(Box<ModelError>),
 }
 
 impl From<ModelError> for LineError {
     fn from(e: ModelError) -> Self {
-        LineError::Model(e)
+        LineError::Model(Box::new(e))
     }
 }
 
