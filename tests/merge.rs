@@ -240,3 +240,19 @@ fn bad_input_is_refused_before_anything_is_written() -> TestResult {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     Ok(())
 }
+
+/// An output that cannot be written (a path under a file: CI runs as root,
+/// for whom a read-only folder is writable): an error naming it, nothing
+/// left behind.
+#[test]
+fn an_output_that_cannot_be_written_is_named() -> TestResult {
+    let dir = scratch("merge", "unwritable");
+    let blocker = dir.join("a-file");
+    std::fs::write(&blocker, "not a folder")?;
+    let out = blocker.join("merged");
+    let error = merge("llama", &[("lora", 1.0)], &out).unwrap_err();
+    assert!(matches!(error, ModelError::Io { .. }), "{error}");
+    assert!(error.to_string().contains("a-file"), "{error}");
+    assert_eq!(std::fs::read_to_string(&blocker)?, "not a folder");
+    Ok(())
+}
