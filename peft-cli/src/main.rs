@@ -20,6 +20,9 @@ use peft_models::tokenizer::{Message, Tokenizer};
 use peft_models::AutoModel;
 use serde_json::json;
 
+mod convert;
+mod export_gguf;
+mod inspect;
 mod merge;
 mod train;
 
@@ -72,6 +75,25 @@ enum Command {
     /// Example: peft merge --model tests/fixtures/merge_cases/llama
     ///          --adapter tests/fixtures/merge_cases/lora/adapter --out /tmp/merged
     Merge(Box<merge::MergeArgs>),
+    /// Describe an adapter folder without its base model (kind, PEFT fields,
+    /// modules, parameters, dtypes, the norm of each module's change) and
+    /// list every problem loading it would meet; exit status 1 if any.
+    ///
+    /// Example: peft inspect tests/fixtures/merge_cases/loha/adapter
+    Inspect(inspect::InspectArgs),
+    /// Convert an adapter of any kind (LoHa, LoKr, DoRA, IA³, LoRA) to a plain
+    /// LoRA adapter of rank R, by a truncated SVD of each module's change;
+    /// prints each module's relative error.
+    ///
+    /// Example: peft convert --adapter tests/fixtures/merge_cases/loha/adapter
+    ///          --to lora --rank 8 --out /tmp/loha-as-lora
+    Convert(Box<convert::ConvertArgs>),
+    /// Write a PEFT LoRA adapter as llama.cpp's LoRA adapter GGUF, as
+    /// llama.cpp's convert_lora_to_gguf.py writes it (llama-cli --lora FILE).
+    ///
+    /// Example: peft export-gguf --adapter tests/fixtures/llama_lora_all_linear/adapter
+    ///          --model tests/fixtures/llama_lora_all_linear --out /tmp/adapter.gguf
+    ExportGguf(Box<export_gguf::ExportGgufArgs>),
     /// The next-token loss and perplexity on a jsonl file of {"text": ...}
     /// lines, each tokenized alone with the tokenizer's special tokens.
     ///
@@ -245,6 +267,9 @@ fn run(command: Command) -> CliResult {
         Command::Generate(args) => generate_command(&args),
         Command::Train(args) => train::train_command(*args),
         Command::Merge(args) => merge::merge_command(*args),
+        Command::Inspect(args) => inspect::inspect_command(args),
+        Command::Convert(args) => convert::convert_command(*args),
+        Command::ExportGguf(args) => export_gguf::export_gguf_command(*args),
         Command::Eval {
             model: args,
             adapter,

@@ -167,6 +167,28 @@ pub enum ModelError {
         /// The output path.
         path: PathBuf,
     },
+    /// An adapter cannot be converted as asked (the rank, the output
+    /// folder, a module whose change cannot be factored).
+    #[error("{}: cannot convert to LoRA: {reason}", adapter.display())]
+    Convert {
+        /// The adapter folder.
+        adapter: PathBuf,
+        /// Why (naming the module when one is at fault).
+        reason: String,
+    },
+    /// The adapter's change `ΔW` depends on the base weights (DoRA, IA³):
+    /// computing it needs the base checkpoint.
+    #[error(
+        "{}: the change of a {kind} adapter depends on the base weights; \
+         pass its base model with --model to compute it",
+        adapter.display()
+    )]
+    NeedsBaseModel {
+        /// The adapter folder.
+        adapter: PathBuf,
+        /// The adapter's kind (`DoRA`, `IA3`, ...).
+        kind: String,
+    },
     /// A layer cannot be quantized as asked.
     #[error("cannot quantize `{module}`: {reason}")]
     Quantize {
@@ -174,6 +196,58 @@ pub enum ModelError {
         module: String,
         /// Why.
         reason: String,
+    },
+    /// An adapter kind llama.cpp cannot load (it applies plain LoRA only),
+    /// refused by `gguf::export_lora_gguf` before anything of the base is
+    /// read.
+    #[error(
+        "{}: {kind} adapters cannot be exported as llama.cpp's LoRA GGUF (llama.cpp applies plain LoRA only); \
+         turn it into a LoRA first: peft convert --adapter DIR --to lora --rank R --out DIR2",
+        path.display()
+    )]
+    ExportKind {
+        /// The adapter's `adapter_config.json`.
+        path: PathBuf,
+        /// The kind (`LoHa`, `LoKr`, `DoRA`, `IA³`, or PEFT's `peft_type`).
+        kind: String,
+    },
+    /// A setting of `adapter_config.json` (or a size in the base's
+    /// `config.json`) the GGUF export cannot honour or needs and lacks.
+    #[error("{}: `{field}` = {value}: {reason}", path.display())]
+    ExportSetting {
+        /// The config file.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// Its value, as JSON.
+        value: String,
+        /// Why it stops the export.
+        reason: String,
+    },
+    /// A tensor of the adapter that cannot go into llama.cpp's LoRA GGUF:
+    /// not a LoRA factor, half of a pair, or for a module the base lacks.
+    #[error("{}: tensor `{key}`: {reason}", path.display())]
+    ExportTensor {
+        /// `adapter_model.safetensors`.
+        path: PathBuf,
+        /// The tensor's key in it.
+        key: String,
+        /// What is wrong, naming the module.
+        reason: String,
+    },
+    /// A LoRA factor whose shape does not fit the base's `config.json`.
+    #[error("{}: tensor `{key}` has shape {found:?}, expected {expected:?}: {what}", path.display())]
+    ExportShape {
+        /// `adapter_model.safetensors`.
+        path: PathBuf,
+        /// The tensor's key in it.
+        key: String,
+        /// The shape the base's config makes (rows, columns).
+        expected: [usize; 2],
+        /// The shape in the adapter.
+        found: [usize; 2],
+        /// Which factor and size differ.
+        what: &'static str,
     },
     /// peft-core refused an operation on the model's layers (boxed: it is
     /// large, and rare).

@@ -43,12 +43,15 @@
 mod auto;
 mod cache;
 mod checkpoint;
+pub mod convert;
 mod error;
 pub mod eval;
 pub mod gemma2;
 pub mod generate;
+pub mod gguf;
 pub mod gpt2;
 pub mod hub;
+pub mod inspect;
 pub mod llama;
 pub mod merge;
 pub mod mistral;

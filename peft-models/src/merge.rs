@@ -219,7 +219,7 @@ pub fn merge_checkpoint(
     }
 }
 
-/// A candle [`VarBuilder`] over the checkpoint in `model_dir` that merges
+/// A candle [`VarBuilder`](candle_nn::VarBuilder) over the checkpoint in `model_dir` that merges
 /// `adapters` into each weight as it is fetched (`M.weight` for every
 /// module `M` an adapter addresses; everything else as stored), in `dtype`
 /// on `device`. Any model that loads through a `VarBuilder`, such as

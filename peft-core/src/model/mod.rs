@@ -12,6 +12,7 @@
 
 mod attach;
 mod count;
+mod inspect;
 mod merge;
 mod standalone;
 
@@ -22,6 +23,7 @@ use candle_core::Var;
 
 pub use attach::{adapter_dir, check_adapter_name};
 pub use count::ParameterCount;
+pub use inspect::{read_tensor_entries, split_adapter_key, TensorEntry};
 pub use standalone::{BaseModule, StandaloneAdapter};
 
 use crate::adaptable::{Adaptable, Role, Visitor, VisitorMut};
