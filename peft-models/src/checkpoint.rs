@@ -236,17 +236,7 @@ impl SimpleBackend for ReleasingMmap {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.load(name, dtype, device)?;
-        if tensor.shape() != &shape {
-            // The error candle's own backends give, which ModelError reads.
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: shape,
-                got: tensor.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(tensor)
+        with_shape(name, self.load(name, dtype, device)?, shape)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
@@ -256,6 +246,20 @@ impl SimpleBackend for ReleasingMmap {
     fn contains_tensor(&self, name: &str) -> bool {
         self.0.contains_tensor(name)
     }
+}
+
+/// `tensor` if it has `shape`, else the error candle's own `VarBuilder`
+/// backends give (which `ModelError` reads).
+pub(crate) fn with_shape(name: &str, tensor: Tensor, shape: Shape) -> candle_core::Result<Tensor> {
+    if tensor.shape() != &shape {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {name}"),
+            expected: shape,
+            got: tensor.shape().clone(),
+        }
+        .bt());
+    }
+    Ok(tensor)
 }
 
 /// Reads and parses a JSON file, naming it in errors.

@@ -33,6 +33,7 @@ use serde_json::Value;
 
 use crate::checkpoint::{weight_files, ReleasingMmap};
 use crate::error::{ModelError, Result};
+use crate::output::{partial_dir, put_in_place, same_folder};
 
 /// PEFT's prefix of every tensor key in `adapter_model.safetensors`.
 const KEY_PREFIX: &str = "base_model.model.";
@@ -482,7 +483,7 @@ pub fn convert_to_lora(adapter_dir: &Path, out: &Path, options: &ConvertOptions)
     let config = lora_config(&adapter, &ranks, r);
     let parameters = tensors.iter().map(|(_, t)| t.elem_count()).sum();
 
-    let partial = partial_dir(adapter_dir, out)?;
+    let partial = partial_dir(out)?;
     let result = (|| -> Result<Vec<ConvertedModule>> {
         write_adapter(&partial, config, &tensors)?;
         drop(tensors);
@@ -625,47 +626,4 @@ fn write_adapter(dir: &Path, mut config: serde_json::Map<String, Value>, tensors
         path: weights_path,
         message: e.to_string(),
     })
-}
-
-fn same_folder(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
-/// A fresh hidden folder beside `out` to write into.
-fn partial_dir(adapter_dir: &Path, out: &Path) -> Result<PathBuf> {
-    let name = out.file_name().ok_or_else(|| ModelError::Convert {
-        adapter: adapter_dir.to_path_buf(),
-        reason: format!("{} names no folder", out.display()),
-    })?;
-    let partial = out.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
-    let io = |cause| ModelError::Io {
-        path: partial.clone(),
-        cause,
-    };
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(io)?;
-    }
-    std::fs::create_dir_all(&partial).map_err(io)?;
-    Ok(partial)
-}
-
-/// Renames the finished folder into place; an existing `out` (allowed by
-/// `force`) is moved aside first and removed after.
-fn put_in_place(partial: &Path, out: &Path) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |cause| ModelError::Io { path, cause }
-    };
-    if out.exists() {
-        let old = partial.with_extension("old");
-        std::fs::rename(out, &old).map_err(io(out))?;
-        std::fs::rename(partial, out).map_err(io(out))?;
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        std::fs::rename(partial, out).map_err(io(out))?;
-    }
-    Ok(())
 }

@@ -56,6 +56,7 @@ pub mod llama;
 pub mod merge;
 pub mod mistral;
 pub mod nn;
+mod output;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;

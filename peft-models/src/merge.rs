@@ -24,8 +24,9 @@ use candle_core::{DType, Device, Tensor};
 use peft_core::{BaseModule, StandaloneAdapter};
 use serde_json::Value;
 
-use crate::checkpoint::{release_freed_memory, release_pages, weight_files, ReleasingMmap, INDEX_FILE};
+use crate::checkpoint::{release_freed_memory, release_pages, weight_files, with_shape, ReleasingMmap, INDEX_FILE};
 use crate::error::{ModelError, Result};
+use crate::output::{partial_dir, put_in_place, same_folder};
 
 /// An adapter to merge, with the factor its change is scaled by.
 #[derive(Debug)]
@@ -288,16 +289,7 @@ impl candle_nn::var_builder::SimpleBackend for MergingBackend {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.load(name, dtype, device)?;
-        if tensor.shape() != &shape {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: shape,
-                got: tensor.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(tensor)
+        with_shape(name, self.load(name, dtype, device)?, shape)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
@@ -311,13 +303,6 @@ impl candle_nn::var_builder::SimpleBackend for MergingBackend {
 
 fn merge_error(reason: String) -> ModelError {
     ModelError::Merge { reason }
-}
-
-fn same_folder(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
 }
 
 /// Every module of `adapter` must be a `.weight` of the checkpoint, and a
@@ -365,43 +350,6 @@ fn merged_modules(adapters: &[WeightedAdapter]) -> Vec<String> {
     modules.sort();
     modules.dedup();
     modules
-}
-
-/// A hidden folder beside `out` to write into.
-fn partial_dir(out: &Path) -> Result<PathBuf> {
-    let name = out
-        .file_name()
-        .ok_or_else(|| merge_error(format!("{} names no folder", out.display())))?;
-    let partial = out.with_file_name(format!(".{}.partial-{}", name.to_string_lossy(), std::process::id()));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|cause| ModelError::Io {
-            path: partial.clone(),
-            cause,
-        })?;
-    }
-    std::fs::create_dir_all(&partial).map_err(|cause| ModelError::Io {
-        path: partial.clone(),
-        cause,
-    })?;
-    Ok(partial)
-}
-
-/// Renames the finished folder into place (an existing `out`, allowed by
-/// `force`, is moved aside first and removed after).
-fn put_in_place(partial: &Path, out: &Path) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |cause| ModelError::Io { path, cause }
-    };
-    if out.exists() {
-        let old = partial.with_extension("old");
-        std::fs::rename(out, &old).map_err(io(out))?;
-        std::fs::rename(partial, out).map_err(io(out))?;
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        std::fs::rename(partial, out).map_err(io(out))?;
-    }
-    Ok(())
 }
 
 /// Copies the folder's files but the weights and the index (config,
