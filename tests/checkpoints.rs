@@ -650,3 +650,50 @@ fn hub_ids_missing_from_the_cache_are_downloaded_into_it() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn adapter_hub_ids_are_downloaded_into_the_cache_and_load() -> TestResult {
+    use peft_models::hub::{resolve_adapter_in, resolve_adapter_with, HubOptions};
+    let case = "llama_lora_all_linear";
+    let commit = "fedcba9876543210fedcba9876543210fedcba98";
+    // The remote adapter repository, with a pickled copy a download must leave alone.
+    let remote = scratch("checkpoints", "hub-adapter-remote");
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture_path(case).join("adapter").join(file), remote.join(file))?;
+    }
+    std::fs::write(remote.join("adapter_model.bin"), b"not for peft")?;
+    let hub = FakeHub::serve(remote, "tiny-org/tiny-adapter", commit);
+    let cache = scratch("checkpoints", "hub-adapter-cache");
+    let options = HubOptions {
+        cache: cache.clone(),
+        offline: false,
+        endpoint: hub.endpoint.clone(),
+        token: None,
+        progress: false,
+    };
+    assert!(matches!(
+        resolve_adapter_in("tiny-org/tiny-adapter", None, &cache),
+        Err(ModelError::NotInCache { .. })
+    ));
+    let snapshot = resolve_adapter_with("tiny-org/tiny-adapter", None, &options)?;
+    assert_eq!(
+        snapshot,
+        cache.join("models--tiny-org--tiny-adapter/snapshots").join(commit)
+    );
+    assert!(!snapshot.join("adapter_model.bin").exists());
+    assert_eq!(resolve_adapter_in("tiny-org/tiny-adapter", None, &cache)?, snapshot);
+    let mut model = AutoModel::from_dir(fixture_path(case), DType::F32, &Device::Cpu)?;
+    model.load_adapter(&snapshot, "default")?;
+    assert_close(
+        "adapter from the Hub",
+        &model.forward(&input_ids(case))?,
+        &fixture_io(case)["logits_adapted"],
+        LOGITS_TOL,
+    )?;
+    // A model repository is no adapter: refused, naming the file.
+    match resolve_adapter_with("tiny-org/other", None, &options) {
+        Err(error @ ModelError::Download(_)) => assert!(error.to_string().contains("tiny-org/other"), "{error}"),
+        other => panic!("expected a download error, got {other:?}"),
+    }
+    Ok(())
+}

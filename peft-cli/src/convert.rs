@@ -25,8 +25,8 @@ Examples:
 pub struct ConvertArgs {
     /// The adapter folder to convert (adapter_config.json and
     /// adapter_model.safetensors): LoRA, rsLoRA, DoRA, IA³, LoHa, LoKr, LoRA
-    /// on embeddings and convolutions.
-    #[arg(long, value_name = "DIR")]
+    /// on embeddings and convolutions; or a Hub id (org/name).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     pub adapter: PathBuf,
     /// The kind to convert to.
     #[arg(long, value_enum, value_name = "KIND")]
@@ -80,7 +80,7 @@ pub fn convert_command(args: ConvertArgs) -> CliResult {
         model,
         force: args.force,
     };
-    let report = convert_to_lora(&args.adapter, &args.out, &options)?;
+    let report = convert_to_lora(&crate::adapter_dir(&args.adapter)?, &args.out, &options)?;
     let mut out = std::io::stdout().lock();
     let worst = report.modules.iter().map(|m| m.relative_error).fold(0.0, f64::max);
     if args.json {

@@ -37,8 +37,9 @@ Refused, with the reason:
 pub struct ExportGgufArgs {
     /// The PEFT LoRA adapter folder (adapter_config.json and
     /// adapter_model.safetensors; README.md's model card gives the
-    /// general.* metadata, as the Python script reads it).
-    #[arg(long, value_name = "DIR")]
+    /// general.* metadata, as the Python script reads it), or a Hub id
+    /// (org/name).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     pub adapter: PathBuf,
     /// The base model: a checkpoint folder (config.json alone will do) or a
     /// Hub id (org/name; one not in the Hugging Face cache is downloaded as
@@ -65,7 +66,8 @@ pub struct ExportGgufArgs {
 /// `peft export-gguf`.
 pub fn export_gguf_command(args: ExportGgufArgs) -> CliResult {
     // The adapter first: no base model is fetched for an adapter that is refused.
-    check_lora_adapter(&args.adapter)?;
+    let adapter = crate::adapter_dir(&args.adapter)?;
+    check_lora_adapter(&adapter)?;
     let dir = model_dir(&ModelArgs {
         model: args.model.clone(),
         revision: args.revision.clone(),
@@ -73,7 +75,7 @@ pub fn export_gguf_command(args: ExportGgufArgs) -> CliResult {
         quantize: None,
     })?;
     let options = ExportOptions { force: args.force };
-    let report = export_lora_gguf(&args.adapter, &dir, &args.out, &options)?;
+    let report = export_lora_gguf(&adapter, &dir, &args.out, &options)?;
     let mut out = std::io::stdout().lock();
     if args.json {
         let metadata: Vec<Json> = report

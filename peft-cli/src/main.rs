@@ -101,8 +101,8 @@ enum Command {
     Eval {
         #[command(flatten)]
         model: ModelArgs,
-        /// A PEFT adapter folder to apply.
-        #[arg(long, value_name = "DIR")]
+        /// A PEFT adapter folder or Hub id (org/name) to apply.
+        #[arg(long, value_name = "DIR|ORG/NAME")]
         adapter: Option<PathBuf>,
         /// The jsonl data file.
         #[arg(long, value_name = "FILE")]
@@ -119,8 +119,9 @@ enum Command {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// A PEFT adapter folder to apply (unmerged).
-    #[arg(long, value_name = "DIR")]
+    /// A PEFT adapter folder or Hub id (org/name) to apply (unmerged):
+    /// from the Hugging Face cache or downloaded into it, as --model.
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     adapter: Option<PathBuf>,
     /// The prompt as text, tokenized with the model's tokenizer (with its
     /// special tokens, BOS for most).
@@ -278,7 +279,7 @@ fn run(command: Command) -> CliResult {
         } => {
             let mut model = load(&args)?;
             if let Some(adapter) = adapter {
-                model.load_adapter(&adapter, "default")?;
+                model.load_adapter(adapter_dir(&adapter)?, "default")?;
             }
             let tokenizer = Tokenizer::from_dir(model_dir(&args)?)?;
             let texts = peft_models::eval::read_texts(&data)?;
@@ -305,7 +306,7 @@ fn run(command: Command) -> CliResult {
 fn generate_command(args: &GenerateArgs) -> CliResult {
     let mut model = load(&args.model)?;
     if let Some(adapter) = &args.adapter {
-        model.load_adapter(adapter, "default")?;
+        model.load_adapter(adapter_dir(adapter)?, "default")?;
     }
     // A tokenizer is needed for text in or out; ids alone work without one.
     let tokenizer = match Tokenizer::from_dir(model_dir(&args.model)?) {
@@ -405,6 +406,16 @@ fn model_dir(args: &ModelArgs) -> Result<PathBuf, peft_models::ModelError> {
         ..HubOptions::from_env()
     };
     peft_models::hub::resolve_with(&args.model, Some(&args.revision), &options)
+}
+
+/// The adapter folder `adapter` names: the folder, or a Hub id (org/name)
+/// from the Hugging Face cache or downloaded into it, as `--model` is.
+fn adapter_dir(adapter: &std::path::Path) -> Result<PathBuf, peft_models::ModelError> {
+    let options = HubOptions {
+        progress: std::io::stdout().is_terminal(),
+        ..HubOptions::from_env()
+    };
+    peft_models::hub::resolve_adapter_with(&adapter.to_string_lossy(), None, &options)
 }
 
 fn info(args: &ModelArgs, json: bool) -> CliResult {

@@ -21,8 +21,9 @@ pub struct MergeArgs {
     /// The revision of a Hub id.
     #[arg(long, default_value = "main")]
     pub revision: String,
-    /// A PEFT adapter folder; repeat to merge several, in order.
-    #[arg(long = "adapter", value_name = "DIR", required = true)]
+    /// A PEFT adapter folder or Hub id (org/name); repeat to merge several,
+    /// in order.
+    #[arg(long = "adapter", value_name = "DIR|ORG/NAME", required = true)]
     pub adapters: Vec<PathBuf>,
     /// One factor per adapter scaling its change (LoRA, LoHa and LoKr only);
     /// default 1 each.
@@ -57,7 +58,7 @@ pub fn merge_command(args: MergeArgs) -> CliResult {
         .adapters
         .iter()
         .enumerate()
-        .map(|(i, dir)| WeightedAdapter::read(dir, args.weights.get(i).copied().unwrap_or(1.0)))
+        .map(|(i, dir)| WeightedAdapter::read(crate::adapter_dir(dir)?, args.weights.get(i).copied().unwrap_or(1.0)))
         .collect::<Result<Vec<_>, _>>()?;
     let dir = model_dir(&crate::ModelArgs {
         model: args.model.clone(),

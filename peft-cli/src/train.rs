@@ -37,10 +37,10 @@ pub struct TrainArgs {
     /// settings (the result is the same bytes as a run never stopped).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
-    /// Go on training this PEFT adapter folder (any kind peft loads)
-    /// instead of a fresh one; the adapter flags (--kind, --rank, ...) then
-    /// do not apply.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kind", "rank", "alpha", "dropout", "targets", "exclude", "rslora"])]
+    /// Go on training this PEFT adapter folder or Hub id (any kind peft
+    /// loads) instead of a fresh one; the adapter flags (--kind, --rank,
+    /// ...) then do not apply.
+    #[arg(long, value_name = "DIR|ORG/NAME", conflicts_with_all = ["kind", "rank", "alpha", "dropout", "targets", "exclude", "rslora"])]
     pub adapter: Option<PathBuf>,
     /// Print one JSON object per step, evaluation and checkpoint, and a
     /// summary, instead of text.
@@ -428,7 +428,7 @@ pub fn train_command(args: TrainArgs) -> CliResult {
         .map(|path| read_data(&path, &tokenizer, &data_options))
         .transpose()?;
     match &args.adapter {
-        Some(adapter) => model.load_adapter(adapter, peft_models::train::ADAPTER)?,
+        Some(adapter) => model.load_adapter(crate::adapter_dir(adapter)?, peft_models::train::ADAPTER)?,
         None => options.add_adapter(&mut model, &args.model.model)?,
     }
     let config = options.train_config();

@@ -510,3 +510,40 @@ fn a_merge_that_fails_part_way_leaves_no_output_folder() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn adapters_by_hub_id_come_from_the_cache() {
+    // A cache holding a PEFT adapter repository, laid out as huggingface_hub does.
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-hub-adapter-cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let repo = cache.join("models--tiny-org--tiny-adapter");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let adapter = fixture("llama_lora_all_linear").join("adapter");
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(adapter.join(file), snapshot.join(file)).unwrap();
+    }
+    let model = fixture("llama_lora_all_linear");
+    let run = |adapter: &str| {
+        Command::new(env!("CARGO_BIN_EXE_peft"))
+            .args(["generate", "--model", model.to_str().unwrap(), "--adapter", adapter])
+            .args(["--prompt-ids", "1,17,33,8", "--max-new-tokens", "6", "--json"])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let by_id = json_of(&run("tiny-org/tiny-adapter"));
+    let by_folder = json_of(&run(adapter.to_str().unwrap()));
+    assert_eq!(by_id["generated_ids"], by_folder["generated_ids"]);
+    let missing = run("tiny-org/no-adapter");
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("tiny-org/no-adapter") && stderr.contains("offline"),
+        "{stderr}"
+    );
+}

@@ -105,6 +105,52 @@ pub fn resolve_with(model: &str, revision: Option<&str>, options: &HubOptions) -
 
 /// [`resolve`] from the cache folder given only (offline).
 pub fn resolve_in(model: &str, revision: Option<&str>, cache: &Path) -> Result<PathBuf> {
+    lookup(model, revision, cache, RepoKind::Model)
+}
+
+/// The PEFT adapter folder `adapter` names: the folder itself when it is
+/// one, else the snapshot of the Hub id `adapter` at `revision` (default
+/// `main`), from the cache or downloaded into it (`adapter_config.json`
+/// and `adapter_model.safetensors`; never a pickled `adapter_model.bin`).
+pub fn resolve_adapter_with(adapter: &str, revision: Option<&str>, options: &HubOptions) -> Result<PathBuf> {
+    match lookup(adapter, revision, &options.cache, RepoKind::Adapter) {
+        Err(ModelError::NotInCache { .. }) if !options.offline => {
+            download_adapter(adapter, revision.unwrap_or("main"), options)
+        }
+        found => found,
+    }
+}
+
+/// [`resolve_adapter_with`] from the cache folder given only (offline).
+pub fn resolve_adapter_in(adapter: &str, revision: Option<&str>, cache: &Path) -> Result<PathBuf> {
+    lookup(adapter, revision, cache, RepoKind::Adapter)
+}
+
+/// What a repository holds: a checkpoint or a PEFT adapter. A snapshot
+/// counts as there once its marker file is (downloaded last).
+#[derive(Debug, Clone, Copy)]
+enum RepoKind {
+    Model,
+    Adapter,
+}
+
+impl RepoKind {
+    fn marker(self) -> &'static str {
+        match self {
+            RepoKind::Model => CONFIG_FILE,
+            RepoKind::Adapter => peft_core::CONFIG_FILE,
+        }
+    }
+
+    fn folder(self) -> &'static str {
+        match self {
+            RepoKind::Model => "checkpoint folder (or a Hub id org/name)",
+            RepoKind::Adapter => "adapter folder (or a Hub id org/name)",
+        }
+    }
+}
+
+fn lookup(model: &str, revision: Option<&str>, cache: &Path, kind: RepoKind) -> Result<PathBuf> {
     let path = Path::new(model);
     if path.is_dir() {
         return Ok(path.to_path_buf());
@@ -112,7 +158,7 @@ pub fn resolve_in(model: &str, revision: Option<&str>, cache: &Path) -> Result<P
     if !is_hub_id(model) {
         return Err(ModelError::MissingFile {
             path: path.to_path_buf(),
-            what: "checkpoint folder (or a Hub id org/name)",
+            what: kind.folder(),
         });
     }
     let revision = revision.unwrap_or("main");
@@ -121,8 +167,8 @@ pub fn resolve_in(model: &str, revision: Option<&str>, cache: &Path) -> Result<P
     // names its snapshot directly, as huggingface_hub allows.
     let by_commit = is_commit(revision)
         .then(|| cache.join(repo.folder_name()).join("snapshots").join(revision))
-        .filter(|dir| dir.join(CONFIG_FILE).is_file());
-    let by_ref = || Cache::new(cache.to_path_buf()).repo(repo.clone()).get(CONFIG_FILE);
+        .filter(|dir| dir.join(kind.marker()).is_file());
+    let by_ref = || Cache::new(cache.to_path_buf()).repo(repo.clone()).get(kind.marker());
     match by_commit.or_else(|| by_ref().and_then(|config| config.parent().map(Path::to_path_buf))) {
         Some(snapshot) => Ok(snapshot),
         None => Err(ModelError::NotInCache {
@@ -138,43 +184,20 @@ pub fn resolve_in(model: &str, revision: Option<&str>, cache: &Path) -> Result<P
 /// download cut short is not taken for a whole checkpoint by the next
 /// lookup (which looks for `config.json`).
 fn download(model: &str, revision: &str, options: &HubOptions) -> Result<PathBuf> {
-    let failed = |file: &str, message: String| {
-        ModelError::Download(Box::new(DownloadError {
-            repo: model.to_owned(),
-            revision: revision.to_owned(),
-            file: file.to_owned(),
-            message,
-            cache: options.cache.clone(),
-        }))
-    };
-    let mut builder = ApiBuilder::from_cache(Cache::new(options.cache.clone()))
-        .with_endpoint(options.endpoint.clone())
-        .with_progress(options.progress);
-    if options.token.is_some() {
-        builder = builder.with_token(options.token.clone());
-    }
-    let api = builder.build().map_err(|e| failed("(the client)", e.to_string()))?;
-    let repo = api.repo(Repo::with_revision(
-        model.to_owned(),
-        RepoType::Model,
-        revision.to_owned(),
-    ));
-    let info = repo.info().map_err(|e| failed("(the file list)", e.to_string()))?;
-    let listed: BTreeSet<&str> = info.siblings.iter().map(|file| file.rfilename.as_str()).collect();
-    if !listed.contains(CONFIG_FILE) {
-        return Err(failed(
+    let remote = Remote::open(model, revision, options)?;
+    if !remote.lists(CONFIG_FILE) {
+        return Err(remote.failed(
             CONFIG_FILE,
             "the repository has none: it is not a transformers model".to_owned(),
         ));
     }
-    let fetch = |file: &str| repo.download(file).map_err(|e| failed(file, e.to_string()));
     let mut files = Vec::new();
-    if listed.contains(WEIGHTS_FILE) {
+    if remote.lists(WEIGHTS_FILE) {
         files.push(WEIGHTS_FILE.to_owned());
-    } else if listed.contains(INDEX_FILE) {
-        files.extend(shards_of_index(&fetch(INDEX_FILE)?)?);
+    } else if remote.lists(INDEX_FILE) {
+        files.extend(shards_of_index(&remote.fetch(INDEX_FILE)?)?);
     } else {
-        return Err(failed(
+        return Err(remote.failed(
             WEIGHTS_FILE,
             "the repository has no safetensors weights (peft does not read pickled *.bin files)".to_owned(),
         ));
@@ -182,17 +205,98 @@ fn download(model: &str, revision: &str, options: &HubOptions) -> Result<PathBuf
     files.extend(
         EXTRA_FILES
             .iter()
-            .filter(|file| listed.contains(*file))
+            .filter(|file| remote.lists(file))
             .map(|file| (*file).to_owned()),
     );
     for file in &files {
-        fetch(file)?;
+        remote.fetch(file)?;
     }
-    let config = fetch(CONFIG_FILE)?;
+    let config = remote.fetch(CONFIG_FILE)?;
     config
         .parent()
         .map(Path::to_path_buf)
-        .ok_or_else(|| failed(CONFIG_FILE, "downloaded to a path without a folder".to_owned()))
+        .ok_or_else(|| remote.failed(CONFIG_FILE, "downloaded to a path without a folder".to_owned()))
+}
+
+/// Downloads the PEFT adapter `adapter` at `revision` into the cache and
+/// returns its snapshot folder; `adapter_config.json` comes last, as
+/// `config.json` does for a checkpoint.
+fn download_adapter(adapter: &str, revision: &str, options: &HubOptions) -> Result<PathBuf> {
+    let remote = Remote::open(adapter, revision, options)?;
+    if !remote.lists(peft_core::CONFIG_FILE) {
+        return Err(remote.failed(
+            peft_core::CONFIG_FILE,
+            "the repository has none: it is not a PEFT adapter".to_owned(),
+        ));
+    }
+    if !remote.lists(peft_core::WEIGHTS_FILE) {
+        return Err(remote.failed(
+            peft_core::WEIGHTS_FILE,
+            "the repository has no safetensors weights (peft does not read a pickled adapter_model.bin)".to_owned(),
+        ));
+    }
+    remote.fetch(peft_core::WEIGHTS_FILE)?;
+    let config = remote.fetch(peft_core::CONFIG_FILE)?;
+    config.parent().map(Path::to_path_buf).ok_or_else(|| {
+        remote.failed(
+            peft_core::CONFIG_FILE,
+            "downloaded to a path without a folder".to_owned(),
+        )
+    })
+}
+
+/// A repository on the Hub at a revision, with the files it lists.
+struct Remote<'a> {
+    repo: hf_hub::api::sync::ApiRepo,
+    listed: BTreeSet<String>,
+    id: &'a str,
+    revision: &'a str,
+    options: &'a HubOptions,
+}
+
+impl<'a> Remote<'a> {
+    fn open(id: &'a str, revision: &'a str, options: &'a HubOptions) -> Result<Self> {
+        let failed = |file: &str, message: String| download_error(id, revision, options, file, message);
+        let mut builder = ApiBuilder::from_cache(Cache::new(options.cache.clone()))
+            .with_endpoint(options.endpoint.clone())
+            .with_progress(options.progress);
+        if options.token.is_some() {
+            builder = builder.with_token(options.token.clone());
+        }
+        let api = builder.build().map_err(|e| failed("(the client)", e.to_string()))?;
+        let repo = api.repo(Repo::with_revision(id.to_owned(), RepoType::Model, revision.to_owned()));
+        let info = repo.info().map_err(|e| failed("(the file list)", e.to_string()))?;
+        let listed = info.siblings.into_iter().map(|file| file.rfilename).collect();
+        Ok(Self {
+            repo,
+            listed,
+            id,
+            revision,
+            options,
+        })
+    }
+
+    fn lists(&self, file: &str) -> bool {
+        self.listed.contains(file)
+    }
+
+    fn fetch(&self, file: &str) -> Result<PathBuf> {
+        self.repo.download(file).map_err(|e| self.failed(file, e.to_string()))
+    }
+
+    fn failed(&self, file: &str, message: String) -> ModelError {
+        download_error(self.id, self.revision, self.options, file, message)
+    }
+}
+
+fn download_error(id: &str, revision: &str, options: &HubOptions, file: &str, message: String) -> ModelError {
+    ModelError::Download(Box::new(DownloadError {
+        repo: id.to_owned(),
+        revision: revision.to_owned(),
+        file: file.to_owned(),
+        message,
+        cache: options.cache.clone(),
+    }))
 }
 
 /// A full commit hash: 40 hexadecimal digits.
