@@ -265,7 +265,7 @@ fn header_problem(bytes: &[u8]) -> Option<(String, String)> {
 }
 
 /// What is wrong with one tensor's header entry, given the data's length.
-fn entry_problem(info: &safetensors::tensor::TensorInfo, data_length: usize) -> Option<String> {
+pub(crate) fn entry_problem(info: &safetensors::tensor::TensorInfo, data_length: usize) -> Option<String> {
     let (start, end) = info.data_offsets;
     let needed = info
         .shape

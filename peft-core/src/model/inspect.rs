@@ -137,31 +137,13 @@ pub fn read_tensor_entries(bytes: &[u8], path: &Path) -> (Vec<TensorEntry>, Vec<
     (entries, problems)
 }
 
-/// The bytes of one tensor, or why its entry is wrong on its own.
+/// The bytes of one tensor, or why its entry is wrong on its own (the
+/// check loading makes, `io::entry_problem`).
 fn entry_bytes<'a>(info: &safetensors::tensor::TensorInfo, data: &'a [u8]) -> std::result::Result<&'a [u8], String> {
-    let (start, end) = info.data_offsets;
-    let needed = info
-        .shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .and_then(|n| n.checked_mul(info.dtype.bitsize()))
-        .map(|bits| bits.div_ceil(8))
-        .ok_or_else(|| format!("shape {:?} has more values than can be addressed", info.shape))?;
-    if end < start || end > data.len() {
-        return Err(format!(
-            "offsets [{start}, {end}] lie outside the data ({} bytes)",
-            data.len()
-        ));
+    match crate::io::entry_problem(info, data.len()) {
+        Some(problem) => Err(problem),
+        None => Ok(&data[info.data_offsets.0..info.data_offsets.1]),
     }
-    if end - start != needed {
-        return Err(format!(
-            "shape {:?} of {:?} needs {needed} bytes, but its offsets [{start}, {end}] hold {}",
-            info.shape,
-            info.dtype,
-            end - start
-        ));
-    }
-    Ok(&data[start..end])
 }
 
 /// A JSON object's entries in file order, a key named twice kept twice
