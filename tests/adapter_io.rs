@@ -440,7 +440,6 @@ fn unsupported_types_and_options_are_refused() {
         ("peft_type", json!("VERA"), "peft_type"),
         ("use_qalora", json!(true), "use_qalora"),
         ("bias", json!("all"), "bias"),
-        ("modules_to_save", json!(["head"]), "modules_to_save"),
         ("init_lora_weights", json!("pissa"), "init_lora_weights"),
         ("layer_replication", json!([[0, 2]]), "layer_replication"),
         ("target_modules", json!(null), "target_modules"),

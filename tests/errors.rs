@@ -321,7 +321,6 @@ fn config_option_not_implemented() {
     for (field, value) in [
         ("use_qalora", json!(true)),
         ("layer_replication", json!([[0, 1]])),
-        ("modules_to_save", json!(["head"])),
         ("bias", json!("all")),
         ("init_lora_weights", json!("pissa")),
         ("trainable_token_indices", json!([1, 2])),
@@ -340,6 +339,29 @@ fn config_option_not_implemented() {
     files.config.insert("layer_replication".into(), Value::Null);
     files.config.insert("modules_to_save".into(), json!([]));
     loads(&files);
+}
+
+#[test]
+fn config_modules_to_save_naming_nothing() {
+    // PEFT's SEQ_CLS list on a model with neither head: PEFT would go on
+    // without a trained head; refused here, naming the list.
+    let error = config_fails(|c| {
+        c.insert("modules_to_save".into(), json!(["classifier", "score"]));
+    });
+    assert!(matches!(error, PeftError::NoModuleToSave { .. }), "{error}");
+    assert!(error.to_string().contains("\"classifier\", \"score\""), "{error}");
+}
+
+#[test]
+fn config_modules_to_save_without_its_tensor() {
+    // `head` exists, so the file must hold its copy.
+    let error = config_fails(|c| {
+        c.insert("modules_to_save".into(), json!(["head"]));
+    });
+    assert!(
+        matches!(&error, PeftError::MissingTensor { key, .. } if key == "base_model.model.head.weight"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -945,6 +967,22 @@ fn state_adapters_that_cannot_combine() {
     // An additive one may.
     net.add_adapter("third", &LoraConfig::from(all_linear()).rank(2))
         .unwrap();
+    // A whole copy of a layer (modules_to_save) where another adapter sits,
+    // and an adapter where a copy sits.
+    let mut net = Net::new();
+    net.add_adapter("lora", &LoraConfig::from(modules(["head"])).rank(2))
+        .unwrap();
+    let copy = LoraConfig::from(modules(["q"]).modules_to_save(["head"])).rank(2);
+    let error = fails_unchanged(&mut net, |net| net.add_adapter("copy", &copy));
+    assert!(
+        matches!(&error, PeftError::IncompatibleAdapter { module, adapter, .. } if module == "head" && adapter == "copy"),
+        "{error:?}"
+    );
+    let mut net = Net::new();
+    net.add_adapter("copy", &copy).unwrap();
+    let lora = LoraConfig::from(modules(["head"])).rank(2);
+    let error = fails_unchanged(&mut net, |net| net.add_adapter("lora", &lora));
+    assert!(matches!(error, PeftError::IncompatibleAdapter { .. }), "{error}");
 }
 
 #[test]
@@ -974,10 +1012,15 @@ fn state_partial_merge_not_exact() {
 #[test]
 fn every_row_names_a_test() {
     let table = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/ERRORS.md")).unwrap();
-    let tests: String = ["tests/errors.rs", "tests/adapter_io.rs", "tests/qlora.rs"]
-        .iter()
-        .map(|file| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap())
-        .collect();
+    let tests: String = [
+        "tests/errors.rs",
+        "tests/adapter_io.rs",
+        "tests/qlora.rs",
+        "tests/modules_to_save.rs",
+    ]
+    .iter()
+    .map(|file| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap())
+    .collect();
     let mut rows = 0;
     for line in table.lines().filter(|l| l.starts_with('|') && !l.starts_with("| ---")) {
         let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();

@@ -571,15 +571,10 @@ fn refused_field(dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
 #[test]
 fn unsupported_options_are_refused() -> TestResult {
     let peft_config = read_json(FIXTURE.path("adapter").join("adapter_config.json"));
-    for (field, value) in [
-        ("modules_to_save", serde_json::json!(["lm_head"])),
-        ("feedforward_modules", Value::Null),
-    ] {
-        let mut config = peft_config.clone();
-        config[field] = value;
-        let dir = write_adapter(&format!("refused_{field}"), &config)?;
-        assert_eq!(refused_field(&dir)?, field);
-    }
+    let mut config = peft_config.clone();
+    config["feedforward_modules"] = Value::Null;
+    let dir = write_adapter("refused_feedforward_modules", &config)?;
+    assert_eq!(refused_field(&dir)?, "feedforward_modules");
     // Options set to their "off" value and PEFT's metadata load.
     let mut config = peft_config.clone();
     config["modules_to_save"] = serde_json::json!([]);

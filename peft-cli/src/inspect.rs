@@ -90,6 +90,9 @@ fn to_json(report: &InspectReport) -> Value {
         "saved_base_weights": list(
             report.saved_base_weights.iter().map(|(key, shape)| json!({"key": key, "shape": shape})).collect()
         ),
+        "copied_modules": list(
+            report.copied_modules.iter().map(|(key, shape)| json!({"key": key, "shape": shape})).collect()
+        ),
         "norms_of": norms_of,
         "norm_note": norm_note,
         "norm_summary": summary,
@@ -140,6 +143,9 @@ fn print_text(out: &mut impl Write, report: &InspectReport) -> std::io::Result<(
     )?;
     for (key, shape) in &report.saved_base_weights {
         writeln!(out, "  saved base weight (not counted): {key} {shape:?}")?;
+    }
+    for (key, shape) in &report.copied_modules {
+        writeln!(out, "  kept whole (modules_to_save, not counted): {key} {shape:?}")?;
     }
     match &report.norms_of {
         NormsOf::NotComputed(why) => writeln!(out, "norms:       not computed: {why}")?,

@@ -16,6 +16,16 @@ pub enum PeftError {
         /// How many adaptable layers the model has.
         candidates: usize,
     },
+    /// No module's path ends with a name of `modules_to_save` (PEFT ignores
+    /// such names silently; a head that is not copied would stay untrained
+    /// and unsaved, so it is an error here).
+    #[error("modules_to_save {requested} names no module of the model (it has {candidates} modules)")]
+    NoModuleToSave {
+        /// The names as they were given.
+        requested: String,
+        /// How many modules the model has.
+        candidates: usize,
+    },
     /// Targets matched, but the exclusions or the layer filter removed every one.
     #[error("all {matched} modules matched by {requested} were removed by {removed_by}")]
     AllTargetsExcluded {

@@ -30,6 +30,9 @@ pub struct Targets {
     /// PEFT's `layers_pattern`: the segment names after which the layer index
     /// stands; `None` takes the first numeric segment.
     layers_pattern: Option<Vec<Pattern>>,
+    /// PEFT's `modules_to_save`: modules the adapter holds a whole trainable
+    /// copy of; adapters never go on them or inside them.
+    modules_to_save: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +92,7 @@ impl Targets {
             exclude: Vec::new(),
             layers: None,
             layers_pattern: None,
+            modules_to_save: Vec::new(),
         }
     }
 
@@ -98,6 +102,7 @@ impl Targets {
         self.include.extend(other.include);
         self.exclude.extend(other.exclude);
         self.layers_pattern = self.layers_pattern.or(other.layers_pattern);
+        self.modules_to_save.extend(other.modules_to_save);
         self.layers = match (self.layers, other.layers) {
             (Some(mut a), Some(b)) => {
                 a.retain(|i| b.contains(i));
@@ -155,6 +160,52 @@ impl Targets {
         self
     }
 
+    /// Also keeps a whole trainable copy of the modules named here, per
+    /// adapter (PEFT's `modules_to_save`): a classification head, an
+    /// embedding for new tokens, a submodule. A name matches every module
+    /// whose path ends with it, as PEFT's `key.endswith(name)` does; the
+    /// copied modules and everything inside them get no other adapter.
+    ///
+    /// ```
+    /// use peft_core::{modules, Role};
+    /// let t = modules(["q_proj", "score"]).modules_to_save(["score"]);
+    /// assert!(!t.matches("score", Role::Hidden)); // copied, not adapted
+    /// assert_eq!(t.saved_modules(), ["score"]);
+    /// ```
+    pub fn modules_to_save<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.modules_to_save.extend(names.into_iter().map(Into::into));
+        self
+    }
+
+    /// The names given to [`modules_to_save`](Self::modules_to_save), as given.
+    pub fn saved_modules(&self) -> &[String] {
+        &self.modules_to_save
+    }
+
+    /// Whether the module at `path` is copied whole by
+    /// [`modules_to_save`](Self::modules_to_save): its path ends with one of
+    /// the names (PEFT's plain string rule, not a dotted one).
+    pub fn is_saved_module(&self, path: &str) -> bool {
+        self.modules_to_save.iter().any(|name| path.ends_with(name.as_str()))
+    }
+
+    /// Whether `path` is, or lies inside, a module named by
+    /// [`modules_to_save`](Self::modules_to_save) in PEFT's dotted sense
+    /// (`(^|.*\.)name($|\..*)`): such a layer gets no adapter.
+    fn in_saved_module(&self, path: &str) -> bool {
+        self.modules_to_save.iter().any(|name| {
+            path.match_indices(name.as_str()).any(|(at, _)| {
+                let before = &path[..at];
+                let after = &path[at + name.len()..];
+                (before.is_empty() || before.ends_with('.')) && (after.is_empty() || after.starts_with('.'))
+            })
+        })
+    }
+
     /// Whether the layer at `path` with `role` is targeted.
     ///
     /// A regex that does not compile matches nothing here; [`validate`](Self::validate)
@@ -167,6 +218,7 @@ impl Targets {
     pub fn matches_layer(&self, path: &str, role: Role, kind: LayerKind) -> bool {
         self.include.iter().any(|s| s.matches(path, role, kind))
             && !self.exclude.iter().any(|s| s.matches(path, role, kind))
+            && !self.in_saved_module(path)
             && self.in_layers(path)
     }
 
@@ -244,14 +296,18 @@ impl Targets {
             .copied()
             .filter(|&i| {
                 let (path, role, kind) = candidates[i];
-                !self.exclude.iter().any(|s| s.matches(path, role, kind))
+                !self.exclude.iter().any(|s| s.matches(path, role, kind)) && !self.in_saved_module(path)
             })
             .collect();
         if kept.is_empty() {
+            let mut removed_by = format!("exclude {}", List(&self.exclude));
+            if !self.modules_to_save.is_empty() {
+                removed_by.push_str(&format!(" and modules_to_save {:?}", self.modules_to_save));
+            }
             return Err(PeftError::AllTargetsExcluded {
                 requested: self.describe_include(),
                 matched: matched.len(),
-                removed_by: format!("exclude {}", List(&self.exclude)),
+                removed_by,
             });
         }
         let in_layers: Vec<usize> = kept

@@ -53,34 +53,18 @@ impl AutoModel {
             path: checkpoint.dir().to_path_buf(),
             cause,
         };
-        // The Llama family: a config checked, then one decoder.
-        let decoder = |decoder: llama::Decoder, variant: fn(llama::LlamaForCausalLM) -> AutoModel| {
+        if let Some(decoder) = llama_family_decoder(checkpoint)? {
             let vb = checkpoint.var_builder(dtype, device)?;
-            llama::LlamaForCausalLM::load_decoder(vb, &decoder)
-                .map(variant)
-                .map_err(weights_error)
-        };
+            let model = llama::LlamaForCausalLM::load_decoder(vb, &decoder).map_err(weights_error)?;
+            return Ok(match checkpoint.model_type() {
+                "mistral" => AutoModel::Mistral(model),
+                "phi3" => AutoModel::Phi3(model),
+                "qwen2" => AutoModel::Qwen2(model),
+                "qwen3" => AutoModel::Qwen3(model),
+                _ => AutoModel::Llama(model),
+            });
+        }
         match checkpoint.model_type() {
-            "llama" => {
-                let config: llama::Config = checkpoint.config()?;
-                decoder(llama::Decoder::try_from(&config)?, AutoModel::Llama)
-            }
-            "mistral" => {
-                let config: mistral::Config = checkpoint.config()?;
-                decoder(llama::Decoder::try_from(&config)?, AutoModel::Mistral)
-            }
-            "phi3" => {
-                let config: phi3::Config = checkpoint.config()?;
-                decoder(llama::Decoder::try_from(&config)?, AutoModel::Phi3)
-            }
-            "qwen2" => {
-                let config: qwen2::Config = checkpoint.config()?;
-                decoder(llama::Decoder::try_from(&config)?, AutoModel::Qwen2)
-            }
-            "qwen3" => {
-                let config: qwen3::Config = checkpoint.config()?;
-                decoder(llama::Decoder::try_from(&config)?, AutoModel::Qwen3)
-            }
             "gemma2" => {
                 let config: gemma2::Config = checkpoint.config()?;
                 config.check()?;
@@ -203,4 +187,19 @@ impl AutoModel {
             AutoModel::Gpt2(_) => "gpt2",
         }
     }
+}
+
+/// The decoder of a checkpoint of the Llama family (`llama`, `mistral`,
+/// `phi3`, `qwen2`, `qwen3`: one [`llama::Decoder`] with options), its
+/// config checked; `None` for another `model_type`.
+pub(crate) fn llama_family_decoder(checkpoint: &Checkpoint) -> Result<Option<llama::Decoder>> {
+    let decoder = match checkpoint.model_type() {
+        "llama" => llama::Decoder::try_from(&checkpoint.config::<llama::Config>()?)?,
+        "mistral" => llama::Decoder::try_from(&checkpoint.config::<mistral::Config>()?)?,
+        "phi3" => llama::Decoder::try_from(&checkpoint.config::<phi3::Config>()?)?,
+        "qwen2" => llama::Decoder::try_from(&checkpoint.config::<qwen2::Config>()?)?,
+        "qwen3" => llama::Decoder::try_from(&checkpoint.config::<qwen3::Config>()?)?,
+        _ => return Ok(None),
+    };
+    Ok(Some(decoder))
 }

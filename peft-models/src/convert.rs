@@ -456,7 +456,15 @@ pub fn convert_to_lora(adapter_dir: &Path, out: &Path, options: &ConvertOptions)
         });
     }
     let base = options.model.as_deref().map(BaseWeights::open).transpose()?;
-    let names: Vec<String> = adapter.modules().into_iter().map(str::to_owned).collect();
+    // Modules held whole (modules_to_save) are no change to factor: they
+    // go to the output as they are.
+    let copied = adapter.copied_modules();
+    let names: Vec<String> = adapter
+        .modules()
+        .into_iter()
+        .filter(|module| !copied.contains(module))
+        .map(str::to_owned)
+        .collect();
     if names.is_empty() {
         return Err(refuse("the adapter holds no module's tensors".to_owned()));
     }
@@ -480,6 +488,15 @@ pub fn convert_to_lora(adapter_dir: &Path, out: &Path, options: &ConvertOptions)
         ranks.push((module.clone(), delta.layout, factors.rank, factors.delta_rank));
     }
     let r = ranks.iter().map(|(_, _, rank, _)| *rank).max().unwrap_or(options.rank);
+    for (key, tensor) in adapter.tensors() {
+        let module = key
+            .strip_prefix(KEY_PREFIX)
+            .and_then(|rest| rest.rsplit_once('.'))
+            .map(|(module, _)| module);
+        if module.is_some_and(|module| copied.contains(&module)) {
+            tensors.push((key.clone(), tensor.clone()));
+        }
+    }
     let config = lora_config(&adapter, &ranks, r);
     let parameters = tensors.iter().map(|(_, t)| t.elem_count()).sum();
 
@@ -573,15 +590,16 @@ fn truncated_svd(matrix: &Tensor, rank: usize) -> std::result::Result<Factors, S
 
 /// The written `adapter_config.json`: a LoRA config with `r = lora_alpha`
 /// (scaling 1), the modules' own ranks in `rank_pattern` and
-/// `alpha_pattern` where they differ, the source's `fan_in_fan_out` and
-/// descriptive fields.
+/// `alpha_pattern` where they differ, the source's `fan_in_fan_out`,
+/// `modules_to_save` and descriptive fields.
 fn lora_config(
     adapter: &StandaloneAdapter,
     ranks: &[(String, ModuleLayout, usize, usize)],
     r: usize,
 ) -> serde_json::Map<String, Value> {
     let targets: Vec<&str> = ranks.iter().map(|(module, ..)| module.as_str()).collect();
-    let mut config = LoraConfig::from(modules(targets.iter().copied()))
+    let saved_modules = adapter.config().targets().saved_modules().to_vec();
+    let mut config = LoraConfig::from(modules(targets.iter().copied()).modules_to_save(saved_modules))
         .rank(r)
         .alpha(r as f64)
         .fan_in_fan_out(adapter.fan_in_fan_out());

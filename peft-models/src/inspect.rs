@@ -128,6 +128,9 @@ pub struct InspectReport {
     /// Base weights PEFT saved beside the adapter (`<module>.base_layer.weight`,
     /// `save_embedding_layers`): key and shape; not counted in `parameters`.
     pub saved_base_weights: Vec<(String, Vec<usize>)>,
+    /// Modules the adapter holds whole (`modules_to_save`: a classifier
+    /// head): each tensor's key and shape; not counted in `parameters`.
+    pub copied_modules: Vec<(String, Vec<usize>)>,
     /// The dtypes of the tensors, as the header writes them.
     pub dtypes: Vec<String>,
     /// What the modules' norms measure.
@@ -248,8 +251,24 @@ pub fn inspect_adapter(dir: &Path) -> InspectReport {
     // Grouped by module.
     let mut by_module: BTreeMap<String, Vec<&peft_core::TensorEntry>> = BTreeMap::new();
     let mut saved_base_weights = Vec::new();
+    let mut copied_modules = Vec::new();
+    // A module kept whole is saved under its own keys (`<module>.weight`).
+    let copied = |key: &str| {
+        let module = key
+            .strip_prefix("base_model.model.")
+            .and_then(|rest| rest.rsplit_once('.'));
+        match (module, &config) {
+            (Some((module, _)), Some(config)) => {
+                let targets = config.targets();
+                let mut prefixes = module.match_indices('.').map(|(at, _)| &module[..at]);
+                targets.is_saved_module(module) || prefixes.any(|prefix| targets.is_saved_module(prefix))
+            }
+            _ => false,
+        }
+    };
     for entry in &entries {
         match split_adapter_key(&entry.key) {
+            None if copied(&entry.key) => copied_modules.push((entry.key.clone(), entry.shape.clone())),
             Some((_, name)) if name.starts_with("base_layer.") => {
                 saved_base_weights.push((entry.key.clone(), entry.shape.clone()));
             }
@@ -338,6 +357,7 @@ pub fn inspect_adapter(dir: &Path) -> InspectReport {
         modules,
         parameters,
         saved_base_weights,
+        copied_modules,
         dtypes: dtypes.into_iter().collect(),
         norms_of,
         problems,

@@ -301,6 +301,50 @@ pub struct LlamaModel {
     norm: RmsNorm,
 }
 
+impl LlamaModel {
+    /// The decoder under `vb` (`model.` in a checkpoint).
+    pub(crate) fn load(vb: VarBuilder, cfg: &Decoder) -> Result<Self> {
+        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
+        })
+    }
+
+    /// The final hidden states `[batch, t, hidden]` (after `norm`) for token
+    /// ids `[batch, t]` that follow the positions `cache` has seen.
+    pub(crate) fn hidden_states(
+        &self,
+        rope: &Rope,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let head_dim = self.layers.first().map_or(0, |l| l.self_attn.head_dim());
+        let start = cache.as_ref().map_or(0, |cache| cache.seen());
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        // Computed in f32 as transformers does, used in the model's dtype.
+        let (cos, sin) = rope.tables(start, t, head_dim, device)?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.resize(self.layers.len());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|cache| cache.layer(i));
+            x = layer.forward(&x, &cos, &sin, layer_cache)?;
+        }
+        if let Some(cache) = cache {
+            cache.advance(t);
+        }
+        rms_norm(&self.norm, &x)
+    }
+}
+
 /// transformers' `LlamaForCausalLM`.
 #[derive(Adaptable)]
 pub struct LlamaForCausalLM {
@@ -487,22 +531,14 @@ impl LlamaForCausalLM {
     /// Loads any decoder of the Llama family from transformers' checkpoint
     /// names (the same for Llama, Mistral, Qwen2 and Qwen3).
     pub fn load_decoder(vb: VarBuilder, cfg: &Decoder) -> Result<Self> {
-        let vb_m = vb.pp("model");
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(vb_m.pp(format!("layers.{i}")), cfg))
-            .collect::<Result<_>>()?;
+        let model = LlamaModel::load(vb.pp("model"), cfg)?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            Linear::new(model.embed_tokens.embeddings().clone(), None)
         } else {
             linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };
         Ok(Self {
-            model: LlamaModel {
-                embed_tokens,
-                layers,
-                norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
-            },
+            model,
             lm_head,
             rope: cfg.rope,
             max_positions: cfg.max_positions,
@@ -526,25 +562,8 @@ impl LlamaForCausalLM {
         self.run(input_ids, Some(cache))
     }
 
-    fn run(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2()?;
-        let device = input_ids.device();
-        let head_dim = self.model.layers.first().map_or(0, |l| l.self_attn.head_dim());
-        let start = cache.as_ref().map_or(0, |cache| cache.seen());
-        let mut x = self.model.embed_tokens.forward(input_ids)?;
-        // Computed in f32 as transformers does, used in the model's dtype.
-        let (cos, sin) = self.rope.tables(start, t, head_dim, device)?;
-        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        if let Some(cache) = cache.as_deref_mut() {
-            cache.resize(self.model.layers.len());
-        }
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|cache| cache.layer(i));
-            x = layer.forward(&x, &cos, &sin, layer_cache)?;
-        }
-        if let Some(cache) = cache {
-            cache.advance(t);
-        }
-        self.lm_head.forward(&rms_norm(&self.model.norm, &x)?)
+    fn run(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.lm_head
+            .forward(&self.model.hidden_states(&self.rope, input_ids, cache)?)
     }
 }

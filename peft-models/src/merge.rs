@@ -269,6 +269,9 @@ struct MergingBackend {
 
 impl MergingBackend {
     fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        if let Some(bias) = copied_bias(&self.adapters, name) {
+            return bias.to_dtype(dtype)?.to_device(device);
+        }
         let mut tensor = self.mapped.load(name, dtype, &Device::Cpu)?;
         if let Some(module) = name.strip_suffix(".weight") {
             for weighted in self.adapters.iter().filter(|w| w.adapter.adapts(module)) {
@@ -321,6 +324,17 @@ fn check_adapter(adapter: &WeightedAdapter, names: &HashMap<&str, &Entry>) -> Re
                 "the checkpoint has no weight for module(s) {} (no tensor `{}.weight`): is it the adapter's base model?",
                 missing.iter().take(8).map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "),
                 missing[0]
+            ),
+        });
+    }
+    if adapter.weight != 1.0 && !adapter.adapter.copied_modules().is_empty() {
+        return Err(ModelError::AdapterMismatch {
+            adapter: adapter.dir.clone(),
+            reason: format!(
+                "a weight of {} cannot scale the module(s) {:?} the adapter holds whole (modules_to_save): \
+                 merging replaces them",
+                adapter.weight,
+                adapter.adapter.copied_modules()
             ),
         });
     }
@@ -477,6 +491,10 @@ impl<'a> LazyTensor<'a> {
     /// as stored (no copy), else the merged or converted tensor's.
     fn bytes(&self) -> Result<Cow<'a, [u8]>> {
         let entry = self.entry;
+        if let Some(bias) = copied_bias(self.adapters, &entry.name) {
+            let out = candle_dtype(output_dtype(entry.stored, self.dtype)).unwrap_or(bias.dtype());
+            return Ok(Cow::Owned(tensor_bytes(&bias.to_dtype(out)?)?));
+        }
         let adapted = entry
             .name
             .strip_suffix(".weight")
@@ -498,6 +516,18 @@ impl<'a> LazyTensor<'a> {
         release_freed_memory();
         Ok(Cow::Owned(bytes))
     }
+}
+
+/// The bias of checkpoint tensor `name` (`<module>.bias`) when an adapter
+/// holds the module whole (`modules_to_save`) with its own bias: the last
+/// such adapter's, as merging them in order leaves it.
+fn copied_bias(adapters: &[WeightedAdapter], name: &str) -> Option<Tensor> {
+    let module = name.strip_suffix(".bias")?;
+    adapters
+        .iter()
+        .rev()
+        .find_map(|w| w.adapter.copied_bias(module))
+        .cloned()
 }
 
 /// `tensor` (module `module`'s weight) with `weighted` merged in.

@@ -99,9 +99,11 @@ impl<F: KindFields> KindFile<F> {
     /// the kind's config, refusing what it cannot honour.
     pub fn parse(text: &str, path: &Path) -> Result<F::Config> {
         let file: KindFile<F> = parse_json(text, path)?;
-        refuse_modules_to_save(file.modules_to_save.as_ref())?;
         check_other_fields(&file.other, F::UNIMPLEMENTED_OPTIONS, path)?;
-        let targets = file.targets.into_targets()?;
+        let targets = file
+            .targets
+            .into_targets()?
+            .modules_to_save(file.modules_to_save.unwrap_or_default());
         file.fields.into_config(file.family, targets, file.metadata)
     }
 }
@@ -210,14 +212,21 @@ impl PeftMetadata {
 }
 
 /// The saved fields every kind writes alike: `peft_type`, PEFT's
-/// `exclude_modules` for `targets`, `modules_to_save` (null),
+/// `exclude_modules` and `modules_to_save` for `targets` (null when empty),
 /// `inference_mode` (true) and the [`PeftMetadata`]. `target_modules` is
 /// filled in by saving, with the exact list of adapted modules.
 pub fn saved_fields(peft_type: &str, targets: &Targets, metadata: &PeftMetadata) -> serde_json::Map<String, Value> {
     let mut fields = serde_json::Map::new();
     fields.insert("peft_type".into(), Value::from(peft_type));
     fields.insert("exclude_modules".into(), targets.exclude_modules_json());
-    fields.insert("modules_to_save".into(), Value::Null);
+    let saved_modules = targets.saved_modules();
+    fields.insert(
+        "modules_to_save".into(),
+        match saved_modules {
+            [] => Value::Null,
+            names => Value::from(names.to_vec()),
+        },
+    );
     fields.insert("inference_mode".into(), Value::Bool(true));
     metadata.write_fields(&mut fields);
     fields
@@ -323,19 +332,6 @@ pub fn unsupported(field: &str, value: String, reason: &'static str) -> PeftErro
         field: field.to_owned(),
         value: capped_text(&value),
         reason,
-    }
-}
-
-/// Refuses a non-empty `modules_to_save`: the full trainable copies PEFT
-/// keeps of those modules are not implemented.
-pub fn refuse_modules_to_save(modules: Option<&Vec<String>>) -> Result<()> {
-    match modules.filter(|m| !m.is_empty()) {
-        Some(modules) => Err(unsupported(
-            "modules_to_save",
-            format!("{modules:?}"),
-            "modules_to_save is not implemented yet",
-        )),
-        None => Ok(()),
     }
 }
 

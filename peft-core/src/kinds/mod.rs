@@ -2,7 +2,8 @@
 //! [`PeftConfig`], the shared [`RankSettings`]), how kinds are found by
 //! `peft_type` (`registry.rs`) and read from `adapter_config.json`
 //! (`config_file.rs`), then one room per kind: `lora/`, `ia3.rs`,
-//! `lycoris/` (LoHa, LoKr). Sibling kinds never import each other.
+//! `lycoris/` (LoHa, LoKr), and `modules_to_save.rs`, the whole copies any
+//! kind's config may ask for. Sibling kinds never import each other.
 //!
 //! To add a kind: add a folder (or file) here with its config (implementing
 //! [`AdapterConfig`]; `config_basics!` and `config_identity!` write what
@@ -18,6 +19,7 @@ pub mod config_file;
 pub(crate) mod ia3;
 pub(crate) mod lora;
 pub(crate) mod lycoris;
+pub(crate) mod modules_to_save;
 pub(crate) mod registry;
 
 pub use config::{check_rank, AdapterConfig, PeftConfig, RankSettings, WithRank};
@@ -27,4 +29,5 @@ pub use lycoris::{
     factorization, LohaAdapter, LohaConfig, LokrAdapter, LokrConfig, LokrFactor, LokrInit, LokrShapes, LycorisOptions,
     WithLycoris,
 };
+pub use modules_to_save::ModuleCopy;
 pub use registry::{adapter_kind, adapter_kinds, parse_config, AdapterKind, ParseConfig};

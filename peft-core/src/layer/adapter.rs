@@ -33,6 +33,12 @@ pub enum Composition {
     /// It may follow only additive or input-transforming adapters on a
     /// layer, and may not join a layer with merged adapters.
     ReadsBaseWeight,
+    /// Computes the layer's output in place of the base: a whole trainable
+    /// copy of the layer (PEFT's `modules_to_save`). It must answer
+    /// [`Adapter::forward_with_base`]. It shares a layer only with other
+    /// copies (one per adapter name; the first active one computes), and
+    /// merging it replaces the base weights with the copy's.
+    ReplacesBase,
 }
 
 /// What an adapter sees of its layer during a forward pass.

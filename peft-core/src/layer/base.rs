@@ -5,7 +5,7 @@
 //! `[dim, vocab]`) or a convolution (a linear map of each input patch,
 //! weight `[out, in·k...]`).
 
-use candle_core::{DType, Device, Module, Result as CandleResult, Tensor};
+use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, Var};
 
 use crate::error::Result;
 use crate::layer::conv::{ConvGeometry, ConvLayer};
@@ -66,6 +66,14 @@ impl LayerWeights {
         };
         Ok(finite(&self.weight)? && self.bias.as_ref().map_or(Ok(true), finite)?)
     }
+}
+
+/// A trainable copy of a base ([`Base::trainable_copy`]): the base computing
+/// with new variables, and those variables by PyTorch's names.
+#[derive(Debug, Clone)]
+pub(crate) struct TrainableBase {
+    pub(crate) base: Base,
+    pub(crate) vars: Vec<(&'static str, Var)>,
 }
 
 /// The frozen base of a layer: dense (candle-nn's layer), quantized (QLoRA),
@@ -129,6 +137,42 @@ impl Base {
             Base::Lookup { .. } => Base::lookup(weights.weight.t()?.contiguous()?),
             _ => Ok(Base::Dense(candle_nn::Linear::new(weights.weight, weights.bias))),
         }
+    }
+
+    /// A trainable copy of this base: new [`Var`]s holding copies of its
+    /// tensors (keyed as PyTorch names them: `weight`, `bias`), and a base
+    /// computing with them. What PEFT's `modules_to_save` deep-copies. `None`
+    /// for a quantized base, whose weight cannot be trained.
+    pub(crate) fn trainable_copy(&self) -> CandleResult<Option<TrainableBase>> {
+        let var = |t: &Tensor| Var::from_tensor(&t.detach());
+        let bias_var = |bias: Option<&Tensor>| bias.map(var).transpose();
+        let copy = match self {
+            Base::Quantized { .. } => return Ok(None),
+            Base::Dense(linear) => {
+                let weight = var(linear.weight())?;
+                let bias = bias_var(linear.bias())?;
+                let base = Base::Dense(candle_nn::Linear::new(
+                    weight.as_tensor().clone(),
+                    bias.as_ref().map(|b| b.as_tensor().clone()),
+                ));
+                (base, weight, bias)
+            }
+            Base::Lookup { table, .. } => {
+                let weight = var(table.embeddings())?;
+                (Base::lookup(weight.as_tensor().clone())?, weight, None)
+            }
+            Base::Conv { conv, .. } => {
+                let weight = var(conv.kernel())?;
+                let bias = bias_var(conv.bias())?;
+                let copied = conv.with(weight.as_tensor().clone(), bias.as_ref().map(|b| b.as_tensor().clone()));
+                (Base::conv(copied)?, weight, bias)
+            }
+        };
+        let (base, weight, bias) = copy;
+        let vars = std::iter::once(("weight", weight))
+            .chain(bias.map(|b| ("bias", b)))
+            .collect();
+        Ok(Some(TrainableBase { base, vars }))
     }
 
     /// The same base, cut from the autograd graph.

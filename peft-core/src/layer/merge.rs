@@ -17,6 +17,10 @@ const PARTIAL_MERGE: &str = "merging some adapters of this layer while other act
 const QUANTIZED_MERGE: &str = "cannot merge into a quantized base weight: requantizing the merged weight would \
      lose the adapter's precision; keep the adapter unmerged, or load the base in f32/f16 to merge";
 
+/// Why merging two whole copies of one layer is refused.
+const TWO_COPIES_MERGE: &str = "two adapters hold a whole copy of this layer (modules_to_save) and both would be \
+     merged, but only one copy can replace the base; activate one of them";
+
 /// A new base for the layer, and which adapters are merged into it.
 pub(crate) struct MergePlan {
     base: Base,
@@ -103,9 +107,20 @@ impl Layer {
         let partial = self.adapters.iter().any(|a| a.active && !merged_after(a));
         let exact = |a: &AttachedAdapter| match a.adapter.composition() {
             Composition::Additive => true,
-            Composition::TransformsInput => merged_after(a),
+            Composition::TransformsInput | Composition::ReplacesBase => merged_after(a),
             _ => false,
         };
+        let copies_merged = self
+            .adapters
+            .iter()
+            .filter(|a| a.adapter.composition() == Composition::ReplacesBase && merged_after(a))
+            .count();
+        if copies_merged > 1 {
+            return Err(PeftError::MergeState {
+                module: self.describe(),
+                reason: TWO_COPIES_MERGE,
+            });
+        }
         if partial && !self.adapters.iter().filter(|a| a.active || merged_after(a)).all(exact) {
             return Err(PeftError::MergeState {
                 module: self.describe(),

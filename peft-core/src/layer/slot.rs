@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, Var};
 
 use crate::error::{PeftError, Result};
 use crate::layer::adapter::{Adapter, Composition, ForwardContext};
-use crate::layer::base::{Base, LayerKind, LayerWeights};
+use crate::layer::base::{Base, LayerKind, LayerWeights, TrainableBase};
 use crate::layer::conv::{ConvGeometry, ConvLayer};
 use crate::layer::quantized::QuantizedWeight;
 
@@ -231,6 +231,17 @@ impl Layer {
             training: train,
         };
         let applied = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        // A whole copy of the layer computes the output instead of the base;
+        // it shares the layer with copies only, and the first active one
+        // computes, as PEFT's `ModulesToSaveWrapper` uses its first active adapter.
+        if let Some(copy) = applied().find(|a| a.adapter.composition() == Composition::ReplacesBase) {
+            return copy.adapter.forward_with_base(x, cx)?.ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "adapter `{}` replaces the base but computes no output (`forward_with_base` gave None)",
+                    copy.name
+                ))
+            });
+        }
         let mut base_input = std::borrow::Cow::Borrowed(x);
         let transforming = applied().filter(|a| a.adapter.composition() == Composition::TransformsInput);
         for attached in transforming {
@@ -344,6 +355,19 @@ impl Layer {
                 )));
             }
         }
+        let replaces = |composition| composition == Composition::ReplacesBase;
+        if let Some(other) = self
+            .adapters
+            .iter()
+            .find(|a| replaces(a.adapter.composition()) != replaces(adapter.composition()))
+        {
+            return Err(incompatible(format!(
+                "a whole copy of a layer (modules_to_save) cannot share it with another kind of adapter \
+                 (`{}` is {}); leave this module out of the targets or out of modules_to_save",
+                other.name,
+                other.adapter.peft_type()
+            )));
+        }
         if adapter.composition() != Composition::Additive && self.is_merged() {
             return Err(incompatible(
                 "only additive adapters (`Composition::Additive`) can join a layer with merged adapters; unmerge first"
@@ -366,6 +390,13 @@ impl Layer {
             merged: false,
             config,
         });
+    }
+
+    /// A trainable copy of the base (new variables holding copies of its
+    /// tensors, keyed `weight` and `bias`) and a base computing with them;
+    /// `None` for a quantized base.
+    pub(crate) fn trainable_base_copy(&self) -> CandleResult<Option<TrainableBase>> {
+        self.base.trainable_copy()
     }
 
     /// The saved-config fields of the adapter `name`, if it was added from a config.

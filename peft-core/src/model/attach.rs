@@ -9,11 +9,14 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use serde_json::{Map, Value};
 
+use crate::adaptable::Visitor;
 use crate::error::{capped_list, InModule, PeftError, Result};
 use crate::io::{write_adapter, KEY_PREFIX};
-use crate::kinds::AdapterConfig;
-use crate::layer::Adapter;
+use crate::kinds::{AdapterConfig, ModuleCopy};
+use crate::layer::{Adapter, Composition};
 use crate::model::{LayerRef, PeftModel, DEFAULT_ADAPTER};
+use crate::path::ModulePath;
+use crate::targets::Targets;
 
 /// Adds an adapter made from `config` under `name` on every layer `config`
 /// targets. With `file`, each new adapter's tensors are then set from it
@@ -27,6 +30,7 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
     name: &str,
     config: &C,
     mut file: Option<FileTensors>,
+    copies: Copies,
 ) -> Result<()> {
     check_adapter_name(name)?;
     check_new_name(model, name)?;
@@ -48,6 +52,19 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
             }
             adapters.push((i, adapter));
         }
+        let copied = match copies {
+            Copies::Make => copied_layers(&*model, &layers, config.targets())?,
+            Copies::Skip => Vec::new(),
+        };
+        for i in copied {
+            let LayerRef { path, layer, .. } = &layers[i];
+            let copy: Box<dyn Adapter> = Box::new(ModuleCopy::new(path, layer).in_module(path)?);
+            layer.check_attach(name, &*copy).in_module(path)?;
+            if let Some(file) = file.as_mut() {
+                file.fill(path, &*copy)?;
+            }
+            adapters.push((i, copy));
+        }
         if let Some(file) = file {
             file.check_all_used()?;
         }
@@ -59,6 +76,72 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
         layers[i].layer.insert_adapter(name, adapter, Some(saved.clone()));
     }
     Ok(())
+}
+
+/// Indices into `layers` of the slots `targets` copies whole
+/// ([`Targets::modules_to_save`]): every slot at or under a module whose
+/// path ends with one of the names, as PEFT's `_set_trainable` matches
+/// them (a module inside a matched one is covered by its copy).
+///
+/// Refused: names that match no module, and a matched module holding a
+/// tensor outside a slot (a norm's weight): only `Linear`, `Embedding` and
+/// `Conv` fields can be copied.
+fn copied_layers<M: PeftModel + ?Sized>(model: &M, layers: &[LayerRef<'_>], targets: &Targets) -> Result<Vec<usize>> {
+    let names = targets.saved_modules();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    #[derive(Default)]
+    struct Modules {
+        modules: Vec<String>,
+        tensors: Vec<String>,
+    }
+    impl<'a> Visitor<'a> for Modules {
+        fn enter_module(&mut self, path: &ModulePath) {
+            self.modules.push(path.as_str().to_owned());
+        }
+        fn visit_tensor(&mut self, path: &ModulePath, _: &'a Tensor) {
+            self.tensors.push(path.as_str().to_owned());
+        }
+    }
+    let mut seen = Modules::default();
+    model.visit(&mut ModulePath::new(), &mut seen);
+    let under =
+        |path: &str, module: &str| path == module || path.strip_prefix(module).is_some_and(|r| r.starts_with('.'));
+    let matched: Vec<&String> = seen.modules.iter().filter(|m| targets.is_saved_module(m)).collect();
+    if matched.is_empty() {
+        return Err(PeftError::NoModuleToSave {
+            requested: format!("{names:?}"),
+            candidates: seen.modules.len(),
+        });
+    }
+    let outermost = matched
+        .iter()
+        .filter(|m| !matched.iter().any(|outer| outer != *m && under(m, outer)));
+    let mut copied = Vec::new();
+    for module in outermost {
+        if let Some(tensor) = seen.tensors.iter().find(|t| under(t, module)) {
+            return Err(PeftError::UnsupportedOption {
+                field: "modules_to_save".into(),
+                value: format!("{module:?} (it holds the tensor `{tensor}`)"),
+                reason: "this module holds a tensor outside a Linear, Embedding or Conv field (a norm's weight, ...), \
+                         which cannot be copied here",
+            });
+        }
+        copied.extend((0..layers.len()).filter(|&i| under(&layers[i].path, module)));
+    }
+    copied.sort_unstable();
+    copied.dedup();
+    Ok(copied)
+}
+
+/// Whether [`attach`] makes the whole copies a config's `modules_to_save`
+/// asks for: a model does; a one-module merge of a standalone adapter
+/// file, which takes copied modules from the file as they are, does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Copies {
+    Make,
+    Skip,
 }
 
 /// The tensors of an adapter file, by file key, handed out to the layers
@@ -147,7 +230,11 @@ pub(crate) fn saved_adapter<M: PeftModel + ?Sized>(model: &M, name: &str) -> Res
         });
     };
     let mut config = Map::clone(config);
-    let mut target_modules: Vec<&str> = adapted.iter().map(|(l, _)| l.path.as_str()).collect();
+    let mut target_modules: Vec<&str> = adapted
+        .iter()
+        .filter(|(_, adapter)| adapter.composition() != Composition::ReplacesBase)
+        .map(|(l, _)| l.path.as_str())
+        .collect();
     target_modules.sort_unstable();
     config.insert("target_modules".into(), Value::from(target_modules));
     if adapted.iter().any(|(l, _)| l.layer.is_fan_in_fan_out()) {

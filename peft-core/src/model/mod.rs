@@ -33,7 +33,7 @@ use crate::kinds::{AdapterConfig, LoraConfig};
 use crate::layer::Layer;
 use crate::path::ModulePath;
 use crate::targets::Targets;
-use attach::{check_known, FileTensors};
+use attach::{check_known, Copies, FileTensors};
 use merge::{check_mergeable, check_pending_merge, commit_all, commit_plan};
 
 /// The adapter name [`PeftModel::apply_lora`] uses, as PEFT does.
@@ -166,7 +166,7 @@ pub trait PeftModel: Adaptable {
     /// Targets are resolved over the model's own layers only: adapters are
     /// not layers, so a second adapter never wraps the first one's weights.
     fn add_adapter<C: AdapterConfig + ?Sized>(&mut self, name: &str, config: &C) -> Result<()> {
-        attach::attach(self, name, config, None)
+        attach::attach(self, name, config, None, Copies::Make)
     }
 
     /// Paths of the layers that hold at least one adapter, sorted.
@@ -367,5 +367,11 @@ fn load_files<M: PeftModel + ?Sized>(model: &mut M, files: io::AdapterFiles<'_>,
         .first()
         .map_or(candle_core::Device::Cpu, |l| l.layer.device());
     let adapter = io::decode(files, &device)?;
-    attach::attach(model, name, &*adapter.config, Some(FileTensors::new(adapter.tensors)))
+    attach::attach(
+        model,
+        name,
+        &*adapter.config,
+        Some(FileTensors::new(adapter.tensors)),
+        Copies::Make,
+    )
 }

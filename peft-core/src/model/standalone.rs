@@ -20,7 +20,7 @@ use crate::error::{InModule, PeftError, Result};
 use crate::io::{self, KEY_PREFIX};
 use crate::kinds::AdapterConfig;
 use crate::layer::{Conv1d, Conv2d, Embedding, Linear};
-use crate::model::attach::{attach, FileTensors};
+use crate::model::attach::{attach, Copies, FileTensors};
 use crate::model::{PeftModel, DEFAULT_ADAPTER};
 use crate::path::ModulePath;
 
@@ -128,6 +128,8 @@ pub struct StandaloneAdapter {
     fields: serde_json::Map<String, Value>,
     tensors: BTreeMap<String, Tensor>,
     modules: BTreeSet<String>,
+    /// Modules the file holds whole (`modules_to_save`): merging takes them as they are.
+    copied: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for StandaloneAdapter {
@@ -164,12 +166,20 @@ impl StandaloneAdapter {
             _ => serde_json::Map::new(),
         };
         let decoded = io::decode(files, &Device::Cpu)?;
-        let modules = decoded.tensors.keys().filter_map(|key| module_of(key)).collect();
+        let targets = decoded.config.targets();
+        let copied: BTreeSet<String> = decoded
+            .tensors
+            .keys()
+            .filter_map(|key| copied_module_of(key, targets))
+            .collect();
+        let mut modules: BTreeSet<String> = decoded.tensors.keys().filter_map(|key| module_of(key)).collect();
+        modules.extend(copied.iter().cloned());
         Ok(Self {
             config: decoded.config,
             fields,
             tensors: decoded.tensors,
             modules,
+            copied,
         })
     }
 
@@ -213,6 +223,22 @@ impl StandaloneAdapter {
         &self.tensors
     }
 
+    /// The modules the file holds whole (`modules_to_save`: a classifier
+    /// head, ...), sorted; [`merge_module`](Self::merge_module) gives their
+    /// saved weights as they are.
+    pub fn copied_modules(&self) -> Vec<&str> {
+        self.copied.iter().map(String::as_str).collect()
+    }
+
+    /// The bias saved with the whole copy of module `path`, if the file
+    /// holds one: merging replaces the checkpoint's bias with it.
+    pub fn copied_bias(&self, path: &str) -> Option<&Tensor> {
+        if !self.copied.contains(path) {
+            return None;
+        }
+        self.tensors.get(&format!("{KEY_PREFIX}{path}.bias"))
+    }
+
     /// Whether the file holds tensors for the module at `path`.
     pub fn adapts(&self, path: &str) -> bool {
         self.modules.contains(path)
@@ -230,6 +256,9 @@ impl StandaloneAdapter {
                 requested: format!("[{path}] (the adapter file has no tensor for it)"),
                 candidates: 1,
             });
+        }
+        if self.copied.contains(path) {
+            return self.copy_of(path, base);
         }
         let transposed = self.fan_in_fan_out() && matches!(base, BaseModule::Linear { .. });
         let prefix = format!("{KEY_PREFIX}{path}.");
@@ -250,6 +279,7 @@ impl StandaloneAdapter {
             DEFAULT_ADAPTER,
             &*self.config,
             Some(FileTensors::new(tensors)),
+            Copies::Skip,
         )?;
         placed.merge_and_unload()?;
         let (weight, bias) = match &placed.slot {
@@ -262,6 +292,40 @@ impl StandaloneAdapter {
             weight.t().and_then(|w| w.contiguous()).in_module(path)?
         } else {
             weight
+        };
+        Ok((weight, bias))
+    }
+
+    /// A module the file holds whole (`modules_to_save`): its saved weight
+    /// (and bias, else the base's) in the base's dtype, as merging leaves it.
+    fn copy_of(&self, path: &str, base: BaseModule) -> Result<(Tensor, Option<Tensor>)> {
+        let (current, bias) = match base {
+            BaseModule::Linear { weight, bias } | BaseModule::Conv { weight, bias } => (weight, bias),
+            BaseModule::Embedding { table } => (table, None),
+        };
+        let saved = |name: &str, like: &Tensor| -> Result<Option<Tensor>> {
+            let key = format!("{KEY_PREFIX}{path}.{name}");
+            let Some(tensor) = self.tensors.get(&key) else {
+                return Ok(None);
+            };
+            if tensor.dims() != like.dims() {
+                return Err(PeftError::ShapeMismatch {
+                    key,
+                    expected: like.dims().to_vec(),
+                    found: tensor.dims().to_vec(),
+                });
+            }
+            Ok(Some(tensor.to_dtype(like.dtype()).in_module(path)?))
+        };
+        let Some(weight) = saved("weight", &current)? else {
+            return Err(PeftError::MissingTensor {
+                module: path.to_owned(),
+                key: format!("{KEY_PREFIX}{path}.weight"),
+            });
+        };
+        let bias = match bias {
+            Some(bias) => Some(saved("bias", &bias)?.unwrap_or(bias)),
+            None => None,
         };
         Ok((weight, bias))
     }
@@ -339,6 +403,28 @@ fn module_of(key: &str) -> Option<String> {
     let segments: Vec<&str> = rest.split('.').collect();
     let at = segments.iter().position(|segment| is_adapter_segment(segment))?;
     (at > 0).then(|| segments[..at].join("."))
+}
+
+/// The module of a file key that a `modules_to_save` copy wrote
+/// (`base_model.model.score.weight` → `score`): a key with no adapter
+/// segment, whose module is, or lies inside, a module `targets` copies.
+fn copied_module_of(key: &str, targets: &crate::targets::Targets) -> Option<String> {
+    let rest = key.strip_prefix(KEY_PREFIX)?;
+    let (module, _) = rest.rsplit_once('.')?;
+    if rest.split('.').any(is_adapter_segment) {
+        return None;
+    }
+    let mut prefix = String::new();
+    for segment in module.split('.') {
+        if !prefix.is_empty() {
+            prefix.push('.');
+        }
+        prefix.push_str(segment);
+        if targets.is_saved_module(&prefix) {
+            return Some(module.to_owned());
+        }
+    }
+    None
 }
 
 fn is_adapter_segment(segment: &str) -> bool {
