@@ -1017,6 +1017,7 @@ fn every_row_names_a_test() {
         "tests/adapter_io.rs",
         "tests/qlora.rs",
         "tests/modules_to_save.rs",
+        "tests/mixed_batch.rs",
     ]
     .iter()
     .map(|file| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap())

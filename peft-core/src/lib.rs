@@ -103,7 +103,7 @@ pub use kinds::{
 pub use layer::{
     conv1d, conv2d, embedding, linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Adapter, CloneAdapter,
     Composition, Conv1d, Conv2d, ConvGeometry, Embedding, ForwardContext, Layer, LayerKind, LayerWeights, Linear,
-    QuantizedWeight,
+    QuantizedWeight, BASE_ROWS,
 };
 pub use model::{
     adapter_dir, check_adapter_name, read_tensor_entries, split_adapter_key, BaseModule, LayerMut, LayerRef,

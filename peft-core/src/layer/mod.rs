@@ -9,11 +9,13 @@
 //!   [`LayerWeights`], [`LayerKind`];
 //! - `slot.rs`: [`Layer`], the slot: forward pass, adapters by name;
 //! - `merge.rs`: merging a slot's adapters into its base, planned before committed;
+//! - `batch.rs`: mixed batches, each row through its own adapter;
 //! - `linear.rs`, `embedding.rs`, `conv.rs`, `quantized.rs`: the drop-ins for
 //!   candle-nn's layers that hold a slot, and their constructors.
 
 pub(crate) mod adapter;
 pub(crate) mod base;
+pub(crate) mod batch;
 pub(crate) mod conv;
 pub(crate) mod embedding;
 pub(crate) mod linear;
@@ -24,6 +26,7 @@ pub(crate) mod slot;
 pub(crate) use adapter::adapter_identity;
 pub use adapter::{Adapter, CloneAdapter, Composition, ForwardContext};
 pub use base::{LayerKind, LayerWeights};
+pub use batch::BASE_ROWS;
 pub use conv::{conv1d, conv2d, Conv1d, Conv2d, ConvGeometry};
 pub use embedding::{embedding, Embedding};
 pub use linear::{linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Linear};

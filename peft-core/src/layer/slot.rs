@@ -47,6 +47,8 @@ pub struct Layer {
     pub(super) training: bool,
     /// The checkpoint stored this weight `[in, out]` (GPT-2's `Conv1D`).
     pub(super) fan_in_fan_out: bool,
+    /// A mixed batch: the adapter of each row (see `batch.rs`).
+    pub(super) batch_adapters: Option<Arc<[String]>>,
 }
 
 /// PEFT's `adapter_config.json` fields of the config an adapter was made
@@ -91,6 +93,7 @@ impl Layer {
             adapters_enabled: true,
             training: false,
             fan_in_fan_out: false,
+            batch_adapters: None,
         }
     }
 
@@ -226,11 +229,31 @@ impl Layer {
             // Disabling unmerges first, so the base is the plain base here.
             return self.base.forward(x);
         }
+        if let Some(rows) = &self.batch_adapters {
+            return self.forward_mixed(x, train, rows);
+        }
+        self.forward_with(x, train, |_, a| a.active && !a.merged)
+    }
+
+    /// The forward pass with the adapters `applied` selects (by index and
+    /// state): the active unmerged ones, or one adapter for a mixed batch.
+    pub(super) fn forward_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        applied: impl Fn(usize, &AttachedAdapter) -> bool,
+    ) -> CandleResult<Tensor> {
         let cx = ForwardContext {
             base: &self.base,
             training: train,
         };
-        let applied = || self.adapters.iter().filter(|a| a.active && !a.merged);
+        let applied = || {
+            self.adapters
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| applied(*i, a))
+                .map(|(_, a)| a)
+        };
         // A whole copy of the layer computes the output instead of the base;
         // it shares the layer with copies only, and the first active one
         // computes, as PEFT's `ModulesToSaveWrapper` uses its first active adapter.

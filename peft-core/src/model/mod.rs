@@ -346,6 +346,41 @@ pub trait PeftModel: Adaptable {
         Ok(result)
     }
 
+    /// Runs `f` with each row of the batch computed by its own adapter, as
+    /// PEFT's `model(..., adapter_names=[...])`: `rows[i]` names the adapter
+    /// of row `i` (active or not), [`BASE_ROWS`](crate::BASE_ROWS)
+    /// (`"__base__"`) the base model. Every layer groups the rows by adapter
+    /// and runs each group with that adapter alone, so a batch serves
+    /// several adapters with no weight copied per row; generation with a KV
+    /// cache inside `f` keeps each row's adapter. Afterwards the model
+    /// computes with its active adapters again.
+    ///
+    /// Refused (before `f` runs): a name that is no adapter of the model,
+    /// and merged adapters (as PEFT refuses them). A batch whose row count
+    /// is not `rows.len()` is an error of the forward pass inside `f`.
+    fn with_batch_adapters<R>(&mut self, rows: &[&str], f: impl FnOnce(&Self) -> R) -> Result<R>
+    where
+        Self: Sized,
+    {
+        let named: Vec<&str> = rows.iter().copied().filter(|r| *r != crate::BASE_ROWS).collect();
+        check_known(&named, &self.adapter_names())?;
+        if let Some(merged) = self.layers().iter().find(|l| l.layer.is_merged()) {
+            return Err(PeftError::MergeState {
+                module: merged.path.clone(),
+                reason: "a mixed batch needs every adapter unmerged (as PEFT); unmerge first",
+            });
+        }
+        let rows: std::sync::Arc<[String]> = rows.iter().map(|r| (*r).to_owned()).collect();
+        for layer in self.layers_mut() {
+            layer.layer.set_batch_adapters(Some(rows.clone()));
+        }
+        let result = f(self);
+        for layer in self.layers_mut() {
+            layer.layer.set_batch_adapters(None);
+        }
+        Ok(result)
+    }
+
     /// Training mode turns adapter dropout on; inference mode (the default)
     /// turns it off.
     fn set_training(&mut self, training: bool) {
