@@ -43,6 +43,7 @@
 mod auto;
 mod cache;
 mod checkpoint;
+pub mod combine;
 pub mod convert;
 mod error;
 pub mod eval;
