@@ -6,7 +6,7 @@
 use candle_core::{DType, Device};
 
 use crate::error::Result;
-use crate::model::combine::MajoritySign;
+use crate::model::combine_options::MajoritySign;
 
 /// How the task tensors are merged once weighted (PEFT's functions of
 /// `merge_utils.py`).

@@ -8,7 +8,7 @@
 //! - `attach.rs`: the one attach routine ([`PeftModel::add_adapter`] and
 //!   loading both use it), adapter-name checks, what saving writes;
 //! - `merge.rs`: merging every layer, all or nothing;
-//! - `combine.rs`, `combine_math.rs`: [`PeftModel::add_weighted_adapter`],
+//! - `combine.rs`, `combine_options.rs`, `combine_math.rs`: [`PeftModel::add_weighted_adapter`],
 //!   PEFT's combinations of LoRA adapters into a new one;
 //! - `skeleton.rs`: [`AdapterSkeleton`], a model made from adapter files
 //!   alone, for combining adapters with no base model;
@@ -17,6 +17,7 @@
 mod attach;
 mod combine;
 mod combine_math;
+mod combine_options;
 mod count;
 mod inspect;
 mod merge;
@@ -29,7 +30,7 @@ use std::path::Path;
 use candle_core::Var;
 
 pub use attach::{adapter_dir, check_adapter_name};
-pub use combine::{Combination, CombineOptions, MajoritySign};
+pub use combine_options::{Combination, CombineOptions, MajoritySign};
 pub use count::ParameterCount;
 pub use inspect::{read_tensor_entries, split_adapter_key, TensorEntry};
 pub use skeleton::AdapterSkeleton;

@@ -17,7 +17,7 @@ use crate::kinds::AdapterConfig;
 use crate::layer::{Adapter, Conv1d, Conv2d, Embedding, Layer, Linear};
 use crate::model::attach::{attach, FileTensors};
 use crate::model::standalone::Slot;
-use crate::model::StandaloneAdapter;
+use crate::model::{PeftModel, StandaloneAdapter};
 use crate::path::ModulePath;
 use crate::targets::{regex, Targets};
 
@@ -87,8 +87,6 @@ impl Adaptable for AdapterSkeleton {
         }
     }
 }
-
-use crate::model::PeftModel;
 
 impl AdapterSkeleton {
     /// A skeleton with a slot for every module the LoRA adapters address
