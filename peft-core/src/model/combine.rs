@@ -251,11 +251,11 @@ fn factors(source: &Source<'_>, path: &str, adapter: &dyn Adapter) -> Result<Fac
         )));
     };
     let host = |t: &Var| -> Result<Vec<f64>> {
-        Ok(t.as_tensor()
+        t.as_tensor()
             .to_dtype(DType::F64)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1())
-            .in_module(path)?)
+            .in_module(path)
     };
     let rank = a.dims()[0];
     let (_, alpha) = source.ranks.rank_and_alpha(path)?;
