@@ -7,7 +7,7 @@ use std::str::FromStr;
 use crate::error::{PeftError, Result};
 use crate::model::combine_math::Rule;
 
-/// How [`add_weighted_adapter`](PeftModel::add_weighted_adapter) combines
+/// How [`add_weighted_adapter`](crate::PeftModel::add_weighted_adapter) combines
 /// adapters: PEFT's `combination_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -155,7 +155,7 @@ impl FromStr for MajoritySign {
     }
 }
 
-/// The arguments of [`add_weighted_adapter`](PeftModel::add_weighted_adapter)
+/// The arguments of [`add_weighted_adapter`](crate::PeftModel::add_weighted_adapter)
 /// besides the adapters and weights, with PEFT's names and defaults.
 ///
 /// ```
