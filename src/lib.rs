@@ -53,3 +53,7 @@ pub struct GuideTrain;
 #[doc = include_str!("../docs/guide/merge.md")]
 #[cfg(doctest)]
 pub struct GuideMerge;
+
+#[doc = include_str!("../docs/guide/combine.md")]
+#[cfg(doctest)]
+pub struct GuideCombine;

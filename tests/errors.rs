@@ -1018,6 +1018,7 @@ fn every_row_names_a_test() {
         "tests/qlora.rs",
         "tests/modules_to_save.rs",
         "tests/mixed_batch.rs",
+        "tests/combine.rs",
     ]
     .iter()
     .map(|file| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap())

@@ -20,6 +20,7 @@ use peft_models::tokenizer::{Message, Tokenizer};
 use peft_models::AutoModel;
 use serde_json::json;
 
+mod combine;
 mod convert;
 mod export_gguf;
 mod inspect;
@@ -88,6 +89,14 @@ enum Command {
     /// Example: peft convert --adapter tests/fixtures/merge_cases/loha/adapter
     ///          --to lora --rank 8 --out /tmp/loha-as-lora
     Convert(Box<convert::ConvertArgs>),
+    /// Combine LoRA adapters into a new adapter with no base model, as
+    /// PEFT's add_weighted_adapter: linear, cat, svd, ties, dare_*,
+    /// magnitude_prune and their SVD forms.
+    ///
+    /// Example: peft combine --adapter tests/fixtures/weighted_adapters/adapters/a
+    ///          --adapter tests/fixtures/weighted_adapters/adapters/b --weights 0.7,0.3
+    ///          --combination ties --density 0.5 --out /tmp/ties
+    Combine(Box<combine::CombineArgs>),
     /// Write a PEFT LoRA adapter as llama.cpp's LoRA adapter GGUF, as
     /// llama.cpp's convert_lora_to_gguf.py writes it (llama-cli --lora FILE).
     ///
@@ -270,6 +279,7 @@ fn run(command: Command) -> CliResult {
         Command::Merge(args) => merge::merge_command(*args),
         Command::Inspect(args) => inspect::inspect_command(args),
         Command::Convert(args) => convert::convert_command(*args),
+        Command::Combine(args) => combine::combine_command(*args),
         Command::ExportGguf(args) => export_gguf::export_gguf_command(*args),
         Command::Eval {
             model: args,

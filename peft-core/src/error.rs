@@ -231,6 +231,46 @@ pub enum PeftError {
         /// The shape in the file.
         found: Vec<usize>,
     },
+    /// `add_weighted_adapter` was given another number of weights than
+    /// adapters (PEFT's `zip` drops the extra ones silently).
+    #[error("add_weighted_adapter: {adapters} adapter(s) but {weights} weight(s); give one weight per adapter")]
+    WeightsLength {
+        /// How many adapters were named.
+        adapters: usize,
+        /// How many weights were given.
+        weights: usize,
+    },
+    /// An adapter `add_weighted_adapter` cannot combine: not LoRA, DoRA,
+    /// attached by hand with no config.
+    #[error("cannot combine adapter `{adapter}`: {reason}")]
+    NotCombinable {
+        /// The adapter's name.
+        adapter: String,
+        /// Why, naming the module when one is at fault.
+        reason: String,
+    },
+    /// The combination type needs adapters of one rank and they differ
+    /// (PEFT: "All adapters must have the same r value when using
+    /// combination_type linear, ties, dare_ties or dare_linear").
+    #[error("combination `{combination}` needs adapters of equal rank, found {ranks}; `cat` and the SVD types (`svd`, `ties_svd`, ...) take any ranks")]
+    RankMismatch {
+        /// The combination type.
+        combination: &'static str,
+        /// Each adapter's rank (`a: r = 4, c: r = 2`), and the module when
+        /// they differ on one module only.
+        ranks: String,
+    },
+    /// An SVD combination asked for more singular vectors than the
+    /// module's `ΔW` has.
+    #[error("module `{module}`: svd rank {rank} is larger than ΔW {shape:?} allows (at most {})", shape.iter().min().copied().unwrap_or(0))]
+    SvdRankTooLarge {
+        /// Dotted path of the module.
+        module: String,
+        /// The rank asked for (`svd_rank`, or the largest source rank).
+        rank: usize,
+        /// `ΔW`'s shape `[out, in]` (convolutions flattened to `[out, in·k]`).
+        shape: Vec<usize>,
+    },
     /// A tensor operation failed inside a module.
     #[error("module `{module}`: {cause}")]
     Module {

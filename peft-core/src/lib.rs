@@ -106,8 +106,9 @@ pub use layer::{
     QuantizedWeight, BASE_ROWS,
 };
 pub use model::{
-    adapter_dir, check_adapter_name, read_tensor_entries, split_adapter_key, BaseModule, LayerMut, LayerRef,
-    ParameterCount, PeftModel, StandaloneAdapter, TensorEntry, DEFAULT_ADAPTER,
+    adapter_dir, check_adapter_name, read_tensor_entries, split_adapter_key, AdapterSkeleton, BaseModule, Combination,
+    CombineOptions, LayerMut, LayerRef, MajoritySign, ParameterCount, PeftModel, StandaloneAdapter, TensorEntry,
+    DEFAULT_ADAPTER,
 };
 pub use path::ModulePath;
 pub use targets::{all_linear, layer_index, modules, name_matches, regex, Targets};

@@ -161,6 +161,13 @@ pub enum ModelError {
         /// Why.
         reason: String,
     },
+    /// Adapters that cannot be combined as asked (`peft combine`: the
+    /// output folder is an input, the seed without a DARE type, ...).
+    #[error("cannot combine adapters: {reason}")]
+    Combine {
+        /// Why.
+        reason: String,
+    },
     /// The output folder or file exists (pass `force` to replace it).
     #[error("{} exists; choose another output or pass --force to replace it", path.display())]
     OutputExists {

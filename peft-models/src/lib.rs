@@ -44,6 +44,7 @@ mod auto;
 mod cache;
 mod checkpoint;
 pub mod classification;
+pub mod combine;
 pub mod convert;
 mod error;
 pub mod eval;

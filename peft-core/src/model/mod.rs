@@ -8,12 +8,20 @@
 //! - `attach.rs`: the one attach routine ([`PeftModel::add_adapter`] and
 //!   loading both use it), adapter-name checks, what saving writes;
 //! - `merge.rs`: merging every layer, all or nothing;
+//! - `combine.rs`, `combine_options.rs`, `combine_math.rs`: [`PeftModel::add_weighted_adapter`],
+//!   PEFT's combinations of LoRA adapters into a new one;
+//! - `skeleton.rs`: [`AdapterSkeleton`], a model made from adapter files
+//!   alone, for combining adapters with no base model;
 //! - `count.rs`: parameter counts.
 
 mod attach;
+mod combine;
+mod combine_math;
+mod combine_options;
 mod count;
 mod inspect;
 mod merge;
+mod skeleton;
 mod standalone;
 
 use std::collections::BTreeSet;
@@ -22,8 +30,10 @@ use std::path::Path;
 use candle_core::Var;
 
 pub use attach::{adapter_dir, check_adapter_name};
+pub use combine_options::{Combination, CombineOptions, MajoritySign};
 pub use count::ParameterCount;
 pub use inspect::{read_tensor_entries, split_adapter_key, TensorEntry};
+pub use skeleton::AdapterSkeleton;
 pub use standalone::{BaseModule, StandaloneAdapter};
 
 use crate::adaptable::{Adaptable, Role, Visitor, VisitorMut};
@@ -167,6 +177,36 @@ pub trait PeftModel: Adaptable {
     /// not layers, so a second adapter never wraps the first one's weights.
     fn add_adapter<C: AdapterConfig + ?Sized>(&mut self, name: &str, config: &C) -> Result<()> {
         attach::attach(self, name, config, None, Copies::Make)
+    }
+
+    /// Combines LoRA adapters of the model into a new adapter `name`, as
+    /// PEFT's `add_weighted_adapter(adapters, weights, name,
+    /// combination_type, ...)`: `weights[i]` scales `adapters[i]` (negative
+    /// weights subtract), `options` holds the combination type and its
+    /// settings (see [`Combination`] for each type's rule and
+    /// `docs/guide/combine.md` for where this differs from PEFT).
+    ///
+    /// The new adapter goes on every layer holding one of the sources, with
+    /// the first source's config and `r = lora_alpha` = the new rank (the
+    /// common rank, the sum for `cat`, `svd_rank` or the largest for the
+    /// SVD types), and is active, as [`add_adapter`](Self::add_adapter)
+    /// leaves a new adapter; `set_active_adapters(&[name])` uses it alone.
+    /// With one adapter the combination is `linear`, as in PEFT. The DARE
+    /// types draw their masks from [`crate::random`]: wrap the call in
+    /// [`with_seed`](crate::random::with_seed) to repeat it.
+    ///
+    /// Refused, with the model unchanged: unknown adapters, a name in use,
+    /// as many weights as adapters not given, adapters that are not plain
+    /// LoRA, different ranks for `linear` and the non-SVD pruning types, a
+    /// density outside (0, 1] (or none for a type that prunes).
+    fn add_weighted_adapter(
+        &mut self,
+        adapters: &[&str],
+        weights: &[f64],
+        name: &str,
+        options: &CombineOptions,
+    ) -> Result<()> {
+        combine::add_weighted(self, adapters, weights, name, options)
     }
 
     /// Paths of the layers that hold at least one adapter, sorted.

@@ -50,7 +50,7 @@ pub enum BaseModule {
 }
 
 /// One slot placed at a module path: a model of one layer.
-enum Slot {
+pub(super) enum Slot {
     Linear(Linear),
     Embedding(Embedding),
     Conv1d(Conv1d),
@@ -62,17 +62,34 @@ struct Placed {
     slot: Slot,
 }
 
-impl Adaptable for Placed {
-    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
-        for segment in &self.segments {
-            path.push(segment);
-        }
-        match &self.slot {
+impl Slot {
+    /// Visits the slot at `path`.
+    pub(super) fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        match self {
             Slot::Linear(slot) => slot.visit(path, visitor),
             Slot::Embedding(slot) => slot.visit(path, visitor),
             Slot::Conv1d(slot) => slot.visit(path, visitor),
             Slot::Conv2d(slot) => slot.visit(path, visitor),
         }
+    }
+
+    /// Visits the slot at `path`, mutably.
+    pub(super) fn visit_mut<'a, V: VisitorMut<'a> + ?Sized>(&'a mut self, path: &mut ModulePath, visitor: &mut V) {
+        match self {
+            Slot::Linear(slot) => slot.visit_mut(path, visitor),
+            Slot::Embedding(slot) => slot.visit_mut(path, visitor),
+            Slot::Conv1d(slot) => slot.visit_mut(path, visitor),
+            Slot::Conv2d(slot) => slot.visit_mut(path, visitor),
+        }
+    }
+}
+
+impl Adaptable for Placed {
+    fn visit<'a, V: Visitor<'a> + ?Sized>(&'a self, path: &mut ModulePath, visitor: &mut V) {
+        for segment in &self.segments {
+            path.push(segment);
+        }
+        self.slot.visit(path, visitor);
         for _ in &self.segments {
             path.pop();
         }
@@ -82,12 +99,7 @@ impl Adaptable for Placed {
         for segment in &self.segments {
             path.push(segment);
         }
-        match &mut self.slot {
-            Slot::Linear(slot) => slot.visit_mut(path, visitor),
-            Slot::Embedding(slot) => slot.visit_mut(path, visitor),
-            Slot::Conv1d(slot) => slot.visit_mut(path, visitor),
-            Slot::Conv2d(slot) => slot.visit_mut(path, visitor),
-        }
+        self.slot.visit_mut(path, visitor);
         for _ in &self.segments {
             path.pop();
         }
