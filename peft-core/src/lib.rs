@@ -91,7 +91,7 @@ pub use adaptable::{
     VisitorMut,
 };
 pub use error::{PeftError, Result};
-pub use io::{CONFIG_FILE, WEIGHTS_FILE};
+pub use io::{adapter_weights_file, read_pickled_tensors, CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE};
 pub use kernels::{fused, ops, random};
 pub use kinds::config_file::{PeftMetadata, WithMetadata};
 pub use kinds::{
