@@ -343,6 +343,41 @@ fn config_option_not_implemented() {
 }
 
 #[test]
+fn config_layer_options_peft_refuses() {
+    // LoraConfig's __post_init__ (PEFT 0.21): a string target_modules with
+    // layers_to_transform or layers_pattern (any value but null), and
+    // layers_pattern without layers_to_transform.
+    for (target_modules, layers, pattern, field) in [
+        (json!(".*\\.q"), json!([1]), Value::Null, "layers_to_transform"),
+        (json!(".*\\.q"), json!([]), Value::Null, "layers_to_transform"),
+        (json!("all-linear"), json!(0), Value::Null, "layers_to_transform"),
+        (json!(".*\\.q"), Value::Null, json!("layers"), "layers_pattern"),
+        (json!(".*\\.q"), Value::Null, json!([]), "layers_pattern"),
+        (json!(["q"]), Value::Null, json!("layers"), "layers_pattern"),
+        (json!(["q"]), Value::Null, json!(["layers"]), "layers_pattern"),
+    ] {
+        let error = config_fails(|c| {
+            c.insert("target_modules".into(), target_modules.clone());
+            c.insert("layers_to_transform".into(), layers.clone());
+            c.insert("layers_pattern".into(), pattern.clone());
+        });
+        match &error {
+            PeftError::InvalidConfig { field: f, .. } => assert_eq!(*f, field, "{error}"),
+            other => panic!("{target_modules} / {layers} / {pattern}: expected InvalidConfig, got {other:?}"),
+        }
+        eprintln!("{error}");
+    }
+    // An empty layers_pattern with a list is no pattern (PEFT's default
+    // rule), and an empty layers_to_transform no filter: both load.
+    let mut files = valid_files();
+    files.config.insert("layers_to_transform".into(), json!([]));
+    files.config.insert("layers_pattern".into(), json!("layers"));
+    loads(&files);
+    files.config.insert("layers_pattern".into(), json!([]));
+    loads(&files);
+}
+
+#[test]
 fn config_rank_zero() {
     let error = config_fails(|c| {
         c.insert("r".into(), json!(0));

@@ -175,7 +175,7 @@ pub enum PeftError {
     /// `adapter_model.bin` (PyTorch's pickle) is not a PyTorch zip archive
     /// or holds something other than a flat dict of tensors: a nested dict,
     /// a number, a list, a call of another global (`os.system`). Nothing in
-    /// the file is executed (see [`crate::io`]).
+    /// the file is executed (docs/guide/file-format.md says how it is read).
     #[error("{}: {}{problem}", path.display(), in_key(key))]
     Pickle {
         /// The tensor file.

@@ -110,7 +110,7 @@ pub use model::{
     ParameterCount, PeftModel, StandaloneAdapter, TensorEntry, DEFAULT_ADAPTER,
 };
 pub use path::ModulePath;
-pub use targets::{all_linear, layer_index, modules, name_matches, regex, Targets};
+pub use targets::{all_linear, layer_index, modules, name_matches, peft_layer_index, regex, Targets};
 
 /// Helpers for writing an adapter kind's parser of `adapter_config.json`:
 /// the target fields, the "is this option set?" check, JSON numbers as

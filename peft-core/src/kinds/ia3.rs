@@ -10,7 +10,9 @@ use serde_json::Value;
 
 use crate::error::{PeftError, Result};
 use crate::kinds::config::{config_basics, config_identity, require_linear, setters, AdapterConfig};
-use crate::kinds::config_file::{saved_fields, unsupported, KindFields, NoFields, OneOrMany, PeftMetadata};
+use crate::kinds::config_file::{
+    saved_fields, unsupported, KindFields, LayerChecks, NoFields, OneOrMany, PeftMetadata,
+};
 use crate::kinds::registry::kind;
 use crate::layer::{Adapter, Composition, ForwardContext, Layer, LayerWeights};
 use crate::targets::Targets;
@@ -212,6 +214,8 @@ fn default_init() -> bool {
 impl KindFields for Ia3Fields {
     type Config = Ia3Config;
     type Family = NoFields;
+    // IA3Config checks neither layers_to_transform nor layers_pattern.
+    const LAYER_CHECKS: LayerChecks = LayerChecks::None;
 
     fn into_config(self, _: NoFields, targets: Targets, metadata: PeftMetadata) -> Result<Ia3Config> {
         let feedforward_modules = match self.feedforward_modules {
