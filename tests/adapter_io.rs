@@ -247,7 +247,10 @@ fn config_targets_follow_peft_rules() {
     .unwrap();
     assert_eq!(all.len(), 9);
     let regex = load_edited("regex", modules(["q", "v"]).layers([0, 1]), |c| {
-        c["target_modules"] = json!(r"layers\.[01]\.(q|v)")
+        c["target_modules"] = json!(r"layers\.[01]\.(q|v)");
+        // Saved beside the list; PEFT refuses it beside a regex.
+        assert_eq!(c["layers_to_transform"], json!([0, 1]));
+        c["layers_to_transform"] = Value::Null;
     })
     .unwrap();
     assert_eq!(regex, ["layers.0.q", "layers.0.v", "layers.1.q", "layers.1.v"]);

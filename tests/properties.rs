@@ -1115,6 +1115,8 @@ fn builder_targets(config: &Value) -> Targets {
     }
     match config.get("layers_pattern") {
         None | Some(Value::Null) => {}
+        // PEFT's "" is falsy: no pattern (the builder's is no patterns at all).
+        Some(Value::String(s)) if s.is_empty() => targets = targets.layers_pattern(Vec::<String>::new()),
         Some(Value::String(s)) => targets = targets.layers_pattern([s]),
         Some(patterns) => targets = targets.layers_pattern(strings(patterns)),
     }

@@ -142,7 +142,9 @@ pub enum LayerChecks {
     /// `LoHaConfig`'s and `LoKrConfig`'s: a non-empty `layers_pattern`
     /// needs `layers_to_transform`.
     PatternNeedsLayers,
-    /// `IA3Config`'s: none.
+    /// `IA3Config`'s: it has no such fields (PEFT 0.21 drops them as
+    /// unknown keys and never filters IA³ targets by layer), so they are
+    /// ignored.
     None,
 }
 
@@ -165,7 +167,7 @@ impl TargetFields {
     /// reads the filter (its regex branch returns first), so it is ignored
     /// here too; `"all-linear"` becomes a list of names in PEFT, so the
     /// filter applies to it.
-    pub fn into_targets_checked(self, checks: LayerChecks) -> Result<Targets> {
+    pub fn into_targets_checked(mut self, checks: LayerChecks) -> Result<Targets> {
         let string_target = matches!(self.target_modules, Some(OneOrMany::One(_)));
         let pattern_set = match &self.layers_pattern {
             None => false,
@@ -205,6 +207,10 @@ impl TargetFields {
                 "is set but `layers_to_transform` is not; PEFT refuses it (\"When `layers_pattern` is specified, \
                  `layers_to_transform` must also be specified.\")",
             ));
+        }
+        if checks == LayerChecks::None {
+            self.layers_to_transform = None;
+            self.layers_pattern = None;
         }
         let regex_target =
             matches!(&self.target_modules, Some(OneOrMany::One(s)) if !s.eq_ignore_ascii_case("all-linear"));
