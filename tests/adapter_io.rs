@@ -247,7 +247,10 @@ fn config_targets_follow_peft_rules() {
     .unwrap();
     assert_eq!(all.len(), 9);
     let regex = load_edited("regex", modules(["q", "v"]).layers([0, 1]), |c| {
-        c["target_modules"] = json!(r"layers\.[01]\.(q|v)")
+        c["target_modules"] = json!(r"layers\.[01]\.(q|v)");
+        // Saved beside the list; PEFT refuses it beside a regex.
+        assert_eq!(c["layers_to_transform"], json!([0, 1]));
+        c["layers_to_transform"] = Value::Null;
     })
     .unwrap();
     assert_eq!(regex, ["layers.0.q", "layers.0.v", "layers.1.q", "layers.1.v"]);
@@ -588,4 +591,91 @@ fn saving_over_an_adapter_replaces_it_whole() {
     twin.load_adapter(&dir, "default").unwrap();
     assert_eq!(twin.adapted_modules(), ["layers.0.q", "layers.1.q", "layers.2.q"]);
     assert_eq!(max_abs_diff(&twin.forward(&input()), &other.forward(&input())), 0.0);
+}
+
+// ---- adapter_model.bin (PyTorch's pickle) ------------------------------------------
+
+/// `tests/fixtures/bin_adapter/<folder>`.
+fn bin_case(folder: &str) -> PathBuf {
+    support::fixture_path("bin_adapter").join(folder)
+}
+
+#[test]
+fn pickled_adapters_load_as_peft_loads_them() {
+    use peft_models::AutoModel;
+    // A LoRA adapter PEFT saved with safe_serialization=False, over the base
+    // of llama_lora_all_linear: PEFT's logits.
+    let io = support::fixture_io("bin_adapter");
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let base = || AutoModel::from_dir(support::fixture_path("llama_lora_all_linear"), DType::F32, &DEV).unwrap();
+    let mut model = base();
+    model.load_adapter(bin_case("adapter_bin"), "default").unwrap();
+    let diff = max_abs_diff(&model.forward(&ids).unwrap(), &io["logits_bin"]);
+    eprintln!("adapter_model.bin: max |logits - PEFT's| = {diff:e}");
+    assert!(diff <= 1e-5, "{diff}");
+    let targets: Vec<String> =
+        serde_json::from_value(read_json(support::fixture_path("bin_adapter/targets.json"))["adapter_bin"].clone())
+            .unwrap();
+    let mut loaded: Vec<String> = model
+        .layers()
+        .into_iter()
+        .filter(|l| l.layer.has_adapter("default"))
+        .map(|l| l.path)
+        .collect();
+    loaded.sort();
+    assert_eq!(loaded, targets);
+
+    // The same tensors, bit for bit, as the same adapter saved as safetensors.
+    let pickled = peft_core::StandaloneAdapter::from_dir(bin_case("adapter_bin")).unwrap();
+    let safetensors = peft_core::StandaloneAdapter::from_dir(bin_case("adapter_safetensors")).unwrap();
+    assert_eq!(pickled.tensors().len(), 12);
+    assert_eq!(
+        pickled.tensors().keys().collect::<Vec<_>>(),
+        safetensors.tensors().keys().collect::<Vec<_>>()
+    );
+    for (key, tensor) in pickled.tensors() {
+        assert_eq!(tensor.dims(), safetensors.tensors()[key].dims(), "{key}");
+        assert_eq!(max_abs_diff(tensor, &safetensors.tensors()[key]), 0.0, "{key}");
+    }
+
+    // From memory, the zip is recognised as PyTorch's file.
+    let config = std::fs::read_to_string(bin_case("adapter_bin").join(CONFIG_FILE)).unwrap();
+    let bytes = std::fs::read(bin_case("adapter_bin").join(peft_core::PICKLE_WEIGHTS_FILE)).unwrap();
+    let mut from_memory = base();
+    from_memory.load_adapter_from_bytes(&config, &bytes, "default").unwrap();
+    assert_eq!(
+        max_abs_diff(&from_memory.forward(&ids).unwrap(), &model.forward(&ids).unwrap()),
+        0.0
+    );
+
+    // `peft inspect` reads it too.
+    let report = peft_models::inspect::inspect_adapter(&bin_case("adapter_bin"));
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.modules.len(), 6);
+}
+
+#[test]
+fn safetensors_are_preferred_to_adapter_model_bin() {
+    // Both files: the safetensors one is read (as PEFT's load_peft_weights),
+    // so a pickle beside it, even a hostile one, is never opened.
+    let dir = scratch("adapter_io", "both-weight-files");
+    for file in [CONFIG_FILE, WEIGHTS_FILE] {
+        std::fs::copy(bin_case("adapter_safetensors").join(file), dir.join(file)).unwrap();
+    }
+    std::fs::copy(
+        bin_case("hostile").join("global_top.bin"),
+        dir.join(peft_core::PICKLE_WEIGHTS_FILE),
+    )
+    .unwrap();
+    assert_eq!(peft_core::adapter_weights_file(&dir), dir.join(WEIGHTS_FILE));
+    let adapter = peft_core::StandaloneAdapter::from_dir(&dir).unwrap();
+    assert_eq!(adapter.modules().len(), 6);
+    // Without the safetensors file, the pickle is read (and this one refused).
+    std::fs::remove_file(dir.join(WEIGHTS_FILE)).unwrap();
+    assert_eq!(
+        peft_core::adapter_weights_file(&dir),
+        dir.join(peft_core::PICKLE_WEIGHTS_FILE)
+    );
+    let error = peft_core::StandaloneAdapter::from_dir(&dir).unwrap_err();
+    assert!(matches!(error, PeftError::Pickle { .. }), "{error}");
 }

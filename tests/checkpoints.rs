@@ -697,3 +697,35 @@ fn adapter_hub_ids_are_downloaded_into_the_cache_and_load() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn adapter_hub_ids_without_safetensors_fall_back_to_adapter_model_bin() -> TestResult {
+    use peft_models::hub::{resolve_adapter_with, HubOptions};
+    // tests/fixtures/bin_adapter: a LoRA adapter PEFT saved with
+    // safe_serialization=False, over the base of llama_lora_all_linear.
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let remote = scratch("checkpoints", "hub-bin-adapter-remote");
+    for file in ["adapter_config.json", "adapter_model.bin"] {
+        std::fs::copy(fixture_path("bin_adapter/adapter_bin").join(file), remote.join(file))?;
+    }
+    let hub = FakeHub::serve(remote, "tiny-org/bin-adapter", commit);
+    let options = HubOptions {
+        cache: scratch("checkpoints", "hub-bin-adapter-cache"),
+        offline: false,
+        endpoint: hub.endpoint.clone(),
+        token: None,
+        progress: false,
+    };
+    let snapshot = resolve_adapter_with("tiny-org/bin-adapter", None, &options)?;
+    assert!(snapshot.join("adapter_model.bin").is_file());
+    assert!(!snapshot.join("adapter_model.safetensors").exists());
+    let mut model = AutoModel::from_dir(fixture_path("llama_lora_all_linear"), DType::F32, &Device::Cpu)?;
+    model.load_adapter(&snapshot, "default")?;
+    assert_close(
+        "pickled adapter from the Hub",
+        &model.forward(&input_ids("bin_adapter"))?,
+        &fixture_io("bin_adapter")["logits_bin"],
+        LOGITS_TOL,
+    )?;
+    Ok(())
+}

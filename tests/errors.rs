@@ -365,6 +365,41 @@ fn config_modules_to_save_without_its_tensor() {
 }
 
 #[test]
+fn config_layer_options_peft_refuses() {
+    // LoraConfig's __post_init__ (PEFT 0.21): a string target_modules with
+    // layers_to_transform or layers_pattern (any value but null), and
+    // layers_pattern without layers_to_transform.
+    for (target_modules, layers, pattern, field) in [
+        (json!(".*\\.q"), json!([1]), Value::Null, "layers_to_transform"),
+        (json!(".*\\.q"), json!([]), Value::Null, "layers_to_transform"),
+        (json!("all-linear"), json!(0), Value::Null, "layers_to_transform"),
+        (json!(".*\\.q"), Value::Null, json!("layers"), "layers_pattern"),
+        (json!(".*\\.q"), Value::Null, json!([]), "layers_pattern"),
+        (json!(["q"]), Value::Null, json!("layers"), "layers_pattern"),
+        (json!(["q"]), Value::Null, json!(["layers"]), "layers_pattern"),
+    ] {
+        let error = config_fails(|c| {
+            c.insert("target_modules".into(), target_modules.clone());
+            c.insert("layers_to_transform".into(), layers.clone());
+            c.insert("layers_pattern".into(), pattern.clone());
+        });
+        match &error {
+            PeftError::InvalidConfig { field: f, .. } => assert_eq!(*f, field, "{error}"),
+            other => panic!("{target_modules} / {layers} / {pattern}: expected InvalidConfig, got {other:?}"),
+        }
+        eprintln!("{error}");
+    }
+    // An empty layers_pattern with a list is no pattern (PEFT's default
+    // rule), and an empty layers_to_transform no filter: both load.
+    let mut files = valid_files();
+    files.config.insert("layers_to_transform".into(), json!([]));
+    files.config.insert("layers_pattern".into(), json!("layers"));
+    loads(&files);
+    files.config.insert("layers_pattern".into(), json!([]));
+    loads(&files);
+}
+
+#[test]
 fn config_rank_zero() {
     let error = config_fails(|c| {
         c.insert("r".into(), json!(0));
@@ -801,6 +836,80 @@ fn repack(header: Map<String, Value>, data: &[u8]) -> (String, Vec<u8>) {
         out.insert(key, Value::Object(entry));
     }
     (Value::Object(out).to_string(), bytes)
+}
+
+// ---- adapter_model.bin (PyTorch's pickle) ------------------------------------------
+
+/// What the hostile pickles of `tests/fixtures/bin_adapter/hostile` would
+/// create if Python's pickle (or anything executing them) read them.
+const PICKLE_MARKER: &str = "/tmp/peft-rs-pickle-was-executed";
+
+#[test]
+fn weights_pickle_not_a_dict_of_tensors() {
+    let hostile = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bin_adapter/hostile");
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    let _ = std::fs::remove_file(PICKLE_MARKER);
+    // (file, the key named, words of the message)
+    let cases: [(&str, Option<&str>, &str); 9] = [
+        ("int_value.bin", Some("x"), "holds the integer 1, not a tensor"),
+        ("nested_dict.bin", Some(key), "holds a dict, not a tensor"),
+        ("list.bin", None, "holds a list, not a dict of tensors"),
+        (
+            "global_value.bin",
+            Some(key),
+            "holds a call of `posix.system`, not a tensor",
+        ),
+        (
+            "global_top.bin",
+            None,
+            "holds a call of `posix.system`, not a dict of tensors",
+        ),
+        ("truncated.bin", None, "not a PyTorch zip archive"),
+        ("legacy_format.bin", None, "PyTorch's format before 1.6"),
+        ("memo_bomb.bin", None, "more than 50000000 values"),
+        ("protocol0.bin", None, "is not one torch.save writes"),
+    ];
+    let config = valid_files().config_text();
+    for (file, named, words) in cases {
+        let bytes = std::fs::read(hostile.join(file)).unwrap();
+        let dir = scratch("errors", &format!("pickle-{file}"));
+        std::fs::write(dir.join(CONFIG_FILE), &config).unwrap();
+        std::fs::write(dir.join(peft_core::PICKLE_WEIGHTS_FILE), &bytes).unwrap();
+        let mut errors = vec![fails_unchanged(&mut Net::new(), |net| {
+            net.load_adapter(&dir, "default")
+        })];
+        // In memory a zip is taken for PyTorch's file (a bare legacy pickle is not).
+        if bytes.starts_with(b"PK\x03\x04") {
+            errors.push(fails_unchanged(&mut Net::new(), |net| {
+                net.load_adapter_from_bytes(&config, &bytes, "default")
+            }));
+        }
+        errors.push(peft_core::StandaloneAdapter::from_dir(&dir).unwrap_err());
+        for error in errors {
+            let message = error.to_string();
+            match &error {
+                PeftError::Pickle { path, key, .. } => {
+                    assert!(path.ends_with(peft_core::PICKLE_WEIGHTS_FILE), "{file}: {message}");
+                    assert_eq!(key.as_deref(), named, "{file}: {message}");
+                }
+                other => panic!("{file}: expected PeftError::Pickle, got {other:?}"),
+            }
+            eprintln!("{file}: {message}");
+            assert!(message.contains(words), "{file}: {message}");
+            assert!(message.contains("adapter_model.bin"), "{file}: {message}");
+        }
+    }
+    // An integer tensor: the dtype error safetensors files get.
+    let dir = scratch("errors", "pickle-int-tensor");
+    std::fs::write(dir.join(CONFIG_FILE), &config).unwrap();
+    std::fs::copy(hostile.join("int_tensor.bin"), dir.join(peft_core::PICKLE_WEIGHTS_FILE)).unwrap();
+    let error = fails_unchanged(&mut Net::new(), |net| net.load_adapter(&dir, "default"));
+    assert!(
+        matches!(&error, PeftError::WrongDtype { key: k, found } if k == key && found == "i64"),
+        "{error}"
+    );
+    // Nothing of what the pickles name was run.
+    assert!(!Path::new(PICKLE_MARKER).exists(), "a pickle was executed");
 }
 
 // ---- operations in the wrong state -------------------------------------------------

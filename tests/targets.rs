@@ -178,3 +178,112 @@ fn a_bad_regex_is_reported_with_its_pattern() {
         other => panic!("expected InvalidRegex, got {other:?}"),
     }
 }
+
+// ---- layers_to_transform / layers_pattern read and saved as PEFT does --------------
+
+mod support;
+
+/// The tiny Llama of `tests/fixtures/llama_lora_all_linear`.
+fn llama() -> peft_models::AutoModel {
+    peft_models::AutoModel::from_dir(support::fixture_path("llama_lora_all_linear"), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn adapted(model: &impl PeftModel, name: &str) -> Vec<String> {
+    let mut paths: Vec<String> = model
+        .layers()
+        .into_iter()
+        .filter(|l| l.layer.has_adapter(name))
+        .map(|l| l.path)
+        .collect();
+    paths.sort();
+    paths
+}
+
+#[test]
+fn empty_layers_pattern_is_peft_default_layer_rule() {
+    // PEFT saved `layers_pattern: []` with `layers_to_transform: [1]`
+    // (tests/fixtures/bin_adapter/adapter_empty_pattern): no pattern, PEFT's
+    // default layer rule, two modules of layer 1.
+    let dir = support::fixture_path("bin_adapter/adapter_empty_pattern");
+    let config: serde_json::Value = support::read_json(dir.join(peft_core::CONFIG_FILE));
+    assert_eq!(config["layers_pattern"], serde_json::json!([]));
+    let mut model = llama();
+    model.load_adapter(&dir, "default").unwrap();
+    let expected: Vec<String> = serde_json::from_value(
+        support::read_json(support::fixture_path("bin_adapter/targets.json"))["adapter_empty_pattern"].clone(),
+    )
+    .unwrap();
+    assert_eq!(adapted(&model, "default"), expected);
+    let io = support::fixture_io("bin_adapter");
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let diff = support::max_abs_diff(&model.forward(&ids).unwrap(), &io["logits_empty_pattern"]);
+    eprintln!("layers_pattern []: max |logits - PEFT's| = {diff:e}");
+    assert!(diff <= 1e-5, "{diff}");
+    // The builder reads no patterns the same way.
+    let targets = modules(["q_proj", "up_proj"])
+        .layers([1])
+        .layers_pattern(Vec::<String>::new());
+    assert_eq!(model.targeted_modules(&targets).unwrap(), expected);
+}
+
+#[test]
+fn layer_filters_are_saved_and_read_back_alike() {
+    // Targets with a layer filter: the saved config carries
+    // layers_to_transform and layers_pattern beside the exact paths, and
+    // reading it back adapts the same modules (Python PEFT too: see
+    // tests/fixtures/bin_adapter/check_rust_saved.py and its CASE.md).
+    let mut model = llama();
+    let targets = modules(["q_proj", "up_proj"]).layers([1]).layers_pattern(["layers"]);
+    model
+        .apply_lora(LoraConfig::from(targets).rank(2).init(LoraInit::Random))
+        .unwrap();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("targets/layer-filters-saved");
+    let _ = std::fs::remove_dir_all(&dir);
+    model.save_adapter(&dir, "default").unwrap();
+    let config = support::read_json(dir.join(peft_core::CONFIG_FILE));
+    assert_eq!(config["layers_to_transform"], serde_json::json!([1]));
+    assert_eq!(config["layers_pattern"], serde_json::json!(["layers"]));
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj"])
+    );
+    let mut twin = llama();
+    twin.load_adapter(&dir, "default").unwrap();
+    assert_eq!(adapted(&twin, "default"), adapted(&model, "default"));
+    let ids = Tensor::new(&[[1u32, 17, 33, 8]], &Device::Cpu).unwrap();
+    let diff = support::max_abs_diff(&twin.forward(&ids).unwrap(), &model.forward(&ids).unwrap());
+    assert_eq!(diff, 0.0);
+
+    // 20 paths or more: PEFT rewrites the list as suffixes and applies the
+    // filter with its own index rule. Where that rule finds no index
+    // (`layers.0.q`, no segment before `layers`), the filters are saved as
+    // null, the exact list alone.
+    #[derive(Adaptable)]
+    struct Block {
+        q: Linear,
+    }
+    #[derive(Adaptable)]
+    struct Flat {
+        layers: Vec<Block>,
+    }
+    let lin = || Linear::new(Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(), None);
+    let mut flat = Flat {
+        layers: (0..24).map(|_| Block { q: lin() }).collect(),
+    };
+    flat.apply_lora(LoraConfig::from(modules(["q"]).layers(0..22))).unwrap();
+    let dir = dir.with_file_name("layer-filters-flat");
+    let _ = std::fs::remove_dir_all(&dir);
+    flat.save_adapter(&dir, "default").unwrap();
+    let config = support::read_json(dir.join(peft_core::CONFIG_FILE));
+    assert!(
+        config["layers_to_transform"].is_null() && config["layers_pattern"].is_null(),
+        "{config}"
+    );
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 22);
+    assert_eq!(peft_core::peft_layer_index("layers.3.q", &[]), None);
+    assert_eq!(peft_core::peft_layer_index("model.layers.3.q", &[]), Some(3));
+    assert_eq!(
+        peft_core::peft_layer_index("layers.3.q", &["layers".to_owned()]),
+        Some(3)
+    );
+}

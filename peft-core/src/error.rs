@@ -182,6 +182,19 @@ pub enum PeftError {
         /// What went wrong.
         message: String,
     },
+    /// `adapter_model.bin` (PyTorch's pickle) is not a PyTorch zip archive
+    /// or holds something other than a flat dict of tensors: a nested dict,
+    /// a number, a list, a call of another global (`os.system`). Nothing in
+    /// the file is executed (docs/guide/file-format.md says how it is read).
+    #[error("{}: {}{problem}", path.display(), in_key(key))]
+    Pickle {
+        /// The tensor file.
+        path: std::path::PathBuf,
+        /// The dict key at fault, when one is.
+        key: Option<String>,
+        /// What is wrong.
+        problem: String,
+    },
     /// The config names an adapter kind this crate does not implement.
     #[error("unsupported peft_type `{found}` (supported: {supported})")]
     UnsupportedPeftType {
@@ -289,6 +302,11 @@ fn in_field(field: &Option<String>) -> String {
     field
         .as_ref()
         .map_or_else(String::new, |field| format!(" (field `{field}`)"))
+}
+
+fn in_key(key: &Option<String>) -> String {
+    key.as_ref()
+        .map_or_else(String::new, |key| format!("tensor `{}`: ", capped_text(key)))
 }
 
 /// How many items of a list an error message names before "and N more".

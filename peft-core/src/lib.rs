@@ -91,7 +91,7 @@ pub use adaptable::{
     VisitorMut,
 };
 pub use error::{PeftError, Result};
-pub use io::{CONFIG_FILE, WEIGHTS_FILE};
+pub use io::{adapter_weights_file, read_pickled_tensors, CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE};
 pub use kernels::{fused, ops, random};
 pub use kinds::config_file::{PeftMetadata, WithMetadata};
 pub use kinds::{
@@ -111,7 +111,7 @@ pub use model::{
     DEFAULT_ADAPTER,
 };
 pub use path::ModulePath;
-pub use targets::{all_linear, layer_index, modules, name_matches, regex, Targets};
+pub use targets::{all_linear, layer_index, modules, name_matches, peft_layer_index, regex, Targets};
 
 /// Helpers for writing an adapter kind's parser of `adapter_config.json`:
 /// the target fields, the "is this option set?" check, JSON numbers as

@@ -29,10 +29,17 @@ pub struct Targets {
     layers: Option<Vec<usize>>,
     /// PEFT's `layers_pattern`: the segment names after which the layer index
     /// stands; `None` takes the first numeric segment.
-    layers_pattern: Option<Vec<Pattern>>,
+    layers_pattern: Option<LayersPattern>,
     /// PEFT's `modules_to_save`: modules the adapter holds a whole trainable
     /// copy of; adapters never go on them or inside them.
     modules_to_save: Vec<String>,
+}
+
+/// `layers_pattern` as given, and as the regexes that find the index.
+#[derive(Debug, Clone)]
+struct LayersPattern {
+    given: Vec<String>,
+    compiled: Vec<Pattern>,
 }
 
 #[derive(Debug, Clone)]
@@ -143,20 +150,21 @@ impl Targets {
     /// Takes the layer index for [`layers`](Self::layers) from the numeric
     /// segment that follows the first segment matching one of `patterns` (PEFT's
     /// `layers_pattern`, e.g. `"layers"` or `"h"`); each pattern is a regex
-    /// that must match the whole segment.
+    /// that must match the whole segment. No patterns at all is PEFT's
+    /// empty `layers_pattern` (`[]`): the default rule.
     pub fn layers_pattern<I, S>(mut self, patterns: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        self.layers_pattern = Some(
-            patterns
-                .into_iter()
-                // Lazy prefix: the first segment matching the pattern gives
-                // the index, as in PEFT.
-                .map(|p| Pattern::new(&format!(r"(?:.*?\.)?(?:{})\.(\d+)(?:\..*)?", p.as_ref())))
-                .collect(),
-        );
+        let given: Vec<String> = patterns.into_iter().map(|p| p.as_ref().to_owned()).collect();
+        let compiled = given
+            .iter()
+            // Lazy prefix: the first segment matching the pattern gives
+            // the index, as in PEFT.
+            .map(|p| Pattern::new(&format!(r"(?:.*?\.)?(?:{p})\.(\d+)(?:\..*)?")))
+            .collect();
+        self.layers_pattern = (!given.is_empty()).then_some(LayersPattern { given, compiled });
         self
     }
 
@@ -228,7 +236,7 @@ impl Targets {
             Selector::Regex(pattern) => Some(pattern),
             _ => None,
         });
-        for pattern in selectors.chain(self.layers_pattern.iter().flatten()) {
+        for pattern in selectors.chain(self.layers_pattern.iter().flat_map(|p| &p.compiled)) {
             if let Err(error) = &pattern.compiled {
                 return Err(PeftError::InvalidRegex {
                     pattern: pattern.source.clone(),
@@ -334,7 +342,7 @@ impl Targets {
         };
         let index = match &self.layers_pattern {
             None => layer_index(path),
-            Some(patterns) => patterns.iter().find_map(|p| {
+            Some(patterns) => patterns.compiled.iter().find_map(|p| {
                 let captures = p.compiled.as_ref().ok()?.captures(path)?;
                 captures.get(1)?.as_str().parse().ok()
             }),
@@ -342,9 +350,44 @@ impl Targets {
         index.is_some_and(|i| indices.contains(&i))
     }
 
+    /// `layers_to_transform` and `layers_pattern` as PEFT saves them: the
+    /// layer indices (null without a layer filter) and the patterns as
+    /// given (null without a layer filter or without patterns).
+    pub(crate) fn layer_filters_json(&self) -> (serde_json::Value, serde_json::Value) {
+        use serde_json::Value;
+        match &self.layers {
+            None => (Value::Null, Value::Null),
+            Some(layers) => (
+                Value::from(layers.clone()),
+                self.layers_pattern
+                    .as_ref()
+                    .map_or(Value::Null, |p| Value::from(p.given.clone())),
+            ),
+        }
+    }
+
     fn describe_include(&self) -> String {
         List(&self.include).to_string()
     }
+}
+
+/// The layer index PEFT 0.21 reads from `path` for `layers_to_transform`
+/// (`check_target_module_exists`): with no `patterns`, the first number
+/// with a segment before it and a `.` after it beyond the first segment
+/// (`re.match(r".*?\.[^.]*\.(\d+)\.", path)`); else the number after the
+/// first pattern that matches, each pasted ungrouped into
+/// `(?:^|.*?\.){pattern}\.(\d+)\.`. `None` where PEFT finds no index (or a
+/// pattern is not a regex this crate compiles). This crate's own rule is
+/// [`layer_index`]; they differ on purpose in places (docs/guide/targets.md).
+pub fn peft_layer_index(path: &str, patterns: &[String]) -> Option<usize> {
+    let index =
+        |regex: &str| -> Option<usize> { Regex::new(regex).ok()?.captures(path)?.get(1)?.as_str().parse().ok() };
+    if patterns.is_empty() {
+        return index(r"^.*?\.[^.]*\.(\d+)\.");
+    }
+    patterns
+        .iter()
+        .find_map(|pattern| index(&format!(r"^(?:^|.*?\.){pattern}\.(\d+)\.")))
 }
 
 /// The first numeric segment of a dotted path.

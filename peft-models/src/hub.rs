@@ -10,7 +10,10 @@
 //! `HF_ENDPOINT` names another Hub; `HF_TOKEN` is sent for gated and
 //! private models. A download fetches `config.json`, the safetensors
 //! weights (`model.safetensors`, or the index and the shards it names) and
-//! the tokenizer files there are, and never pickled `*.bin` weights.
+//! the tokenizer files there are, and never a checkpoint's pickled `*.bin`
+//! weights. An adapter download takes `adapter_model.safetensors`, or the
+//! pickled `adapter_model.bin` when the repository has no safetensors
+//! file, as PEFT does (peft-core reads it without executing anything).
 //!
 //! One difference from transformers: a model already in the cache is used
 //! as it is, without asking the Hub whether the revision has moved (what
@@ -111,7 +114,10 @@ pub fn resolve_in(model: &str, revision: Option<&str>, cache: &Path) -> Result<P
 /// The PEFT adapter folder `adapter` names: the folder itself when it is
 /// one, else the snapshot of the Hub id `adapter` at `revision` (default
 /// `main`), from the cache or downloaded into it (`adapter_config.json`
-/// and `adapter_model.safetensors`; never a pickled `adapter_model.bin`).
+/// and `adapter_model.safetensors`, or, when the repository has no
+/// safetensors file, the pickled `adapter_model.bin`, as PEFT's
+/// `load_peft_weights` falls back to it: peft reads it without executing
+/// anything, see [`peft_core::read_pickled_tensors`]).
 pub fn resolve_adapter_with(adapter: &str, revision: Option<&str>, options: &HubOptions) -> Result<PathBuf> {
     match lookup(adapter, revision, &options.cache, RepoKind::Adapter) {
         Err(ModelError::NotInCache { .. }) if !options.offline => {
@@ -229,13 +235,21 @@ fn download_adapter(adapter: &str, revision: &str, options: &HubOptions) -> Resu
             "the repository has none: it is not a PEFT adapter".to_owned(),
         ));
     }
-    if !remote.lists(peft_core::WEIGHTS_FILE) {
-        return Err(remote.failed(
-            peft_core::WEIGHTS_FILE,
-            "the repository has no safetensors weights (peft does not read a pickled adapter_model.bin)".to_owned(),
-        ));
-    }
-    remote.fetch(peft_core::WEIGHTS_FILE)?;
+    // As PEFT's load_peft_weights: safetensors first, else the pickle.
+    let weights = [peft_core::WEIGHTS_FILE, peft_core::PICKLE_WEIGHTS_FILE]
+        .into_iter()
+        .find(|file| remote.lists(file))
+        .ok_or_else(|| {
+            remote.failed(
+                peft_core::WEIGHTS_FILE,
+                format!(
+                    "the repository has no adapter weights ({} or {})",
+                    peft_core::WEIGHTS_FILE,
+                    peft_core::PICKLE_WEIGHTS_FILE
+                ),
+            )
+        })?;
+    remote.fetch(weights)?;
     let config = remote.fetch(peft_core::CONFIG_FILE)?;
     config.parent().map(Path::to_path_buf).ok_or_else(|| {
         remote.failed(

@@ -196,7 +196,11 @@ impl InspectReport {
 pub fn inspect_adapter(dir: &Path) -> InspectReport {
     let mut problems = Vec::new();
     let config_path = dir.join(CONFIG_FILE);
-    let weights_path = dir.join(WEIGHTS_FILE);
+    // adapter_model.safetensors, or adapter_model.bin without it (as loading picks).
+    let weights_path = peft_core::adapter_weights_file(dir);
+    let weights_name = weights_path
+        .file_name()
+        .map_or(WEIGHTS_FILE.to_owned(), |n| n.to_string_lossy().into_owned());
 
     // The config: as written, then as the loader parses and validates it.
     let text = std::fs::read_to_string(&config_path)
@@ -233,7 +237,7 @@ pub fn inspect_adapter(dir: &Path) -> InspectReport {
     let bytes = std::fs::read(&weights_path)
         .map_err(|cause| {
             problems.push(problem(
-                WEIGHTS_FILE,
+                &weights_name,
                 PeftError::Io {
                     path: weights_path.clone(),
                     cause,
@@ -245,7 +249,7 @@ pub fn inspect_adapter(dir: &Path) -> InspectReport {
         Some(bytes) => read_tensor_entries(bytes, &weights_path),
         None => (Vec::new(), Vec::new()),
     };
-    problems.extend(file_problems.into_iter().map(|e| problem(WEIGHTS_FILE, e)));
+    problems.extend(file_problems.into_iter().map(|e| problem(&weights_name, e)));
     let dtypes: BTreeSet<String> = entries.iter().map(|e| e.dtype.clone()).collect();
 
     // Grouped by module.
@@ -274,7 +278,7 @@ pub fn inspect_adapter(dir: &Path) -> InspectReport {
             }
             Some((module, _)) => by_module.entry(module.to_owned()).or_default().push(entry),
             None => problems.push(Problem {
-                at: WEIGHTS_FILE.to_owned(),
+                at: weights_name.clone(),
                 message: format!(
                     "tensor `{}` names no module (keys are `base_model.model.<module>.<adapter tensor>`); \
                      the loader would refuse it as unexpected",

@@ -65,6 +65,11 @@ pub trait KindFields: DeserializeOwned {
     /// refused when set (see [`check_other_fields`]). Default: none.
     const UNIMPLEMENTED_OPTIONS: &'static [&'static str] = &[];
 
+    /// Which of PEFT's checks of `layers_to_transform` / `layers_pattern`
+    /// this kind's PEFT config makes in its `__post_init__`. Default:
+    /// `LoraConfig`'s ([`LayerChecks::Lora`]).
+    const LAYER_CHECKS: LayerChecks = LayerChecks::Lora;
+
     /// The config, from these fields, the family's and the targets and
     /// metadata read beside them; refuses values this kind cannot honour.
     fn into_config(self, family: Self::Family, targets: Targets, metadata: PeftMetadata) -> Result<Self::Config>;
@@ -102,7 +107,7 @@ impl<F: KindFields> KindFile<F> {
         check_other_fields(&file.other, F::UNIMPLEMENTED_OPTIONS, path)?;
         let targets = file
             .targets
-            .into_targets()?
+            .into_targets_checked(F::LAYER_CHECKS)?
             .modules_to_save(file.modules_to_save.unwrap_or_default());
         file.fields.into_config(file.family, targets, file.metadata)
     }
@@ -126,11 +131,91 @@ pub struct TargetFields {
     pub layers_pattern: Option<OneOrMany<String>>,
 }
 
+/// The checks of `layers_to_transform` and `layers_pattern` a PEFT 0.21
+/// config makes when it is built (`__post_init__`, which
+/// `PeftConfig.from_pretrained` runs too), by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerChecks {
+    /// `LoraConfig`'s: a string `target_modules` (a regex or
+    /// `"all-linear"`) refuses `layers_to_transform` and `layers_pattern`
+    /// (any value but null, even `[]`), and a non-empty `layers_pattern`
+    /// needs `layers_to_transform`.
+    Lora,
+    /// `LoHaConfig`'s and `LoKrConfig`'s: a non-empty `layers_pattern`
+    /// needs `layers_to_transform`.
+    PatternNeedsLayers,
+    /// `IA3Config`'s: it has no such fields (PEFT 0.21 drops them as
+    /// unknown keys and never filters IA³ targets by layer), so they are
+    /// ignored.
+    None,
+}
+
 impl TargetFields {
+    /// The targets these fields describe, with PEFT's rules and
+    /// `LoraConfig`'s checks ([`into_targets_checked`](Self::into_targets_checked)
+    /// with [`LayerChecks::Lora`]).
+    pub fn into_targets(self) -> Result<Targets> {
+        self.into_targets_checked(LayerChecks::Lora)
+    }
+
     /// The targets these fields describe, with PEFT's rules: a list is exact
     /// paths or dotted suffixes, a string is a whole-path regex, and
-    /// `"all-linear"` is [`all_linear()`].
-    pub fn into_targets(self) -> Result<Targets> {
+    /// `"all-linear"` is [`all_linear()`]; `layers_to_transform` keeps the
+    /// layers listed (an empty list is no filter), their index read after
+    /// `layers_pattern` (an empty one, `[]` or `""`, is no pattern: PEFT's
+    /// default rule). Refuses with [`PeftError::InvalidConfig`] what the
+    /// kind's PEFT config refuses (`checks`). Where a kind's PEFT config
+    /// accepts a regex string with a layer filter, PEFT's matching never
+    /// reads the filter (its regex branch returns first), so it is ignored
+    /// here too; `"all-linear"` becomes a list of names in PEFT, so the
+    /// filter applies to it.
+    pub fn into_targets_checked(mut self, checks: LayerChecks) -> Result<Targets> {
+        let string_target = matches!(self.target_modules, Some(OneOrMany::One(_)));
+        let pattern_set = match &self.layers_pattern {
+            None => false,
+            Some(OneOrMany::One(pattern)) => !pattern.is_empty(),
+            Some(OneOrMany::Many(patterns)) => !patterns.is_empty(),
+        };
+        let invalid = |field: &'static str, value: String, reason: &'static str| PeftError::InvalidConfig {
+            field,
+            value: capped_text(&value),
+            reason,
+        };
+        if checks == LayerChecks::Lora && string_target {
+            if let Some(layers) = &self.layers_to_transform {
+                return Err(invalid(
+                    "layers_to_transform",
+                    layers.to_json().to_string(),
+                    "cannot be used when `target_modules` is a string (a regex or \"all-linear\"), \
+                     as PEFT's LoraConfig refuses it; list the module names instead",
+                ));
+            }
+            if let Some(patterns) = &self.layers_pattern {
+                return Err(invalid(
+                    "layers_pattern",
+                    patterns.to_json().to_string(),
+                    "cannot be used when `target_modules` is a string (a regex or \"all-linear\"), \
+                     as PEFT's LoraConfig refuses it; list the module names instead",
+                ));
+            }
+        }
+        if checks != LayerChecks::None && pattern_set && self.layers_to_transform.is_none() {
+            return Err(invalid(
+                "layers_pattern",
+                self.layers_pattern
+                    .as_ref()
+                    .map_or(Value::Null, OneOrMany::to_json)
+                    .to_string(),
+                "is set but `layers_to_transform` is not; PEFT refuses it (\"When `layers_pattern` is specified, \
+                 `layers_to_transform` must also be specified.\")",
+            ));
+        }
+        if checks == LayerChecks::None {
+            self.layers_to_transform = None;
+            self.layers_pattern = None;
+        }
+        let regex_target =
+            matches!(&self.target_modules, Some(OneOrMany::One(s)) if !s.eq_ignore_ascii_case("all-linear"));
         let mut targets = match self.target_modules {
             None => {
                 return Err(unsupported(
@@ -149,14 +234,16 @@ impl TargetFields {
             Some(OneOrMany::One(pattern)) => targets = targets.exclude_regex(&pattern),
             Some(OneOrMany::Many(names)) => targets = targets.exclude(names),
         }
-        // An empty list is no filter, as in PEFT (a falsy value).
+        // An empty list is no filter, as in PEFT (a falsy value); PEFT's
+        // regex branch never reads the filter.
         if let Some(layers) = self
             .layers_to_transform
             .map(OneOrMany::into_vec)
-            .filter(|l| !l.is_empty())
+            .filter(|l| !l.is_empty() && !regex_target)
         {
             targets = targets.layers(layers);
-            if let Some(patterns) = self.layers_pattern {
+            // An empty pattern ([] or "") is none: PEFT's default rule.
+            if let Some(patterns) = self.layers_pattern.filter(|_| pattern_set) {
                 targets = targets.layers_pattern(patterns.into_vec());
             }
         }
@@ -172,6 +259,16 @@ pub enum OneOrMany<T> {
     One(T),
     /// A list.
     Many(Vec<T>),
+}
+
+impl<T: Clone + Into<Value>> OneOrMany<T> {
+    /// The value as JSON, as it was written.
+    pub fn to_json(&self) -> Value {
+        match self {
+            OneOrMany::One(item) => item.clone().into(),
+            OneOrMany::Many(items) => Value::from(items.clone()),
+        }
+    }
 }
 
 impl<T> OneOrMany<T> {
@@ -212,13 +309,19 @@ impl PeftMetadata {
 }
 
 /// The saved fields every kind writes alike: `peft_type`, PEFT's
-/// `exclude_modules` and `modules_to_save` for `targets` (null when empty),
-/// `inference_mode` (true) and the [`PeftMetadata`]. `target_modules` is
-/// filled in by saving, with the exact list of adapted modules.
+/// `exclude_modules`, `layers_to_transform`, `layers_pattern` and
+/// `modules_to_save` for `targets` (null when empty), `inference_mode`
+/// (true) and the [`PeftMetadata`]. `target_modules` is filled in by
+/// saving, with the exact list of adapted modules (which keeps the layer
+/// filters only where PEFT, reading them beside the list, adapts the same
+/// modules).
 pub fn saved_fields(peft_type: &str, targets: &Targets, metadata: &PeftMetadata) -> serde_json::Map<String, Value> {
     let mut fields = serde_json::Map::new();
     fields.insert("peft_type".into(), Value::from(peft_type));
     fields.insert("exclude_modules".into(), targets.exclude_modules_json());
+    let (layers, pattern) = targets.layer_filters_json();
+    fields.insert("layers_to_transform".into(), layers);
+    fields.insert("layers_pattern".into(), pattern);
     let saved_modules = targets.saved_modules();
     fields.insert(
         "modules_to_save".into(),
@@ -230,17 +333,6 @@ pub fn saved_fields(peft_type: &str, targets: &Targets, metadata: &PeftMetadata)
     fields.insert("inference_mode".into(), Value::Bool(true));
     metadata.write_fields(&mut fields);
     fields
-}
-
-/// `layers_to_transform` and `layers_pattern` as saved: null, since
-/// `target_modules` is saved as the exact list of adapted modules and a
-/// layer filter has nothing left to do (and PEFT's own index rule differs
-/// from ours).
-pub fn layer_filters_saved() -> [(String, Value); 2] {
-    [
-        ("layers_to_transform".to_owned(), Value::Null),
-        ("layers_pattern".to_owned(), Value::Null),
-    ]
 }
 
 /// Builder methods for the [`PeftMetadata`] of any adapter config.

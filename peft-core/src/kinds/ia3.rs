@@ -10,7 +10,9 @@ use serde_json::Value;
 
 use crate::error::{PeftError, Result};
 use crate::kinds::config::{config_basics, config_identity, require_linear, setters, AdapterConfig};
-use crate::kinds::config_file::{saved_fields, unsupported, KindFields, NoFields, OneOrMany, PeftMetadata};
+use crate::kinds::config_file::{
+    saved_fields, unsupported, KindFields, LayerChecks, NoFields, OneOrMany, PeftMetadata,
+};
 use crate::kinds::registry::kind;
 use crate::layer::{Adapter, Composition, ForwardContext, Layer, LayerWeights};
 use crate::targets::Targets;
@@ -181,6 +183,9 @@ impl AdapterConfig for Ia3Config {
 
     fn to_peft_config(&self) -> serde_json::Map<String, Value> {
         let mut fields = saved_fields(PEFT_TYPE, &self.target_modules, &self.metadata);
+        // IA3Config has no layer options: the exact list of paths says it all.
+        fields.remove("layers_to_transform");
+        fields.remove("layers_pattern");
         let more = [
             ("feedforward_modules", self.feedforward_modules.to_peft_json()),
             ("fan_in_fan_out", Value::Bool(self.fan_in_fan_out)),
@@ -212,6 +217,8 @@ fn default_init() -> bool {
 impl KindFields for Ia3Fields {
     type Config = Ia3Config;
     type Family = NoFields;
+    // IA3Config has neither layers_to_transform nor layers_pattern.
+    const LAYER_CHECKS: LayerChecks = LayerChecks::None;
 
     fn into_config(self, _: NoFields, targets: Targets, metadata: PeftMetadata) -> Result<Ia3Config> {
         let feedforward_modules = match self.feedforward_modules {

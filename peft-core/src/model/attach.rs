@@ -236,6 +236,10 @@ pub(crate) fn saved_adapter<M: PeftModel + ?Sized>(model: &M, name: &str) -> Res
         .map(|(l, _)| l.path.as_str())
         .collect();
     target_modules.sort_unstable();
+    if !peft_keeps_every_path(&config, &target_modules) {
+        config.insert("layers_to_transform".into(), Value::Null);
+        config.insert("layers_pattern".into(), Value::Null);
+    }
     config.insert("target_modules".into(), Value::from(target_modules));
     if adapted.iter().any(|(l, _)| l.layer.is_fan_in_fan_out()) {
         // PEFT forces this for Conv1D layers too.
@@ -248,6 +252,37 @@ pub(crate) fn saved_adapter<M: PeftModel + ?Sized>(model: &M, name: &str) -> Res
         }
     }
     Ok(SavedAdapter { config, tensors })
+}
+
+/// How many entries PEFT's `target_modules` list needs before PEFT rewrites
+/// it as dotted suffixes (`MIN_TARGET_MODULES_FOR_OPTIMIZATION`), after which
+/// `layers_to_transform` applies to every match.
+const PEFT_SUFFIX_REWRITE: usize = 20;
+
+/// Whether PEFT 0.21, reading the saved `config`'s `layers_to_transform` and
+/// `layers_pattern` beside `target_modules` (the exact adapted paths),
+/// adapts every path. Below [`PEFT_SUFFIX_REWRITE`] entries PEFT takes an
+/// exact path whatever its layer; from there it rewrites the list as
+/// suffixes and applies the filter with its own index rule
+/// ([`peft_layer_index`](crate::targets::peft_layer_index)), which can
+/// differ from this crate's: then the filters are saved as null (the list
+/// alone is exact in both).
+fn peft_keeps_every_path(config: &Map<String, Value>, paths: &[&str]) -> bool {
+    let Some(layers) = config.get("layers_to_transform").and_then(Value::as_array) else {
+        return true;
+    };
+    if paths.len() < PEFT_SUFFIX_REWRITE {
+        return true;
+    }
+    let layers: Vec<u64> = layers.iter().filter_map(Value::as_u64).collect();
+    let patterns: Vec<String> = match config.get("layers_pattern") {
+        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(Value::String(pattern)) if !pattern.is_empty() => vec![pattern.clone()],
+        _ => Vec::new(),
+    };
+    paths
+        .iter()
+        .all(|path| crate::targets::peft_layer_index(path, &patterns).is_some_and(|i| layers.contains(&(i as u64))))
 }
 
 /// Writes adapter `name` of `model` in PEFT's layout under `dir`.

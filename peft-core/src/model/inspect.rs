@@ -36,7 +36,28 @@ pub struct TensorEntry {
 /// not floating point ([`PeftError::WrongDtype`]), and what the
 /// `safetensors` crate refuses in the file as a whole (gaps or overlaps
 /// between tensors) when no entry explains it.
+///
+/// PyTorch's `adapter_model.bin` (a `*.bin` path or zip bytes) is read
+/// whole as loading reads it ([`crate::read_pickled_tensors`]): its first
+/// problem is the one listed.
 pub fn read_tensor_entries(bytes: &[u8], path: &Path) -> (Vec<TensorEntry>, Vec<PeftError>) {
+    if crate::io::is_pickle(path, bytes) {
+        return match crate::io::read_pickled_tensors(bytes, path) {
+            Ok(tensors) => (
+                tensors
+                    .into_iter()
+                    .map(|(key, tensor)| TensorEntry {
+                        key,
+                        dtype: format!("{:?}", tensor.dtype()).to_uppercase(),
+                        shape: tensor.dims().to_vec(),
+                        tensor: Some(tensor),
+                    })
+                    .collect(),
+                Vec::new(),
+            ),
+            Err(problem) => (Vec::new(), vec![problem]),
+        };
+    }
     let file_error = |message: String| PeftError::Safetensors {
         path: path.to_path_buf(),
         message,

@@ -130,7 +130,13 @@ impl AdapterSkeleton {
                 .filter(|(key, _)| !key.contains(".base_layer."))
                 .map(|(key, tensor)| (key.clone(), tensor.clone()))
                 .collect();
-            attach(&mut skeleton, name, &config, Some(FileTensors::new(tensors)), Copies::Skip)?;
+            attach(
+                &mut skeleton,
+                name,
+                &config,
+                Some(FileTensors::new(tensors)),
+                Copies::Skip,
+            )?;
         }
         Ok(skeleton)
     }

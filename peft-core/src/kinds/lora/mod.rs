@@ -45,7 +45,7 @@ use crate::error::Result;
 use crate::kinds::config::{
     config_basics, config_identity, invalid_config, not_implemented, setters, AdapterConfig, RankSettings, WithRank,
 };
-use crate::kinds::config_file::{float, layer_filters_saved, saved_fields, PeftMetadata};
+use crate::kinds::config_file::{float, saved_fields, PeftMetadata};
 use crate::kinds::registry::kind;
 use crate::layer::{Adapter, Layer, LayerKind};
 use crate::targets::Targets;
@@ -303,7 +303,6 @@ impl AdapterConfig for LoraConfig {
         };
         let mut fields = saved_fields(PEFT_TYPE, &self.target_modules, &self.metadata);
         fields.extend(self.ranks.peft_fields("lora_alpha"));
-        fields.extend(layer_filters_saved());
         let more = [
             ("lora_dropout", float(f64::from(self.lora_dropout))),
             ("use_rslora", Value::Bool(self.use_rslora)),

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::Result;
 use crate::kinds::config::{config_basics, config_identity, require_linear, setters, AdapterConfig, WithRank};
-use crate::kinds::config_file::{KindFields, PeftMetadata};
+use crate::kinds::config_file::{KindFields, LayerChecks, PeftMetadata};
 use crate::kinds::lycoris::{
     default_true, impl_lycoris_builders, kaiming_uniform, Dropouts, LycorisFileFields, LycorisOptions,
 };
@@ -125,6 +125,8 @@ pub struct LohaFields {
 impl KindFields for LohaFields {
     type Config = LohaConfig;
     type Family = LycorisFileFields;
+    // LoHaConfig checks only that layers_pattern comes with layers_to_transform.
+    const LAYER_CHECKS: LayerChecks = LayerChecks::PatternNeedsLayers;
 
     fn into_config(self, family: Self::Family, targets: Targets, metadata: PeftMetadata) -> Result<LohaConfig> {
         Ok(LohaConfig {

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::kinds::config::{
     config_basics, config_identity, invalid_config, require_linear, setters, AdapterConfig, WithRank,
 };
-use crate::kinds::config_file::{unsupported, KindFields, PeftMetadata};
+use crate::kinds::config_file::{unsupported, KindFields, LayerChecks, PeftMetadata};
 use crate::kinds::lycoris::{impl_lycoris_builders, kaiming_uniform, Dropouts, LycorisFileFields, LycorisOptions};
 use crate::kinds::registry::kind;
 use crate::layer::{adapter_identity, Adapter, Composition, ForwardContext, Layer, LayerWeights};
@@ -278,6 +278,8 @@ fn default_factor() -> i64 {
 impl KindFields for LokrFields {
     type Config = LokrConfig;
     type Family = LycorisFileFields;
+    // LoKrConfig checks only that layers_pattern comes with layers_to_transform.
+    const LAYER_CHECKS: LayerChecks = LayerChecks::PatternNeedsLayers;
 
     fn into_config(self, family: Self::Family, targets: Targets, metadata: PeftMetadata) -> Result<LokrConfig> {
         let init = match &self.init_weights {

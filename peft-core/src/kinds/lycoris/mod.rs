@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::error::Result;
 use crate::kinds::config::{default_alpha, default_rank, invalid_config, RankSettings, WithRank};
-use crate::kinds::config_file::{float, layer_filters_saved, ordered_map, saved_fields, PeftMetadata};
+use crate::kinds::config_file::{float, ordered_map, saved_fields, PeftMetadata};
 use crate::targets::Targets;
 
 /// A fresh tensor with PyTorch's `kaiming_uniform_(a = √5)`: U(±1/√fan_in),
@@ -140,7 +140,6 @@ impl LycorisOptions {
     ) -> serde_json::Map<String, Value> {
         let mut fields = saved_fields(peft_type, targets, metadata);
         fields.extend(self.ranks.peft_fields("alpha"));
-        fields.extend(layer_filters_saved());
         let more = [
             ("rank_dropout", float(f64::from(self.rank_dropout))),
             ("module_dropout", float(f64::from(self.module_dropout))),

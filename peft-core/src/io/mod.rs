@@ -1,7 +1,9 @@
 //! PEFT's file format, and only the format: `adapter_config.json` and
 //! `adapter_model.safetensors` as `PeftModel.save_pretrained` writes them and
 //! `PeftModel.from_pretrained` reads them, turned into (config, tensors) and
-//! back. Which tensor goes to which layer is the model's business
+//! back; `adapter_model.bin` (PyTorch's pickle, PEFT's default before 0.7)
+//! is read too when a folder has no safetensors file, without executing
+//! anything in it ([`pickle`]). Which tensor goes to which layer is the model's business
 //! ([`crate::model`]).
 //!
 //! - Tensor keys: `base_model.model.<module path>.<key>` with the adapter's own
@@ -25,10 +27,16 @@ use serde_json::{Map, Value};
 use crate::error::{PeftError, Result};
 use crate::kinds::{parse_config, AdapterConfig};
 
+mod pickle;
+
 /// The config file's name.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// The tensor file's name.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The tensor file PEFT wrote before 0.7 (`safe_serialization=False`):
+/// `torch.save` of the dict of tensors. Read when a folder has no
+/// [`WEIGHTS_FILE`], never written.
+pub const PICKLE_WEIGHTS_FILE: &str = "adapter_model.bin";
 /// The prefix PEFT puts before module paths in tensor keys.
 pub(crate) const KEY_PREFIX: &str = "base_model.model.";
 
@@ -57,7 +65,7 @@ pub(crate) fn with_adapter_files<T>(dir: &Path, read: impl FnOnce(AdapterFiles<'
         path: config_path.clone(),
         cause,
     })?;
-    let weights_path = dir.join(WEIGHTS_FILE);
+    let weights_path = adapter_weights_file(dir);
     let bytes = fs::read(&weights_path).map_err(|cause| PeftError::Io {
         path: weights_path.clone(),
         cause,
@@ -70,13 +78,56 @@ pub(crate) fn with_adapter_files<T>(dir: &Path, read: impl FnOnce(AdapterFiles<'
     })
 }
 
+/// The tensor file of the adapter folder `dir`, as PEFT's
+/// `load_peft_weights` picks it: `adapter_model.safetensors` when it is
+/// there, else `adapter_model.bin` when that is there, else
+/// `adapter_model.safetensors` (for the error naming the missing file).
+pub fn adapter_weights_file(dir: &Path) -> PathBuf {
+    let safetensors = dir.join(WEIGHTS_FILE);
+    let pickle = dir.join(PICKLE_WEIGHTS_FILE);
+    if !safetensors.exists() && pickle.is_file() {
+        pickle
+    } else {
+        safetensors
+    }
+}
+
+/// Whether the tensor bytes read from `path` are PyTorch's pickle rather
+/// than safetensors: the file is named `*.bin`, or the bytes are a zip
+/// archive (`PK\x03\x04`; a safetensors file starts with its header's
+/// length, which would then be over 67 million bytes).
+pub(crate) fn is_pickle(path: &Path, bytes: &[u8]) -> bool {
+    path.extension().is_some_and(|e| e == "bin") || bytes.starts_with(b"PK\x03\x04")
+}
+
+/// The tensors of PyTorch's `adapter_model.bin` (`bytes`, read from
+/// `path`), by key, on the CPU: `torch.save` of a flat dict of tensors,
+/// read without executing anything. Anything else is refused with
+/// [`PeftError::Pickle`] naming the key; integer tensors with
+/// [`PeftError::WrongDtype`].
+pub fn read_pickled_tensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    pickle::read_tensors(bytes, path, &Device::Cpu)
+}
+
 /// Parses the config (dispatching on its `peft_type`) and the tensors (on
 /// `device`), checking what the format alone can tell: valid JSON of a
-/// known kind, a sound safetensors header, floating-point tensors.
+/// known kind, a sound safetensors header (or a PyTorch file holding a
+/// dict of tensors), floating-point tensors.
 pub(crate) fn decode(files: AdapterFiles<'_>, device: &Device) -> Result<DecodedAdapter> {
     let config = parse_config(files.config, files.config_path)?;
     config.validate()?;
     let weights_path = files.weights_path;
+    if is_pickle(weights_path, files.weights) {
+        // Bytes handed in memory under the safetensors name are named as
+        // the file they are.
+        let path = if weights_path.file_name().is_some_and(|n| n == WEIGHTS_FILE) {
+            weights_path.with_file_name(PICKLE_WEIGHTS_FILE)
+        } else {
+            weights_path.to_path_buf()
+        };
+        let tensors = pickle::read_tensors(files.weights, &path, device)?;
+        return Ok(DecodedAdapter { config, tensors });
+    }
     if let Some((key, problem)) = header_problem(files.weights) {
         return Err(PeftError::TensorHeader {
             path: weights_path.to_path_buf(),
