@@ -11,7 +11,7 @@
 //!
 //! ```
 //! use candle_core::{Device, Module, Tensor};
-//! use peft_core::{linear_no_bias, Adaptable, Linear, PeftModel, modules};
+//! use peft_core::{Adaptable, Linear, PeftModel, modules};
 //!
 //! #[derive(Adaptable)]
 //! struct Classifier {
@@ -22,8 +22,8 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let device = Device::Cpu;
 //! let mut model = Classifier {
-//!     proj: linear_no_bias(Tensor::eye(2, candle_core::DType::F32, &device)?),
-//!     score: linear_no_bias(Tensor::new(&[[1f32, 2.]], &device)?),
+//!     proj: Linear::new(Tensor::eye(2, candle_core::DType::F32, &device)?, None),
+//!     score: Linear::new(Tensor::new(&[[1f32, 2.]], &device)?, None),
 //! };
 //! model.apply_lora(modules(["proj"]).modules_to_save(["score"]))?;
 //! assert_eq!(model.adapted_modules(), ["proj", "score"]);

@@ -40,7 +40,7 @@ use crate::adaptable::{Adaptable, Role, Visitor, VisitorMut};
 use crate::error::{InModule, PeftError, Result};
 use crate::io;
 use crate::kinds::{AdapterConfig, LoraConfig};
-use crate::layer::Layer;
+use crate::layer::{Layer, BASE_ROWS};
 use crate::path::ModulePath;
 use crate::targets::Targets;
 use attach::{check_known, Copies, FileTensors};
@@ -402,7 +402,7 @@ pub trait PeftModel: Adaptable {
     where
         Self: Sized,
     {
-        let named: Vec<&str> = rows.iter().copied().filter(|r| *r != crate::BASE_ROWS).collect();
+        let named: Vec<&str> = rows.iter().copied().filter(|r| *r != BASE_ROWS).collect();
         check_known(&named, &self.adapter_names())?;
         if let Some(merged) = self.layers().iter().find(|l| l.layer.is_merged()) {
             return Err(PeftError::MergeState {
