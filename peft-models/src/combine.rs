@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use peft_core::{AdapterSkeleton, Combination, CombineOptions, PeftModel, StandaloneAdapter};
 
 use crate::error::{ModelError, Result};
-use crate::output::{partial_dir, put_in_place, same_folder};
+use crate::output::{finish, partial_dir, same_folder};
 
 /// What [`combine_adapters`] wrote.
 #[derive(Debug, Clone)]
@@ -95,14 +95,5 @@ pub fn combine_adapters(
             parameters: back.tensors().values().map(|t| t.elem_count()).sum(),
         })
     })();
-    match written {
-        Ok(report) => {
-            put_in_place(&partial, out)?;
-            Ok(report)
-        }
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&partial);
-            Err(error)
-        }
-    }
+    finish(&partial, out, written)
 }

@@ -33,7 +33,7 @@ use serde_json::Value;
 
 use crate::checkpoint::{weight_files, ReleasingMmap};
 use crate::error::{ModelError, Result};
-use crate::output::{partial_dir, put_in_place, same_folder};
+use crate::output::{finish, partial_dir, same_folder};
 
 /// PEFT's prefix of every tensor key in `adapter_model.safetensors`.
 const KEY_PREFIX: &str = "base_model.model.";
@@ -524,23 +524,15 @@ pub fn convert_to_lora(adapter_dir: &Path, out: &Path, options: &ConvertOptions)
         }
         Ok(converted)
     })();
-    match result {
-        Ok(modules) => {
-            put_in_place(&partial, out)?;
-            Ok(ConvertReport {
-                out: out.to_path_buf(),
-                source_kind: kind_name(&adapter),
-                rank: options.rank,
-                r,
-                modules,
-                parameters,
-            })
-        }
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&partial);
-            Err(error)
-        }
-    }
+    let modules = finish(&partial, out, result)?;
+    Ok(ConvertReport {
+        out: out.to_path_buf(),
+        source_kind: kind_name(&adapter),
+        rank: options.rank,
+        r,
+        modules,
+        parameters,
+    })
 }
 
 /// `B [rows, R]` and `A [R, cols]` with `B @ A` the best rank-`R`

@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::checkpoint::{release_freed_memory, release_pages, weight_files, with_shape, ReleasingMmap, INDEX_FILE};
 use crate::error::{ModelError, Result};
-use crate::output::{partial_dir, put_in_place, same_folder};
+use crate::output::{finish, partial_dir, same_folder};
 
 /// An adapter to merge, with the factor its change is scaled by.
 #[derive(Debug)]
@@ -208,16 +208,7 @@ pub fn merge_checkpoint(
             copied,
         })
     })();
-    match result {
-        Ok(report) => {
-            put_in_place(&partial, out)?;
-            Ok(report)
-        }
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&partial);
-            Err(error)
-        }
-    }
+    finish(&partial, out, result)
 }
 
 /// A candle [`VarBuilder`](candle_nn::VarBuilder) over the checkpoint in `model_dir` that merges

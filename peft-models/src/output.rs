@@ -1,5 +1,5 @@
 //! Output folders written whole or not at all (`peft merge`, `peft
-//! convert`): the files go into a hidden folder beside the output, which is
+//! convert`, `peft combine`): the files go into a hidden folder beside the output, which is
 //! renamed into place once every file is complete, so a failure part way
 //! never leaves a folder that looks finished.
 
@@ -29,7 +29,7 @@ pub(crate) fn partial_dir(out: &Path) -> Result<PathBuf> {
 
 /// Renames the finished folder into place; an existing `out` (allowed by
 /// `--force`) is moved aside first and removed after.
-pub(crate) fn put_in_place(partial: &Path, out: &Path) -> Result<()> {
+fn put_in_place(partial: &Path, out: &Path) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |cause| ModelError::Io { path, cause }
@@ -43,6 +43,21 @@ pub(crate) fn put_in_place(partial: &Path, out: &Path) -> Result<()> {
         std::fs::rename(partial, out).map_err(io(out))?;
     }
     Ok(())
+}
+
+/// The end of writing into `partial`: when `written` succeeded, the folder
+/// is put in place as `out`; otherwise it is removed, and the error returned.
+pub(crate) fn finish<T>(partial: &Path, out: &Path, written: Result<T>) -> Result<T> {
+    match written {
+        Ok(value) => {
+            put_in_place(partial, out)?;
+            Ok(value)
+        }
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(partial);
+            Err(error)
+        }
+    }
 }
 
 /// Whether `a` and `b` are the same existing folder.
