@@ -442,7 +442,7 @@ fn unsupported_types_and_options_are_refused() {
     let cases = [
         ("peft_type", json!("VERA"), "peft_type"),
         ("use_qalora", json!(true), "use_qalora"),
-        ("bias", json!("all"), "bias"),
+        ("lora_bias", json!(true), "lora_bias"),
         ("init_lora_weights", json!("pissa"), "init_lora_weights"),
         ("layer_replication", json!([[0, 2]]), "layer_replication"),
         ("target_modules", json!(null), "target_modules"),

@@ -98,7 +98,7 @@ pub use kinds::{
     adapter_kind, adapter_kinds, check_rank, factorization, AdapterConfig, AdapterKind, DoraAdapter,
     FeedforwardModules, Ia3Adapter, Ia3Config, LohaAdapter, LohaConfig, LokrAdapter, LokrConfig, LokrFactor, LokrInit,
     LokrShapes, LoraAdapter, LoraConfig, LoraConvAdapter, LoraEmbeddingAdapter, LoraInit, LycorisOptions, ModuleCopy,
-    ParseConfig, PeftConfig, RankSettings, WithLycoris, WithRank,
+    ParseConfig, PeftConfig, RankSettings, TrainedBias, WithLycoris, WithRank,
 };
 pub use layer::{
     conv1d, conv2d, embedding, linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Adapter, CloneAdapter,

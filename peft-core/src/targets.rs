@@ -201,6 +201,25 @@ impl Targets {
         self.modules_to_save.iter().any(|name| path.ends_with(name.as_str()))
     }
 
+    /// The module copied whole that `path` is or lies inside: the shortest
+    /// dotted prefix of `path` (`path` itself included) that
+    /// [`is_saved_module`](Self::is_saved_module). A slot or tensor inside a
+    /// copied module belongs to that copy.
+    ///
+    /// ```
+    /// use peft_core::all_linear;
+    /// let targets = all_linear().modules_to_save(["score"]);
+    /// assert_eq!(targets.saved_module_containing("score.dense.weight"), Some("score"));
+    /// assert_eq!(targets.saved_module_containing("model.norm.weight"), None);
+    /// ```
+    pub fn saved_module_containing<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let ends = path
+            .match_indices('.')
+            .map(|(at, _)| at)
+            .chain(std::iter::once(path.len()));
+        ends.map(|end| &path[..end]).find(|prefix| self.is_saved_module(prefix))
+    }
+
     /// Whether `path` is, or lies inside, a module named by
     /// [`modules_to_save`](Self::modules_to_save) in PEFT's dotted sense
     /// (`(^|.*\.)name($|\..*)`): such a layer gets no adapter.

@@ -151,13 +151,19 @@ impl ModuleLayout {
         }
     }
 
-    /// The base module holding `weight`.
-    pub(crate) fn base(&self, weight: Tensor) -> BaseModule {
-        match self {
-            ModuleLayout::Linear { .. } => BaseModule::Linear { weight, bias: None },
+    /// The base module holding `weight`, for `adapter`'s module `module`:
+    /// with the bias the adapter trained for it (`bias = "all" |
+    /// "lora_only"`), which merging needs a bias to go into, else none.
+    pub(crate) fn base(&self, weight: Tensor, adapter: &StandaloneAdapter, module: &str) -> Result<BaseModule> {
+        let bias = match adapter.saved_bias(module) {
+            Some(bias) => Some(bias.to_dtype(weight.dtype())?),
+            None => None,
+        };
+        Ok(match self {
+            ModuleLayout::Linear { .. } => BaseModule::Linear { weight, bias },
             ModuleLayout::Embedding { .. } => BaseModule::Embedding { table: weight },
-            ModuleLayout::Conv { .. } => BaseModule::Conv { weight, bias: None },
-        }
+            ModuleLayout::Conv { .. } => BaseModule::Conv { weight, bias },
+        })
     }
 
     /// The matrix LoRA factors as `B @ A` (before the scaling): `[out, in]`
@@ -350,7 +356,7 @@ pub fn module_delta(
         None if adapter.is_additive() => None,
         None => Some(weight.clone()),
     };
-    let (merged, _) = adapter.merge_module(module, layout.base(weight))?;
+    let (merged, _) = adapter.merge_module(module, layout.base(weight, adapter, module)?)?;
     let mut delta = match reference {
         Some(reference) => (merged - reference)?,
         None => merged,
@@ -493,7 +499,10 @@ pub fn convert_to_lora(adapter_dir: &Path, out: &Path, options: &ConvertOptions)
             .strip_prefix(KEY_PREFIX)
             .and_then(|rest| rest.rsplit_once('.'))
             .map(|(module, _)| module);
-        if module.is_some_and(|module| copied.contains(&module)) {
+        // Whole copies and trained biases (`bias = "all" | "lora_only"`) are
+        // no change to factor either.
+        let trained_bias = adapter.trains_biases() && key.ends_with(".bias");
+        if trained_bias || module.is_some_and(|module| copied.contains(&module)) {
             tensors.push((key.clone(), tensor.clone()));
         }
     }
@@ -583,7 +592,7 @@ fn truncated_svd(matrix: &Tensor, rank: usize) -> std::result::Result<Factors, S
 /// The written `adapter_config.json`: a LoRA config with `r = lora_alpha`
 /// (scaling 1), the modules' own ranks in `rank_pattern` and
 /// `alpha_pattern` where they differ, the source's `fan_in_fan_out`,
-/// `modules_to_save` and descriptive fields.
+/// `bias`, `modules_to_save` and descriptive fields.
 fn lora_config(
     adapter: &StandaloneAdapter,
     ranks: &[(String, ModuleLayout, usize, usize)],
@@ -594,6 +603,7 @@ fn lora_config(
     let mut config = LoraConfig::from(modules(targets.iter().copied()).modules_to_save(saved_modules))
         .rank(r)
         .alpha(r as f64)
+        .bias(adapter.config().trained_bias())
         .fan_in_fan_out(adapter.fan_in_fan_out());
     for (module, _, rank, _) in ranks.iter().filter(|(_, _, rank, _)| *rank != r) {
         // A pattern is a regex matched against the end of the path: the

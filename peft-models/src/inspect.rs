@@ -126,7 +126,8 @@ pub struct InspectReport {
     /// The values of the adapter's tensors (what PEFT counts as trainable).
     pub parameters: usize,
     /// Base weights PEFT saved beside the adapter (`<module>.base_layer.weight`,
-    /// `save_embedding_layers`): key and shape; not counted in `parameters`.
+    /// `save_embedding_layers`; biases trained with `bias = "all" |
+    /// "lora_only"`): key and shape; not counted in `parameters`.
     pub saved_base_weights: Vec<(String, Vec<usize>)>,
     /// Modules the adapter holds whole (`modules_to_save`: a classifier
     /// head): each tensor's key and shape; not counted in `parameters`.
@@ -262,17 +263,22 @@ pub fn inspect_adapter(dir: &Path) -> InspectReport {
             .strip_prefix("base_model.model.")
             .and_then(|rest| rest.rsplit_once('.'));
         match (module, &config) {
-            (Some((module, _)), Some(config)) => {
-                let targets = config.targets();
-                let mut prefixes = module.match_indices('.').map(|(at, _)| &module[..at]);
-                targets.is_saved_module(module) || prefixes.any(|prefix| targets.is_saved_module(prefix))
-            }
+            (Some((module, _)), Some(config)) => config.targets().saved_module_containing(module).is_some(),
             _ => false,
         }
+    };
+    // With PEFT's `bias = "all"`, the biases of modules no adapter wraps are
+    // saved under their own keys (`<module>.bias`).
+    let trained_bias = |key: &str| {
+        key.ends_with(".bias")
+            && config
+                .as_ref()
+                .is_some_and(|c| c.trained_bias() != peft_core::TrainedBias::None)
     };
     for entry in &entries {
         match split_adapter_key(&entry.key) {
             None if copied(&entry.key) => copied_modules.push((entry.key.clone(), entry.shape.clone())),
+            None if trained_bias(&entry.key) => saved_base_weights.push((entry.key.clone(), entry.shape.clone())),
             Some((_, name)) if name.starts_with("base_layer.") => {
                 saved_base_weights.push((entry.key.clone(), entry.shape.clone()));
             }
@@ -587,7 +593,7 @@ impl ModuleNorms<'_> {
                 reason: format!("module `{module}`: its tensors do not give the layer's shape"),
             })?;
         let ones = Tensor::ones(layout.stored_dims(adapter.fan_in_fan_out()), DType::F64, &Device::Cpu)?;
-        adapter.merge_module(module, layout.base(ones))?;
+        adapter.merge_module(module, layout.base(ones, adapter, module)?)?;
         Ok(())
     }
 }

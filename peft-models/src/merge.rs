@@ -260,7 +260,7 @@ struct MergingBackend {
 
 impl MergingBackend {
     fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        if let Some(bias) = copied_bias(&self.adapters, name) {
+        if let Some(bias) = saved_bias(&self.adapters, name) {
             return bias.to_dtype(dtype)?.to_device(device);
         }
         let mut tensor = self.mapped.load(name, dtype, &Device::Cpu)?;
@@ -326,6 +326,16 @@ fn check_adapter(adapter: &WeightedAdapter, names: &HashMap<&str, &Entry>) -> Re
                  merging replaces them",
                 adapter.weight,
                 adapter.adapter.copied_modules()
+            ),
+        });
+    }
+    if adapter.weight != 1.0 && adapter.adapter.trains_biases() {
+        return Err(ModelError::AdapterMismatch {
+            adapter: adapter.dir.clone(),
+            reason: format!(
+                "a weight of {} cannot scale the biases the adapter trained (bias = {}): merging replaces them",
+                adapter.weight,
+                adapter.adapter.field("bias").unwrap_or(&serde_json::Value::Null)
             ),
         });
     }
@@ -482,7 +492,7 @@ impl<'a> LazyTensor<'a> {
     /// as stored (no copy), else the merged or converted tensor's.
     fn bytes(&self) -> Result<Cow<'a, [u8]>> {
         let entry = self.entry;
-        if let Some(bias) = copied_bias(self.adapters, &entry.name) {
+        if let Some(bias) = saved_bias(self.adapters, &entry.name) {
             let out = candle_dtype(output_dtype(entry.stored, self.dtype)).unwrap_or(bias.dtype());
             return Ok(Cow::Owned(tensor_bytes(&bias.to_dtype(out)?)?));
         }
@@ -510,14 +520,14 @@ impl<'a> LazyTensor<'a> {
 }
 
 /// The bias of checkpoint tensor `name` (`<module>.bias`) when an adapter
-/// holds the module whole (`modules_to_save`) with its own bias: the last
-/// such adapter's, as merging them in order leaves it.
-fn copied_bias(adapters: &[WeightedAdapter], name: &str) -> Option<Tensor> {
+/// sets it (a whole copy's bias, or a bias trained with `bias = "all" |
+/// "lora_only"`): the last such adapter's, as merging them in order leaves it.
+fn saved_bias(adapters: &[WeightedAdapter], name: &str) -> Option<Tensor> {
     let module = name.strip_suffix(".bias")?;
     adapters
         .iter()
         .rev()
-        .find_map(|w| w.adapter.copied_bias(module))
+        .find_map(|w| w.adapter.saved_bias(module))
         .cloned()
 }
 

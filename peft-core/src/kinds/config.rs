@@ -40,6 +40,12 @@ pub trait AdapterConfig: Send + Sync {
         Ok(())
     }
 
+    /// Which base biases train beside the adapters (PEFT's `bias`); the
+    /// default trains none.
+    fn trained_bias(&self) -> TrainedBias {
+        TrainedBias::None
+    }
+
     /// A fresh adapter for the layer at `module`, on its device and dtype.
     fn new_adapter(&self, module: &str, layer: &Layer) -> Result<Box<dyn Adapter>>;
 
@@ -49,6 +55,53 @@ pub trait AdapterConfig: Send + Sync {
         let mut fields = serde_json::Map::new();
         fields.insert("peft_type".into(), self.peft_type().into());
         fields
+    }
+}
+
+/// Which biases of the base model train beside an adapter: PEFT's `bias`
+/// field (`"none"`, `"all"`, `"lora_only"`).
+///
+/// A trained bias belongs to the base layer, not to the adapter, as in PEFT:
+/// every adapter of the layer and the model with adapters disabled compute
+/// with it, and loading an adapter file that holds biases writes them into
+/// the base. Only biases of adapter slots (`Linear`, `Conv1d`, `Conv2d`
+/// fields) can train here; with [`All`](Self::All), a bias held outside a slot
+/// (a `LayerNorm`'s) is refused with [`PeftError::UnsupportedOption`] naming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TrainedBias {
+    /// `"none"`: biases stay frozen (the default).
+    #[default]
+    None,
+    /// `"all"`: every bias of the model trains; saved as
+    /// `<module>.base_layer.bias` for adapted layers and `<module>.bias`
+    /// for the others.
+    All,
+    /// `"lora_only"`: the biases of the adapted layers train; saved as
+    /// `<module>.base_layer.bias`.
+    AdaptedLayers,
+}
+
+impl TrainedBias {
+    /// PEFT's value of `bias` for this choice (`adapted` is the kind's
+    /// `"<kind>_only"` spelling, `"lora_only"` for LoRA).
+    pub fn peft_name(self, adapted: &'static str) -> &'static str {
+        match self {
+            TrainedBias::None => "none",
+            TrainedBias::All => "all",
+            TrainedBias::AdaptedLayers => adapted,
+        }
+    }
+
+    /// Reads PEFT's value of `bias` (`"none"`, `"all"`, or `adapted`, the
+    /// kind's `"<kind>_only"`); `None` for anything else.
+    pub fn from_peft_name(name: &str, adapted: &str) -> Option<TrainedBias> {
+        match name {
+            "none" => Some(TrainedBias::None),
+            "all" => Some(TrainedBias::All),
+            _ if name == adapted => Some(TrainedBias::AdaptedLayers),
+            _ => None,
+        }
     }
 }
 

@@ -182,18 +182,17 @@ impl TargetFields {
             reason,
         };
         if checks == LayerChecks::Lora && string_target {
-            if let Some(layers) = &self.layers_to_transform {
-                return Err(invalid(
+            let set = [
+                (
                     "layers_to_transform",
-                    layers.to_json().to_string(),
-                    "cannot be used when `target_modules` is a string (a regex or \"all-linear\"), \
-                     as PEFT's LoraConfig refuses it; list the module names instead",
-                ));
-            }
-            if let Some(patterns) = &self.layers_pattern {
+                    self.layers_to_transform.as_ref().map(OneOrMany::to_json),
+                ),
+                ("layers_pattern", self.layers_pattern.as_ref().map(OneOrMany::to_json)),
+            ];
+            if let Some((field, Some(value))) = set.into_iter().find(|(_, value)| value.is_some()) {
                 return Err(invalid(
-                    "layers_pattern",
-                    patterns.to_json().to_string(),
+                    field,
+                    value.to_string(),
                     "cannot be used when `target_modules` is a string (a regex or \"all-linear\"), \
                      as PEFT's LoraConfig refuses it; list the module names instead",
                 ));

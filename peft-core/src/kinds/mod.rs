@@ -22,7 +22,7 @@ pub(crate) mod lycoris;
 pub(crate) mod modules_to_save;
 pub(crate) mod registry;
 
-pub use config::{check_rank, AdapterConfig, PeftConfig, RankSettings, WithRank};
+pub use config::{check_rank, AdapterConfig, PeftConfig, RankSettings, TrainedBias, WithRank};
 pub use ia3::{FeedforwardModules, Ia3Adapter, Ia3Config};
 pub use lora::{DoraAdapter, LoraAdapter, LoraConfig, LoraConvAdapter, LoraEmbeddingAdapter, LoraInit};
 pub use lycoris::{

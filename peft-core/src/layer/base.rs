@@ -175,6 +175,27 @@ impl Base {
         Ok(Some(TrainableBase { base, vars }))
     }
 
+    /// The same base computing with `bias` in place of its own: how a bias
+    /// trained beside the adapters (PEFT's `bias = "all" | "lora_only"`) is
+    /// put in. `None` for a base without a bias (an embedding table, or a
+    /// layer loaded with none).
+    pub(crate) fn with_bias(&self, bias: Tensor) -> Option<Base> {
+        Some(match self {
+            Base::Dense(linear) if linear.bias().is_some() => {
+                Base::Dense(candle_nn::Linear::new(linear.weight().clone(), Some(bias)))
+            }
+            Base::Quantized { weight, bias: Some(_) } => Base::Quantized {
+                weight: weight.clone(),
+                bias: Some(bias),
+            },
+            Base::Conv { conv, weight } if conv.bias().is_some() => Base::Conv {
+                conv: conv.with(conv.kernel().clone(), Some(bias)),
+                weight: weight.clone(),
+            },
+            _ => return None,
+        })
+    }
+
     /// The same base, cut from the autograd graph.
     pub(crate) fn detached(&self) -> Base {
         match self {

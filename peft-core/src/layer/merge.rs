@@ -175,6 +175,7 @@ impl Layer {
         for i in self.merge_order(&merged) {
             weights = self.adapters[i].adapter.merge_onto(&weights, &unmerged)?;
         }
+        self.check_trained_bias_kept(&weights)?;
         Ok(Some(MergePlan {
             finite: weights.all_finite()?,
             base: self.base.rebuilt(weights)?,
@@ -188,11 +189,34 @@ impl Layer {
             return Ok(None);
         }
         let weights = self.unmerged_weights()?;
+        self.check_trained_bias_kept(&weights)?;
         Ok(Some(MergePlan {
             finite: weights.all_finite()?,
             base: self.base.rebuilt(weights)?,
             merged: vec![false; self.adapters.len()],
         }))
+    }
+
+    /// Refuses new weights whose bias differs from the bias being trained
+    /// (PEFT's `bias = "all" | "lora_only"`): an adapter that merges into the
+    /// bias too (IA³ scaling the output) would leave the trained variable
+    /// and the computed bias apart. LoRA, LoHa and LoKr keep the bias.
+    fn check_trained_bias_kept(&self, weights: &LayerWeights) -> Result<()> {
+        let (Some(var), Some(bias)) = (&self.trainable_bias, &weights.bias) else {
+            return Ok(());
+        };
+        let change = (var.as_tensor() - bias)?
+            .abs()?
+            .max_all()?
+            .to_dtype(candle_core::DType::F64)?;
+        if change.to_scalar::<f64>()? != 0.0 {
+            return Err(PeftError::MergeState {
+                module: self.describe(),
+                reason: "an adapter of this layer merges into its bias, which is being trained beside \
+                         the adapters (a config's `bias`); keep that adapter unmerged",
+            });
+        }
+        Ok(())
     }
 
     /// The base weights with every merged adapter taken out again, in the
@@ -221,6 +245,7 @@ impl Layer {
     pub(crate) fn commit(&mut self, plan: MergePlan) {
         debug_assert_eq!(plan.merged.len(), self.adapters.len());
         self.base = plan.base;
+        self.reinstall_trainable_bias();
         for (attached, merged) in self.adapters.iter_mut().zip(plan.merged) {
             attached.merged = merged;
         }
@@ -230,6 +255,12 @@ impl Layer {
     pub(crate) fn commit_and_unload(&mut self, plan: Option<MergePlan>) {
         if let Some(plan) = plan {
             self.base = plan.base;
+        }
+        // A plain layer again: its bias, trained or not, is frozen.
+        if let Some(var) = self.trainable_bias.take() {
+            if let Some(base) = self.base.with_bias(var.as_tensor().detach()) {
+                self.base = base;
+            }
         }
         self.adapters.clear();
         self.adapters_enabled = true;

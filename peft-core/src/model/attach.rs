@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use serde_json::{Map, Value};
 
 use crate::adaptable::Visitor;
 use crate::error::{capped_list, InModule, PeftError, Result};
 use crate::io::{write_adapter, KEY_PREFIX};
-use crate::kinds::{AdapterConfig, ModuleCopy};
+use crate::kinds::{AdapterConfig, ModuleCopy, TrainedBias};
 use crate::layer::{Adapter, Composition};
 use crate::model::{LayerRef, PeftModel, DEFAULT_ADAPTER};
 use crate::path::ModulePath;
@@ -41,7 +41,7 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
             .targets()
             .resolve(layers.iter().map(|l| (l.path.as_str(), l.role, l.layer.kind())))?;
         let mut adapters = Vec::with_capacity(chosen.len());
-        for i in chosen {
+        for &i in &chosen {
             let LayerRef { path, layer, .. } = &layers[i];
             let file_values = file.as_ref().map(|file| file.values_under(path));
             config.check_layer(path, layer, file_values)?;
@@ -56,7 +56,7 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
             Copies::Make => copied_layers(&*model, &layers, config.targets())?,
             Copies::Skip => Vec::new(),
         };
-        for i in copied {
+        for &i in &copied {
             let LayerRef { path, layer, .. } = &layers[i];
             let copy: Box<dyn Adapter> = Box::new(ModuleCopy::new(path, layer).in_module(path)?);
             layer.check_attach(name, &*copy).in_module(path)?;
@@ -65,17 +65,109 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
             }
             adapters.push((i, copy));
         }
+        let biases = trained_biases(&*model, &layers, config.trained_bias(), &chosen, &copied, file.as_mut())?;
         if let Some(file) = file {
             file.check_all_used()?;
         }
-        adapters
+        (adapters, biases)
     };
+    let (adapters, biases) = adapters;
     let saved = Arc::new(config.to_peft_config());
     let mut layers = model.layers_mut();
     for (i, adapter) in adapters {
         layers[i].layer.insert_adapter(name, adapter, Some(saved.clone()));
     }
+    for (i, bias) in biases {
+        layers[i].layer.train_bias(bias);
+    }
     Ok(())
+}
+
+/// The base biases a config trains beside its adapter (PEFT's `bias`), as
+/// new variables by index into `layers`: the `targeted` layers' for
+/// `lora_only`, every slot's for `all` except whole copies (`copied` and
+/// copies already there: a copy trains its own bias). Loading takes each
+/// value from `file`, under PEFT's key (`<module>.base_layer.bias` for a
+/// layer an adapter wraps, `<module>.bias` otherwise).
+///
+/// Refused for `all`: a bias held outside a slot (a `LayerNorm`'s), which
+/// cannot be made trainable here.
+fn trained_biases<M: PeftModel + ?Sized>(
+    model: &M,
+    layers: &[LayerRef<'_>],
+    mode: TrainedBias,
+    targeted: &[usize],
+    copied: &[usize],
+    mut file: Option<&mut FileTensors>,
+) -> Result<Vec<(usize, Var)>> {
+    let candidates: Vec<usize> = match mode {
+        TrainedBias::None => return Ok(Vec::new()),
+        TrainedBias::AdaptedLayers => targeted.to_vec(),
+        TrainedBias::All => {
+            refuse_biases_outside_slots(model)?;
+            (0..layers.len())
+                .filter(|i| !copied.contains(i) && !layers[*i].layer.holds_copy())
+                .collect()
+        }
+    };
+    let mut biases = Vec::new();
+    for i in candidates {
+        let LayerRef { path, layer, .. } = &layers[i];
+        let Some(bias) = layer.bias() else { continue };
+        let suffix = if targeted.contains(&i) {
+            "base_layer.bias"
+        } else {
+            layer.bias_key()
+        };
+        let key = format!("{KEY_PREFIX}{path}.{suffix}");
+        let value = match file.as_deref_mut() {
+            None => None,
+            Some(file) => Some(file.take(&key).ok_or_else(|| PeftError::MissingTensor {
+                module: path.clone(),
+                key: key.clone(),
+            })?),
+        };
+        if let Some(value) = &value {
+            if value.dims() != bias.dims() {
+                return Err(PeftError::ShapeMismatch {
+                    key,
+                    expected: bias.dims().to_vec(),
+                    found: value.dims().to_vec(),
+                });
+            }
+        }
+        if let Some(var) = layer.bias_var(value.as_ref()).in_module(path)? {
+            biases.push((i, var));
+        }
+    }
+    Ok(biases)
+}
+
+/// Refuses `bias = "all"` for a model holding a bias outside an adapter
+/// slot (a `LayerNorm`'s bias), which PEFT would train and this crate
+/// cannot: the derive hands such tensors to visitors read-only.
+fn refuse_biases_outside_slots<M: PeftModel + ?Sized>(model: &M) -> Result<()> {
+    #[derive(Default)]
+    struct Biases(Option<String>);
+    impl<'a> Visitor<'a> for Biases {
+        fn visit_tensor(&mut self, path: &ModulePath, _: &'a Tensor) {
+            let name = path.as_str();
+            if self.0.is_none() && (name == "bias" || name.ends_with(".bias")) {
+                self.0 = Some(name.to_owned());
+            }
+        }
+    }
+    let mut found = Biases::default();
+    model.visit(&mut ModulePath::new(), &mut found);
+    match found.0 {
+        None => Ok(()),
+        Some(tensor) => Err(PeftError::UnsupportedOption {
+            field: "bias".into(),
+            value: format!("\"all\" (the model holds the bias `{tensor}` outside a Linear or Conv field)"),
+            reason: "only biases of adapter slots can train here; use bias = \"lora_only\", or make that \
+                     layer a slot",
+        }),
+    }
 }
 
 /// Indices into `layers` of the slots `targets` copies whole
@@ -189,6 +281,11 @@ impl FileTensors {
         Ok(())
     }
 
+    /// Takes the tensor under `key` out of the file.
+    fn take(&mut self, key: &str) -> Option<Tensor> {
+        self.unused.remove(key)
+    }
+
     /// Refuses tensors that no targeted module took.
     fn check_all_used(self) -> Result<()> {
         if self.unused.is_empty() {
@@ -249,6 +346,22 @@ pub(crate) fn saved_adapter<M: PeftModel + ?Sized>(model: &M, name: &str) -> Res
     for (layer, adapter) in &adapted {
         for (key, var) in adapter.trainable_vars() {
             tensors.push((format!("{KEY_PREFIX}{}.{key}", layer.path), var.as_tensor().clone()));
+        }
+    }
+    // PEFT's `bias`: "all" saves every bias, "<kind>_only" the adapted layers'.
+    let bias_layers: Vec<&LayerRef<'_>> = match config.get("bias").and_then(Value::as_str) {
+        Some("all") => layers.iter().filter(|l| !l.layer.holds_copy()).collect(),
+        Some(mode) if mode.ends_with("_only") => adapted
+            .iter()
+            .filter(|(_, adapter)| adapter.composition() != Composition::ReplacesBase)
+            .map(|(l, _)| *l)
+            .collect(),
+        _ => Vec::new(),
+    };
+    for layer in bias_layers {
+        if let Some(bias) = layer.layer.bias() {
+            let key = format!("{KEY_PREFIX}{}.{}", layer.path, layer.layer.bias_key());
+            tensors.push((key, bias.clone()));
         }
     }
     Ok(SavedAdapter { config, tensors })

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::adaptable::{Adaptable, Visitor, VisitorMut};
 use crate::error::{InModule, PeftError, Result};
 use crate::io::{self, KEY_PREFIX};
-use crate::kinds::AdapterConfig;
+use crate::kinds::{AdapterConfig, TrainedBias};
 use crate::layer::{Conv1d, Conv2d, Embedding, Linear};
 use crate::model::attach::{attach, Copies, FileTensors};
 use crate::model::{PeftModel, DEFAULT_ADAPTER};
@@ -242,13 +242,25 @@ impl StandaloneAdapter {
         self.copied.iter().map(String::as_str).collect()
     }
 
-    /// The bias saved with the whole copy of module `path`, if the file
-    /// holds one: merging replaces the checkpoint's bias with it.
-    pub fn copied_bias(&self, path: &str) -> Option<&Tensor> {
-        if !self.copied.contains(path) {
+    /// The bias the file sets for module `path`, if any: merging replaces
+    /// the checkpoint's bias with it. Either the bias of a whole copy
+    /// (`modules_to_save`) or a bias trained beside the adapter (PEFT's
+    /// `bias = "all" | "lora_only"`: `<module>.base_layer.bias` for an
+    /// adapted module, `<module>.bias` for another).
+    pub fn saved_bias(&self, path: &str) -> Option<&Tensor> {
+        let trained = self.config.trained_bias() != TrainedBias::None;
+        if !(trained || self.copied.contains(path)) {
             return None;
         }
-        self.tensors.get(&format!("{KEY_PREFIX}{path}.bias"))
+        let key = |suffix: &str| format!("{KEY_PREFIX}{path}.{suffix}");
+        let wrapped = trained.then(|| self.tensors.get(&key("base_layer.bias"))).flatten();
+        wrapped.or_else(|| self.tensors.get(&key("bias")))
+    }
+
+    /// Whether the file trains base biases beside the adapter (PEFT's
+    /// `bias = "all" | "lora_only"`): see [`saved_bias`](Self::saved_bias).
+    pub fn trains_biases(&self) -> bool {
+        self.config.trained_bias() != TrainedBias::None
     }
 
     /// Whether the file holds tensors for the module at `path`.
@@ -279,7 +291,7 @@ impl StandaloneAdapter {
             .range(prefix.clone()..)
             .take_while(|(key, _)| key.starts_with(&prefix))
             .map(|(key, tensor)| (key.clone(), tensor.clone()))
-            .partition(|(key, _)| key[prefix.len()..].starts_with("base_layer."));
+            .partition(|(key, _)| &key[prefix.len()..] == "base_layer.weight");
         let base = with_saved_base(path, base, &saved_base)?;
         let slot = self.slot_for(path, base)?;
         let mut placed = Placed {
@@ -426,17 +438,7 @@ fn copied_module_of(key: &str, targets: &crate::targets::Targets) -> Option<Stri
     if rest.split('.').any(is_adapter_segment) {
         return None;
     }
-    let mut prefix = String::new();
-    for segment in module.split('.') {
-        if !prefix.is_empty() {
-            prefix.push('.');
-        }
-        prefix.push_str(segment);
-        if targets.is_saved_module(&prefix) {
-            return Some(module.to_owned());
-        }
-    }
-    None
+    targets.saved_module_containing(module).map(|_| module.to_owned())
 }
 
 fn is_adapter_segment(segment: &str) -> bool {

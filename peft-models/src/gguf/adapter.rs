@@ -86,6 +86,14 @@ impl AdapterSettings {
                 "llama.cpp's LoRA adapters have no bias (the script refuses the lora_B.bias tensors)",
             ));
         }
+        if let Some(bias) = config.get("bias").filter(|b| b.as_str().is_some_and(|b| b != "none")) {
+            return Err(setting(
+                "bias",
+                bias,
+                "the adapter trained base biases, and a llama.cpp LoRA adapter holds no bias; merge it into the base \
+                 with `peft merge` and convert the merged model instead",
+            ));
+        }
         let alpha_value = config.get("lora_alpha").unwrap_or(&Json::Null);
         let Some(alpha) = alpha_value.as_f64() else {
             return Err(setting("lora_alpha", alpha_value, "a LoRA config needs a number here"));

@@ -3,10 +3,10 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::Result;
-use crate::kinds::config::{default_alpha, default_rank, RankSettings};
+use crate::error::{PeftError, Result};
+use crate::kinds::config::{default_alpha, default_rank, RankSettings, TrainedBias};
 use crate::kinds::config_file::{ordered_map, unsupported, KindFields, NoFields, PeftMetadata};
-use crate::kinds::lora::{LoraConfig, LoraInit};
+use crate::kinds::lora::{LoraConfig, LoraInit, LORA_ONLY};
 use crate::targets::Targets;
 
 /// LoRA's own fields of `adapter_config.json`, as PEFT writes them.
@@ -63,13 +63,14 @@ impl KindFields for LoraFields {
     const UNIMPLEMENTED_OPTIONS: &'static [&'static str] = UNIMPLEMENTED_OPTIONS;
 
     fn into_config(self, _: NoFields, targets: Targets, metadata: PeftMetadata) -> Result<LoraConfig> {
-        if let Some(bias) = self.bias.as_deref().filter(|b| *b != "none") {
-            return Err(unsupported(
-                "bias",
-                format!("{bias:?}"),
-                "only bias = \"none\" is implemented",
-            ));
-        }
+        let bias = match self.bias.as_deref() {
+            None => TrainedBias::None,
+            Some(name) => TrainedBias::from_peft_name(name, LORA_ONLY).ok_or_else(|| PeftError::InvalidConfig {
+                field: "bias",
+                value: format!("{name:?}"),
+                reason: "must be \"none\", \"all\" or \"lora_only\"",
+            })?,
+        };
         let init =
             match &self.init_lora_weights {
                 None | Some(Value::Bool(true)) => LoraInit::Default,
@@ -86,6 +87,7 @@ impl KindFields for LoraFields {
             .rslora(self.use_rslora)
             .dora(self.use_dora)
             .init(init)
+            .bias(bias)
             .fan_in_fan_out(self.fan_in_fan_out);
         config.ranks = RankSettings {
             r: self.r,

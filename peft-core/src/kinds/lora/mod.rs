@@ -43,7 +43,8 @@ use serde_json::Value;
 
 use crate::error::Result;
 use crate::kinds::config::{
-    config_basics, config_identity, invalid_config, not_implemented, setters, AdapterConfig, RankSettings, WithRank,
+    config_basics, config_identity, invalid_config, not_implemented, setters, AdapterConfig, RankSettings, TrainedBias,
+    WithRank,
 };
 use crate::kinds::config_file::{float, saved_fields, PeftMetadata};
 use crate::kinds::registry::kind;
@@ -52,6 +53,9 @@ use crate::targets::Targets;
 
 /// PEFT's `peft_type` for LoRA, DoRA and LoRA on embeddings and convolutions.
 pub const PEFT_TYPE: &str = "LORA";
+
+/// PEFT's `bias` value for [`TrainedBias::AdaptedLayers`] on LoRA.
+pub(crate) const LORA_ONLY: &str = "lora_only";
 
 /// How LoRA's `A` and `B` start (PEFT's `init_lora_weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -92,6 +96,9 @@ pub struct LoraConfig {
     pub use_dora: bool,
     /// How `A` and `B` start.
     pub init_lora_weights: LoraInit,
+    /// Which base biases train beside the adapter (PEFT's `bias`: `"none"`,
+    /// the default, `"all"` or `"lora_only"`).
+    pub bias: TrainedBias,
     /// PEFT's `fan_in_fan_out`: the targeted layers came from checkpoints that
     /// store weights `[in, out]` (GPT-2's `Conv1D`). The slot always holds
     /// `[out, in]` (transposed at load, see
@@ -112,6 +119,7 @@ impl From<Targets> for LoraConfig {
             use_rslora: false,
             use_dora: false,
             init_lora_weights: LoraInit::Default,
+            bias: TrainedBias::None,
             fan_in_fan_out: false,
             metadata: PeftMetadata::default(),
         }
@@ -130,6 +138,8 @@ impl LoraConfig {
         init => init_lora_weights: LoraInit,
         /// Sets `fan_in_fan_out`.
         fan_in_fan_out => fan_in_fan_out: bool,
+        /// Sets `bias`: which base biases train beside the adapter.
+        bias => bias: TrainedBias,
     }
 
     /// The factor `s` applied to `B(A(x))`, for the global `r` and `lora_alpha`.
@@ -271,6 +281,10 @@ impl AdapterConfig for LoraConfig {
         self.target_modules.validate()
     }
 
+    fn trained_bias(&self) -> TrainedBias {
+        self.bias
+    }
+
     fn new_adapter(&self, module: &str, layer: &Layer) -> Result<Box<dyn Adapter>> {
         let (r, alpha) = self.ranks.rank_and_alpha(module)?;
         match layer.kind() {
@@ -308,7 +322,7 @@ impl AdapterConfig for LoraConfig {
             ("use_rslora", Value::Bool(self.use_rslora)),
             ("use_dora", Value::Bool(self.use_dora)),
             ("fan_in_fan_out", Value::Bool(self.fan_in_fan_out)),
-            ("bias", Value::from("none")),
+            ("bias", Value::from(self.bias.peft_name(LORA_ONLY))),
             ("init_lora_weights", init),
         ];
         fields.extend(more.into_iter().map(|(k, v)| (k.to_owned(), v)));
