@@ -51,6 +51,10 @@ pub struct Layer {
     pub(super) batch_adapters: Option<Arc<[String]>>,
 }
 
+/// A rebuilt base, checked, waiting to replace a layer's (see
+/// [`Layer::prepare_base`]).
+pub(crate) struct PreparedBase(Base);
+
 /// PEFT's `adapter_config.json` fields of the config an adapter was made
 /// from, shared by every layer that adapter sits on.
 pub(crate) type SavedConfig = Arc<serde_json::Map<String, serde_json::Value>>;
@@ -413,6 +417,31 @@ impl Layer {
             merged: false,
             config,
         });
+    }
+
+    /// A base holding `weights` in place of this layer's, for an adapter
+    /// whose initialisation rewrites them; put in place by
+    /// [`replace_base`](Self::replace_base), which cannot fail. Refused:
+    /// weights of other shapes than the base's, and a quantized base.
+    pub(crate) fn prepare_base(&self, weights: LayerWeights) -> Result<PreparedBase> {
+        let current = self.base_weights()?;
+        let bias_dims = |b: &Option<Tensor>| b.as_ref().map(|b| b.dims().to_vec());
+        if self.is_quantized()
+            || weights.weight.dims() != current.weight.dims()
+            || bias_dims(&weights.bias) != bias_dims(&current.bias)
+        {
+            return Err(PeftError::ShapeMismatch {
+                key: format!("{}: rewritten base weight", self.describe()),
+                expected: current.weight.dims().to_vec(),
+                found: weights.weight.dims().to_vec(),
+            });
+        }
+        Ok(PreparedBase(self.base.rebuilt(weights)?))
+    }
+
+    /// Puts a base made by [`prepare_base`](Self::prepare_base) in place.
+    pub(crate) fn replace_base(&mut self, base: PreparedBase) {
+        self.base = base.0;
     }
 
     /// A trainable copy of the base (new variables holding copies of its
