@@ -190,7 +190,10 @@ fn pissa_niter_keeps_the_output_and_approximates_the_svd() -> TestResult {
 /// A copy of `<init>/initial` whose config says `init` (PEFT saved it with
 /// `init_lora_weights = true`, for the residual base).
 fn initial_saying(name: &str, init: &str) -> PathBuf {
-    let dir = scratch("lora_init", &format!("{name}_initial_{init}"));
+    // Each call its own folder: tests run in parallel and `scratch` empties it.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = scratch("lora_init", &format!("{name}_initial_{init}_{call}"));
     let mut config = read_json_object(case(&format!("{name}/initial")).join(CONFIG_FILE));
     config.insert("init_lora_weights".into(), init.into());
     std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string_pretty(&config).unwrap()).unwrap();
@@ -303,6 +306,19 @@ fn init_names_read_and_written_as_peft() -> TestResult {
         model.save_adapter(&dir, "default")?;
         assert_eq!(read_json_object(dir.join(CONFIG_FILE))["init_lora_weights"], value);
     }
+    Ok(())
+}
+
+/// The adapter-file tools (`peft convert`, `merge_checkpoint` with a
+/// weight) treat a PiSSA/OLoRA file as needing its base, since merging it
+/// rewrites the base first: not as a plain additive delta.
+#[test]
+fn a_base_rewriting_adapter_file_is_not_additive() -> TestResult {
+    for init in ["pissa", "pissa_niter_4", "olora"] {
+        let file = peft_core::StandaloneAdapter::from_dir(initial_saying("pissa", init))?;
+        assert!(!file.is_additive(), "{init}");
+    }
+    assert!(peft_core::StandaloneAdapter::from_dir(case("pissa/initial"))?.is_additive());
     Ok(())
 }
 
