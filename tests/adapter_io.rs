@@ -443,7 +443,7 @@ fn unsupported_types_and_options_are_refused() {
         ("peft_type", json!("VERA"), "peft_type"),
         ("use_qalora", json!(true), "use_qalora"),
         ("lora_bias", json!(true), "lora_bias"),
-        ("init_lora_weights", json!("pissa"), "init_lora_weights"),
+        ("init_lora_weights", json!("loftq"), "init_lora_weights"),
         ("layer_replication", json!([[0, 2]]), "layer_replication"),
         ("target_modules", json!(null), "target_modules"),
     ];

@@ -322,7 +322,7 @@ fn config_option_not_implemented() {
         ("use_qalora", json!(true)),
         ("layer_replication", json!([[0, 1]])),
         ("lora_bias", json!(true)),
-        ("init_lora_weights", json!("pissa")),
+        ("init_lora_weights", json!("corda")),
         ("trainable_token_indices", json!([1, 2])),
     ] {
         let error = config_fails(|c| {
@@ -1129,6 +1129,7 @@ fn every_row_names_a_test() {
         "tests/mixed_batch.rs",
         "tests/combine.rs",
         "tests/lora_bias.rs",
+        "tests/lora_init.rs",
     ]
     .iter()
     .map(|file| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap())

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::error::{PeftError, Result};
 use crate::kinds::config_file::{pattern_value, KindFields, KindFile};
-use crate::layer::{Adapter, Layer, LayerKind};
+use crate::layer::{Adapter, Layer, LayerKind, LayerWeights};
 use crate::targets::Targets;
 
 /// A configuration that can build one adapter per targeted layer.
@@ -48,6 +48,19 @@ pub trait AdapterConfig: Send + Sync {
 
     /// A fresh adapter for the layer at `module`, on its device and dtype.
     fn new_adapter(&self, module: &str, layer: &Layer) -> Result<Box<dyn Adapter>>;
+
+    /// The base weights the layer at `module` must have once `adapter`
+    /// (just made by [`new_adapter`](Self::new_adapter), before any saved
+    /// tensor is loaded into it) is attached, for a kind whose
+    /// initialisation rewrites them (LoRA's PiSSA and OLoRA: `W - s·B·A`);
+    /// `None`, the default, leaves the base as it is. Called for every
+    /// targeted layer before the model changes; the bases are replaced
+    /// when the adapters are attached, and stay so when the adapter is
+    /// deleted (as in PEFT).
+    fn initial_base(&self, module: &str, layer: &Layer, adapter: &dyn Adapter) -> Result<Option<LayerWeights>> {
+        let _ = (module, layer, adapter);
+        Ok(None)
+    }
 
     /// The fields of PEFT's `adapter_config.json` for this config, except
     /// `target_modules`, which saving fills with the adapted modules.

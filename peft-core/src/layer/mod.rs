@@ -10,12 +10,14 @@
 //! - `slot.rs`: [`Layer`], the slot: forward pass, adapters by name;
 //! - `merge.rs`: merging a slot's adapters into its base, planned before committed;
 //! - `batch.rs`: mixed batches, each row through its own adapter;
+//! - `bias.rs`: the base bias trained beside the adapters (a config's `bias`);
 //! - `linear.rs`, `embedding.rs`, `conv.rs`, `quantized.rs`: the drop-ins for
 //!   candle-nn's layers that hold a slot, and their constructors.
 
 pub(crate) mod adapter;
 pub(crate) mod base;
 pub(crate) mod batch;
+pub(crate) mod bias;
 pub(crate) mod conv;
 pub(crate) mod embedding;
 pub(crate) mod linear;

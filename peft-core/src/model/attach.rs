@@ -47,10 +47,17 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
             config.check_layer(path, layer, file_values)?;
             let adapter = config.new_adapter(path, layer).in_module(path)?;
             layer.check_attach(name, &*adapter).in_module(path)?;
+            // Before `fill`: a saved PiSSA/OLoRA adapter is re-initialised
+            // from the base, whose rewrite needs the fresh factors; the
+            // file's tensors then replace them, as PEFT loads one.
+            let base = match config.initial_base(path, layer, &*adapter).in_module(path)? {
+                Some(weights) => Some(layer.prepare_base(weights).in_module(path)?),
+                None => None,
+            };
             if let Some(file) = file.as_mut() {
                 file.fill(path, &*adapter)?;
             }
-            adapters.push((i, adapter));
+            adapters.push((i, adapter, base));
         }
         let copied = match copies {
             Copies::Make => copied_layers(&*model, &layers, config.targets())?,
@@ -63,7 +70,7 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
             if let Some(file) = file.as_mut() {
                 file.fill(path, &*copy)?;
             }
-            adapters.push((i, copy));
+            adapters.push((i, copy, None));
         }
         let biases = trained_biases(&*model, &layers, config.trained_bias(), &chosen, &copied, file.as_mut())?;
         if let Some(file) = file {
@@ -74,7 +81,10 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
     let (adapters, biases) = adapters;
     let saved = Arc::new(config.to_peft_config());
     let mut layers = model.layers_mut();
-    for (i, adapter) in adapters {
+    for (i, adapter, base) in adapters {
+        if let Some(base) = base {
+            layers[i].layer.replace_base(base);
+        }
         layers[i].layer.insert_adapter(name, adapter, Some(saved.clone()));
     }
     for (i, bias) in biases {

@@ -12,12 +12,14 @@
 //!   PEFT's combinations of LoRA adapters into a new one;
 //! - `skeleton.rs`: [`AdapterSkeleton`], a model made from adapter files
 //!   alone, for combining adapters with no base model;
+//! - `converted.rs`: saving a PiSSA/OLoRA adapter as a plain LoRA;
 //! - `count.rs`: parameter counts.
 
 mod attach;
 mod combine;
 mod combine_math;
 mod combine_options;
+mod converted;
 mod count;
 mod inspect;
 mod merge;
@@ -131,6 +133,31 @@ pub trait PeftModel: Adaptable {
     /// written to a temporary file and renamed into place.
     fn save_adapter(&self, dir: impl AsRef<std::path::Path>, name: &str) -> Result<()> {
         attach::save(self, dir.as_ref(), name)
+    }
+
+    /// Saves adapter `name`, a trained PiSSA or OLoRA adapter, as a plain
+    /// LoRA for the ORIGINAL base weights, as PEFT's
+    /// `save_pretrained(dir, path_initial_model_for_weight_conversion=initial_dir)`:
+    /// `initial_dir` holds the same adapter saved right after it was made
+    /// (before training). The base of this model is `W - s·B0·A0`; the
+    /// file written is `A' = [A; A0]`, `B' = [B, -B0]` with `r` and
+    /// `lora_alpha` doubled (`lora_alpha` times √2 with rsLoRA),
+    /// `rank_pattern` and `alpha_pattern` doubled and
+    /// `init_lora_weights = true`, so `W + s·B'·A'` is this model's weight.
+    /// Unlike PEFT, `initial_dir` is only read (PEFT rewrites its config).
+    ///
+    /// Refused before anything is written: an adapter that is not LoRA,
+    /// DoRA, rsLoRA with `rank_pattern`/`alpha_pattern` (as PEFT), tensors
+    /// other than linear `lora_A`/`lora_B`, and an initial adapter missing
+    /// a tensor, holding one of another shape or holding extra ones. The
+    /// files are written as [`save_adapter`](Self::save_adapter) writes them.
+    fn save_adapter_converted(
+        &self,
+        dir: impl AsRef<std::path::Path>,
+        name: &str,
+        initial_dir: impl AsRef<std::path::Path>,
+    ) -> Result<()> {
+        converted::save_converted(self, dir.as_ref(), name, initial_dir.as_ref())
     }
 
     /// Saves every adapter of the model as [`save_adapter`](Self::save_adapter)

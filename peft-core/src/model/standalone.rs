@@ -212,10 +212,13 @@ impl StandaloneAdapter {
 
     /// Whether merging adds a delta that does not depend on the base weight
     /// (LoRA, LoHa, LoKr), so deltas of several adapters add up and can be
-    /// weighted. DoRA and IA³ are not.
+    /// weighted. DoRA and IA³ are not, nor a LoRA whose initialisation
+    /// rewrites the base (PiSSA, OLoRA: merging gives `W - s·B0·A0 + s·B·A`).
     pub fn is_additive(&self) -> bool {
         let dora = self.field("use_dora").and_then(Value::as_bool).unwrap_or(false);
-        matches!(self.peft_type(), "LORA" | "LOHA" | "LOKR") && !dora
+        let init = self.field("init_lora_weights").and_then(Value::as_str).unwrap_or("");
+        let rewrites_base = init.starts_with("pissa") || init.eq_ignore_ascii_case("olora");
+        matches!(self.peft_type(), "LORA" | "LOHA" | "LOKR") && !dora && !rewrites_base
     }
 
     /// Whether the adapter was saved with `fan_in_fan_out` (weights stored

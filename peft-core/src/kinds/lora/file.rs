@@ -76,10 +76,14 @@ impl KindFields for LoraFields {
                 None | Some(Value::Bool(true)) => LoraInit::Default,
                 Some(Value::Bool(false)) => LoraInit::Random,
                 Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
+                Some(Value::String(s)) if s == "pissa" => LoraInit::Pissa,
+                // PEFT compares "olora" case-insensitively.
+                Some(Value::String(s)) if s.eq_ignore_ascii_case("olora") => LoraInit::Olora,
+                Some(Value::String(s)) if pissa_niter(s).is_some() => LoraInit::PissaNiter(pissa_niter(s).unwrap_or(0)),
                 Some(other) => return Err(unsupported(
                     "init_lora_weights",
                     other.to_string(),
-                    "this initialisation changes the base weights (PiSSA, OLoRA, LoftQ, ...) and is not implemented",
+                    "this initialisation (CorDA, LoftQ, EVA, ...) is not implemented; \"pissa\", \"pissa_niter_K\" and \"olora\" are",
                 )),
             };
         let mut config = LoraConfig::from(targets)
@@ -98,4 +102,9 @@ impl KindFields for LoraFields {
         config.metadata = metadata;
         Ok(config)
     }
+}
+
+/// `K` of PEFT's `"pissa_niter_K"`.
+fn pissa_niter(init: &str) -> Option<usize> {
+    init.strip_prefix("pissa_niter_")?.parse().ok()
 }

@@ -31,6 +31,7 @@ mod conv;
 mod dora;
 mod embedding;
 mod file;
+mod init;
 mod linear;
 
 pub use conv::LoraConvAdapter;
@@ -48,7 +49,7 @@ use crate::kinds::config::{
 };
 use crate::kinds::config_file::{float, saved_fields, PeftMetadata};
 use crate::kinds::registry::kind;
-use crate::layer::{Adapter, Layer, LayerKind};
+use crate::layer::{Adapter, Layer, LayerKind, LayerWeights};
 use crate::targets::Targets;
 
 /// PEFT's `peft_type` for LoRA, DoRA and LoRA on embeddings and convolutions.
@@ -70,6 +71,41 @@ pub enum LoraInit {
     /// PEFT's `False`: `A` and `B` both U(±1/√fan_in), so a fresh adapter
     /// changes the output. For tests only.
     Random,
+    /// PEFT's `"pissa"`: `A` and `B` from the `r` largest singular triplets
+    /// of the base weight `W = V S Uh` (`A = diag(√(S_r/s)) Uh_r`,
+    /// `B = V_r diag(√(S_r/s))`), and the base becomes `W - s·B·A`, so
+    /// the output is unchanged. Linear layers only (on an embedding PEFT
+    /// ignores it, and so does this crate; convolutions are refused).
+    Pissa,
+    /// PEFT's `"pissa_niter_K"`: [`Pissa`](Self::Pissa) with the triplets
+    /// from `K` iterations of a randomized subspace iteration (torch's
+    /// `svd_lowrank`), drawn from [`crate::random`]: approximately the
+    /// truncated SVD, faster on large weights. Not bit-equal to PEFT's
+    /// (other random draws); see `docs/guide/kinds.md`.
+    PissaNiter(usize),
+    /// PEFT's `"olora"`: `Q, R = qr(W)`, `A = R[:r]`, `B = Q[:, :r]`, and
+    /// the base becomes `W - s·B·A`. Linear layers only, as
+    /// [`Pissa`](Self::Pissa).
+    Olora,
+}
+
+impl LoraInit {
+    /// Whether this initialisation rewrites the base weight (PiSSA, OLoRA).
+    pub fn rewrites_base(self) -> bool {
+        matches!(self, LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora)
+    }
+
+    /// The value of `init_lora_weights` PEFT writes for it.
+    pub fn to_peft(self) -> Value {
+        match self {
+            LoraInit::Default => Value::Bool(true),
+            LoraInit::Random => Value::Bool(false),
+            LoraInit::Gaussian => Value::from("gaussian"),
+            LoraInit::Pissa => Value::from("pissa"),
+            LoraInit::PissaNiter(k) => Value::from(format!("pissa_niter_{k}")),
+            LoraInit::Olora => Value::from("olora"),
+        }
+    }
 }
 
 /// LoRA's hyper-parameters and targets, with PEFT's field names and defaults.
@@ -168,7 +204,77 @@ impl LoraConfig {
                 zeros()?,
             ),
             LoraInit::Random => (uniform(in_features, (r, in_features))?, uniform(r, (out_features, r))?),
+            LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora => {
+                candle_core::bail!("init_vars: {:?} starts from the base weight", self.init_lora_weights)
+            }
         })
+    }
+
+    /// A linear layer's adapter for PiSSA or OLoRA: `A` and `B` from the
+    /// base weight `W` (in f32, as PEFT), in the layer's dtype. The base
+    /// itself is rewritten by [`AdapterConfig::initial_base`].
+    fn base_rewriting_adapter(&self, module: &str, layer: &Layer, r: usize, scale: f64) -> Result<Box<dyn Adapter>> {
+        let init = self.init_lora_weights;
+        if layer.is_quantized() {
+            return Err(refused_init(
+                init,
+                module,
+                "the base is quantized: start PiSSA/OLoRA on the f32/f16/bf16 weights and quantize the residual",
+            ));
+        }
+        if layer.is_merged() {
+            return Err(refused_init(
+                init,
+                module,
+                "the layer has merged adapters, which the decomposition would take in; unmerge first",
+            ));
+        }
+        let (out, inp) = (layer.out_features(), layer.in_features());
+        if r > out.min(inp) {
+            return Err(refused_init(
+                init,
+                module,
+                "r is larger than min(out, in) of the weight, so there are not r singular vectors / QR columns",
+            ));
+        }
+        let weight = layer.weight()?.to_dtype(DType::F32)?;
+        let (a, b) = match init {
+            LoraInit::Olora => init::olora(&weight, r)?,
+            LoraInit::PissaNiter(niter) => init::pissa(&weight, r, scale, Some(niter))?,
+            _ => init::pissa(&weight, r, scale, None)?,
+        };
+        let device = layer.device();
+        let var = |t: &candle_core::Tensor| Var::from_tensor(&t.to_dtype(layer.dtype())?.to_device(&device)?);
+        let lora = LoraAdapter::new(var(&a)?, var(&b)?, scale, self.lora_dropout)?;
+        if self.use_dora {
+            // PEFT's DoRA takes its magnitude after the rewrite: the row
+            // norms of W_res + s·B·A, that is of W.
+            let residual = residual(layer, &a, &b, scale)?;
+            Ok(Box::new(DoraAdapter::from_weight(lora, &residual.weight)?))
+        } else {
+            Ok(Box::new(lora))
+        }
+    }
+}
+
+/// The base weights `W - s·B·A` (computed in f32 as PEFT, then in the
+/// layer's dtype), the bias as it is.
+fn residual(layer: &Layer, a: &candle_core::Tensor, b: &candle_core::Tensor, scale: f64) -> Result<LayerWeights> {
+    let weight = layer.weight()?;
+    let delta = (b.matmul(a)? * scale)?;
+    let rewritten = (weight.to_dtype(DType::F32)? - delta.to_device(weight.device())?)?.to_dtype(weight.dtype())?;
+    Ok(LayerWeights {
+        weight: rewritten,
+        bias: layer.bias().cloned(),
+    })
+}
+
+/// [`PeftError::UnsupportedOption`] for `init_lora_weights` on `module`.
+fn refused_init(init: LoraInit, module: &str, reason: &'static str) -> crate::error::PeftError {
+    crate::error::PeftError::UnsupportedOption {
+        field: "init_lora_weights".into(),
+        value: format!("{} (module `{module}`)", init.to_peft()),
+        reason,
     }
 }
 
@@ -185,7 +291,9 @@ impl LoraConfig {
         let (vocab, dim, dtype, device) = (layer.in_features(), layer.out_features(), layer.dtype(), layer.device());
         let a = match self.init_lora_weights {
             LoraInit::Random => crate::kernels::random::normal_var(0.0, 1.0, (r, vocab), dtype, &device)?,
-            LoraInit::Default | LoraInit::Gaussian => Var::zeros((r, vocab), dtype, &device)?,
+            // PEFT's `lora.Embedding` has no PiSSA or OLoRA form and silently
+            // starts them as its default.
+            _ => Var::zeros((r, vocab), dtype, &device)?,
         };
         let b = crate::kernels::random::normal_var(0.0, 1.0, (dim, r), dtype, &device)?;
         Ok(Box::new(LoraEmbeddingAdapter::new(
@@ -211,6 +319,10 @@ impl LoraConfig {
                 "DoRA is not implemented for convolution layers (module `{module}`)"
             )));
         }
+        if self.init_lora_weights.rewrites_base() {
+            // PEFT's `lora.Conv*d` raises "Unknown initialization" too.
+            return Err(refused_init(self.init_lora_weights, module, CONV_REFUSED));
+        }
         if groups != 1 {
             return Err(not_implemented(format!(
                 "LoRA is not implemented for grouped convolutions (module `{module}` has {groups} groups)"
@@ -233,6 +345,9 @@ impl LoraConfig {
                 Var::zeros(b_shape, dtype, &device)?,
             ),
             LoraInit::Random => (uniform(fan_in, &a_shape)?, uniform(r, &b_shape)?),
+            LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora => {
+                return Err(refused_init(self.init_lora_weights, module, CONV_REFUSED))
+            }
         };
         let scale = scaling(alpha, r, self.use_rslora);
         Ok(Box::new(LoraConvAdapter::new(
@@ -244,6 +359,9 @@ impl LoraConfig {
         )?))
     }
 }
+
+/// Why PiSSA and OLoRA are refused on a convolution.
+const CONV_REFUSED: &str = "PiSSA and OLoRA are implemented for linear layers only (PEFT refuses them on convolutions)";
 
 /// `alpha / r`, or `alpha / √r` with rsLoRA.
 fn scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
@@ -292,6 +410,10 @@ impl AdapterConfig for LoraConfig {
             LayerKind::Conv => return self.conv_adapter(module, layer, r, alpha),
             _ => {}
         }
+        let scale = scaling(alpha, r, self.use_rslora);
+        if self.init_lora_weights.rewrites_base() {
+            return self.base_rewriting_adapter(module, layer, r, scale);
+        }
         let (a, b) = self.init_vars(
             r,
             layer.in_features(),
@@ -299,7 +421,7 @@ impl AdapterConfig for LoraConfig {
             layer.dtype(),
             &layer.device(),
         )?;
-        let lora = LoraAdapter::new(a, b, scaling(alpha, r, self.use_rslora), self.lora_dropout)?;
+        let lora = LoraAdapter::new(a, b, scale, self.lora_dropout)?;
         if self.use_dora {
             // The magnitude starts as the row norms of W + s·B·A, as PEFT's
             // `dora_init` (with B = 0, the norms of W), so m / n = 1 at first.
@@ -309,12 +431,24 @@ impl AdapterConfig for LoraConfig {
         }
     }
 
-    fn to_peft_config(&self) -> serde_json::Map<String, Value> {
-        let init = match self.init_lora_weights {
-            LoraInit::Default => Value::Bool(true),
-            LoraInit::Random => Value::Bool(false),
-            LoraInit::Gaussian => Value::from("gaussian"),
+    fn initial_base(&self, module: &str, layer: &Layer, adapter: &dyn Adapter) -> Result<Option<LayerWeights>> {
+        if !self.init_lora_weights.rewrites_base() || layer.kind() != LayerKind::Linear {
+            return Ok(None);
+        }
+        let (r, alpha) = self.ranks.rank_and_alpha(module)?;
+        let vars = adapter.trainable_vars();
+        let factor = |key: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, var)| var.as_tensor().to_dtype(DType::F32))
+                .ok_or_else(|| not_implemented(format!("module `{module}`: the adapter has no `{key}`")))
         };
+        let (a, b) = (factor("lora_A.weight")??, factor("lora_B.weight")??);
+        Ok(Some(residual(layer, &a, &b, scaling(alpha, r, self.use_rslora))?))
+    }
+
+    fn to_peft_config(&self) -> serde_json::Map<String, Value> {
+        let init = self.init_lora_weights.to_peft();
         let mut fields = saved_fields(PEFT_TYPE, &self.target_modules, &self.metadata);
         fields.extend(self.ranks.peft_fields("lora_alpha"));
         let more = [
