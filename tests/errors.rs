@@ -323,7 +323,7 @@ fn config_option_not_implemented() {
         ("layer_replication", json!([[0, 1]])),
         ("bias", json!("all")),
         ("init_lora_weights", json!("pissa")),
-        ("trainable_token_indices", json!([1, 2])),
+        ("ensure_weight_tying", json!(true)),
     ] {
         let error = config_fails(|c| {
             c.insert(field.into(), value.clone());
@@ -1128,6 +1128,7 @@ fn every_row_names_a_test() {
         "tests/modules_to_save.rs",
         "tests/mixed_batch.rs",
         "tests/combine.rs",
+        "tests/trainable_tokens.rs",
     ]
     .iter()
     .map(|file| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap())
