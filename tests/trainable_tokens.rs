@@ -97,7 +97,7 @@ fn the_tied_head_trains_the_same_rows_once() -> TestResult {
             .filter(|n| n.contains("trainable_tokens"))
             .collect();
         // Listed once, under the embedding's name (as PEFT's named_parameters).
-        assert_eq!(names, [name.clone()], "{adapter}");
+        assert_eq!(names, std::slice::from_ref(name), "{adapter}");
         // The head's logits for the trained tokens follow the delta.
         let delta = trainable(&model, name);
         let x = Tensor::new(&[[0.5f32; 16]], &Device::Cpu)?;
