@@ -24,7 +24,13 @@ const ROOMS: &[&[&str]] = &[
     &["kinds/config"],
     &["kinds/registry"],
     // One room per kind: siblings, none may import another.
-    &["kinds/lora", "kinds/ia3", "kinds/lycoris", "kinds/modules_to_save"],
+    &[
+        "kinds/lora",
+        "kinds/ia3",
+        "kinds/lycoris",
+        "kinds/modules_to_save",
+        "kinds/trainable_tokens",
+    ],
     // The folder's `mod.rs`, which declares and re-exports the kinds.
     &["kinds"],
     &["io"],

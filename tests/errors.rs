@@ -323,7 +323,7 @@ fn config_option_not_implemented() {
         ("layer_replication", json!([[0, 1]])),
         ("lora_bias", json!(true)),
         ("init_lora_weights", json!("corda")),
-        ("trainable_token_indices", json!([1, 2])),
+        ("ensure_weight_tying", json!(true)),
     ] {
         let error = config_fails(|c| {
             c.insert(field.into(), value.clone());
@@ -1130,6 +1130,7 @@ fn every_row_names_a_test() {
         "tests/combine.rs",
         "tests/lora_bias.rs",
         "tests/lora_init.rs",
+        "tests/trainable_tokens.rs",
     ]
     .iter()
     .map(|file| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap())

@@ -244,6 +244,34 @@ pub enum PeftError {
         /// The shape in the file.
         found: Vec<usize>,
     },
+    /// A trainable token's index is not a row of the embedding (or of the
+    /// output head) it is asked of.
+    #[error("module `{module}`: trainable token index {index} is out of range: the vocabulary has {vocab} tokens")]
+    TokenIndexOutOfRange {
+        /// Dotted path of the module.
+        module: String,
+        /// The index asked for.
+        index: usize,
+        /// The module's number of tokens (rows of its table).
+        vocab: usize,
+    },
+    /// A trainable token is listed twice for one module: its row would have
+    /// two trainable copies, one of which would be ignored.
+    #[error("module `{module}`: trainable token index {index} is listed twice")]
+    DuplicateTokenIndex {
+        /// Dotted path of the module.
+        module: String,
+        /// The repeated index.
+        index: usize,
+    },
+    /// `trainable_token_indices` given as a list needs the model's input
+    /// embedding, found here as its one embedding layer: there is none, or
+    /// there are several.
+    #[error("trainable_token_indices as a list is for the model's input embedding, but the model has {} embedding layers{}; give {{module_name: [indices]}} instead", embeddings.len(), if embeddings.is_empty() { String::new() } else { format!(" ({})", capped_list(embeddings)) })]
+    NoInputEmbedding {
+        /// The paths of the model's embedding layers.
+        embeddings: Vec<String>,
+    },
     /// `add_weighted_adapter` was given another number of weights than
     /// adapters (PEFT's `zip` drops the extra ones silently).
     #[error("add_weighted_adapter: {adapters} adapter(s) but {weights} weight(s); give one weight per adapter")]

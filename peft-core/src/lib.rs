@@ -98,7 +98,8 @@ pub use kinds::{
     adapter_kind, adapter_kinds, check_rank, factorization, AdapterConfig, AdapterKind, DoraAdapter,
     FeedforwardModules, Ia3Adapter, Ia3Config, LohaAdapter, LohaConfig, LokrAdapter, LokrConfig, LokrFactor, LokrInit,
     LokrShapes, LoraAdapter, LoraConfig, LoraConvAdapter, LoraEmbeddingAdapter, LoraInit, LycorisOptions, ModuleCopy,
-    ParseConfig, PeftConfig, RankSettings, TrainedBias, WithLycoris, WithRank,
+    ParseConfig, PeftConfig, RankSettings, TrainableTokensAdapter, TrainableTokensConfig, TrainedBias, WithLycoris,
+    WithRank,
 };
 pub use layer::{
     conv1d, conv2d, embedding, linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Adapter, CloneAdapter,
@@ -111,7 +112,7 @@ pub use model::{
     DEFAULT_ADAPTER,
 };
 pub use path::ModulePath;
-pub use targets::{all_linear, layer_index, modules, name_matches, peft_layer_index, regex, Targets};
+pub use targets::{all_linear, layer_index, modules, name_matches, peft_layer_index, regex, Targets, TokenIndices};
 
 /// Helpers for writing an adapter kind's parser of `adapter_config.json`:
 /// the target fields, the "is this option set?" check, JSON numbers as

@@ -424,6 +424,38 @@ impl Selector {
     }
 }
 
+/// Which tokens' embedding rows train, and where (PEFT's
+/// `trainable_token_indices` of a LoRA config).
+///
+/// ```
+/// use peft_core::TokenIndices;
+/// let tokens = TokenIndices::Modules(vec![("embed_tokens".into(), vec![3, 7])]);
+/// assert_eq!(tokens.to_peft_json().to_string(), r#"{"embed_tokens":[3,7]}"#);
+/// assert_eq!(TokenIndices::Embedding(vec![3, 7]).to_peft_json().to_string(), "[3,7]");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenIndices {
+    /// PEFT's list form: these rows of the model's input embedding, found
+    /// here as its one embedding layer.
+    Embedding(Vec<usize>),
+    /// PEFT's dict form: `(module name, rows)`, each name matching module
+    /// paths by PEFT's list rule ([`name_matches`]).
+    Modules(Vec<(String, Vec<usize>)>),
+}
+
+impl TokenIndices {
+    /// The value as PEFT writes it: a list, or an object of lists.
+    pub fn to_peft_json(&self) -> serde_json::Value {
+        match self {
+            TokenIndices::Embedding(indices) => serde_json::Value::from(indices.clone()),
+            TokenIndices::Modules(modules) => modules
+                .iter()
+                .map(|(name, indices)| (name.clone(), serde_json::Value::from(indices.clone())))
+                .collect(),
+        }
+    }
+}
+
 /// PEFT's list rule: `path == name` or `path` ends with `.name`.
 pub fn name_matches(path: &str, name: &str) -> bool {
     path.strip_suffix(name)

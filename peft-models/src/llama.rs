@@ -26,9 +26,10 @@
 //! ```
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 use peft_core::ops;
 use peft_core::prelude::*;
+use peft_core::Embedding;
 use serde::Deserialize;
 
 pub use crate::cache::KvCache;
@@ -304,7 +305,7 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// The decoder under `vb` (`model.` in a checkpoint).
     pub(crate) fn load(vb: VarBuilder, cfg: &Decoder) -> Result<Self> {
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let embed_tokens = peft_core::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg))
             .collect::<Result<_>>()?;
@@ -533,7 +534,8 @@ impl LlamaForCausalLM {
     pub fn load_decoder(vb: VarBuilder, cfg: &Decoder) -> Result<Self> {
         let model = LlamaModel::load(vb.pp("model"), cfg)?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(model.embed_tokens.embeddings().clone(), None)
+            // The same tensor as the table: trainable tokens find the tie by it.
+            Linear::new(model.embed_tokens.embeddings()?, None)
         } else {
             linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };

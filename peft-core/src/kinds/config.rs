@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::error::{PeftError, Result};
 use crate::kinds::config_file::{pattern_value, KindFields, KindFile};
 use crate::layer::{Adapter, Layer, LayerKind, LayerWeights};
-use crate::targets::Targets;
+use crate::targets::{Targets, TokenIndices};
 
 /// A configuration that can build one adapter per targeted layer.
 ///
@@ -44,6 +44,14 @@ pub trait AdapterConfig: Send + Sync {
     /// default trains none.
     fn trained_bias(&self) -> TrainedBias {
         TrainedBias::None
+    }
+
+    /// The embedding rows that train beside the adapter (LoRA's
+    /// `trainable_token_indices`): attaching puts a
+    /// [`TrainableTokensAdapter`](crate::TrainableTokensAdapter) on those
+    /// modules, and on an output head tied to them. The default: none.
+    fn trainable_tokens(&self) -> Option<&TokenIndices> {
+        None
     }
 
     /// A fresh adapter for the layer at `module`, on its device and dtype.

@@ -2,7 +2,8 @@
 //! [`PeftConfig`], the shared [`RankSettings`]), how kinds are found by
 //! `peft_type` (`registry.rs`) and read from `adapter_config.json`
 //! (`config_file.rs`), then one room per kind: `lora/`, `ia3.rs`,
-//! `lycoris/` (LoHa, LoKr), and `modules_to_save.rs`, the whole copies any
+//! `lycoris/` (LoHa, LoKr), `trainable_tokens/` (also what LoRA's
+//! `trainable_token_indices` attaches), and `modules_to_save.rs`, the whole copies any
 //! kind's config may ask for. Sibling kinds never import each other.
 //!
 //! To add a kind: add a folder (or file) here with its config (implementing
@@ -21,6 +22,7 @@ pub(crate) mod lora;
 pub(crate) mod lycoris;
 pub(crate) mod modules_to_save;
 pub(crate) mod registry;
+pub(crate) mod trainable_tokens;
 
 pub use config::{check_rank, AdapterConfig, PeftConfig, RankSettings, TrainedBias, WithRank};
 pub use ia3::{FeedforwardModules, Ia3Adapter, Ia3Config};
@@ -31,3 +33,4 @@ pub use lycoris::{
 };
 pub use modules_to_save::ModuleCopy;
 pub use registry::{adapter_kind, adapter_kinds, parse_config, AdapterKind, ParseConfig};
+pub use trainable_tokens::{TrainableTokensAdapter, TrainableTokensConfig};

@@ -39,6 +39,14 @@ pub enum Composition {
     /// copies (one per adapter name; the first active one computes), and
     /// merging it replaces the base weights with the copy's.
     ReplacesBase,
+    /// Replaces a few rows of the weight (PEFT's trainable tokens: the
+    /// embedding rows of chosen tokens, or the matching output columns of
+    /// an output head tied to that embedding) with the adapter's own. The
+    /// output at those rows does not depend on the base, so it shares a
+    /// layer only with adapters of this same composition (each replacing
+    /// its rows in turn, in the order they were added). Merging writes the
+    /// rows into the base weight and unmerging puts the original rows back.
+    ReplacesRows,
 }
 
 /// What an adapter sees of its layer during a forward pass.
@@ -146,6 +154,22 @@ pub trait Adapter: CloneAdapter + fmt::Debug + Send + Sync {
     /// The trainable tensors, each with its key relative to the module as PEFT
     /// saves it (`lora_A.weight`), in a fixed order.
     fn trainable_vars(&self) -> Vec<(&'static str, Var)>;
+
+    /// The adapter to attach, under the same name, to a layer whose weight
+    /// is this layer's weight (an output head tied to the input embedding
+    /// this adapter sits on), sharing this adapter's trainable tensors so
+    /// that they train once and both layers see the same change. `None`
+    /// (the default): the kind does not follow tied weights.
+    fn tied(&self) -> Option<Box<dyn Adapter>> {
+        None
+    }
+
+    /// Whether this adapter was made by [`tied`](Self::tied) for a layer
+    /// sharing another layer's weight: it is not a target of its own, so a
+    /// saved config leaves its module out of `target_modules`.
+    fn follows_tied_weight(&self) -> bool {
+        false
+    }
 
     /// The key of a trainable tensor in PEFT's in-memory state dict, given
     /// its file key `key` (from [`trainable_vars`](Self::trainable_vars)) and

@@ -107,7 +107,7 @@ impl Layer {
         let partial = self.adapters.iter().any(|a| a.active && !merged_after(a));
         let exact = |a: &AttachedAdapter| match a.adapter.composition() {
             Composition::Additive => true,
-            Composition::TransformsInput | Composition::ReplacesBase => merged_after(a),
+            Composition::TransformsInput | Composition::ReplacesBase | Composition::ReplacesRows => merged_after(a),
             _ => false,
         };
         let copies_merged = self

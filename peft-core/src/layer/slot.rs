@@ -387,15 +387,28 @@ impl Layer {
                 )));
             }
         }
-        let replaces = |composition| composition == Composition::ReplacesBase;
-        if let Some(other) = self
-            .adapters
-            .iter()
-            .find(|a| replaces(a.adapter.composition()) != replaces(adapter.composition()))
-        {
+        // A whole copy (modules_to_save) and replaced rows (trainable tokens)
+        // each make the base's output meaningless where they act: they share
+        // a layer only with adapters of their own composition.
+        let exclusive = |c| matches!(c, Composition::ReplacesBase | Composition::ReplacesRows);
+        let composition = adapter.composition();
+        if let Some(other) = self.adapters.iter().find(|a| {
+            let theirs = a.adapter.composition();
+            (exclusive(theirs) || exclusive(composition)) && theirs != composition
+        }) {
+            let what = if exclusive(composition) {
+                composition
+            } else {
+                other.adapter.composition()
+            };
+            let reason = if what == Composition::ReplacesBase {
+                "a whole copy of a layer (modules_to_save) cannot share it with another kind of adapter"
+            } else {
+                "trainable tokens (rows of the weight replaced) cannot share a layer with another kind of adapter"
+            };
             return Err(incompatible(format!(
-                "a whole copy of a layer (modules_to_save) cannot share it with another kind of adapter \
-                 (`{}` is {}); leave this module out of the targets or out of modules_to_save",
+                "{reason} (`{}` is {}); leave this module out of the targets, of modules_to_save \
+                 or of the trainable tokens",
                 other.name,
                 other.adapter.peft_type()
             )));
@@ -451,6 +464,28 @@ impl Layer {
         // The rewrite keeps the bias (only the weight moves): a bias being
         // trained stays the variable.
         self.reinstall_trainable_bias();
+    }
+
+    /// Whether this layer's weight is the embedding table of `embedding`
+    /// (an output head tied to the input embedding): the same storage seen
+    /// through the same layout. Storage rather than tensor identity, since
+    /// attaching the first adapter detaches the base into a new tensor over
+    /// the same storage.
+    pub(crate) fn shares_table_with(&self, embedding: &Layer) -> bool {
+        let (Some(table), Some((weight, _))) = (embedding.lookup_table(), self.base.dense()) else {
+            return false;
+        };
+        let key = |t: &Tensor| {
+            let (storage, layout) = t.storage_and_layout();
+            let address = std::ptr::from_ref(&*storage).addr();
+            (
+                address,
+                layout.shape().clone(),
+                layout.stride().to_vec(),
+                layout.start_offset(),
+            )
+        };
+        key(table) == key(weight)
     }
 
     /// A trainable copy of the base (new variables holding copies of its
@@ -515,7 +550,12 @@ impl Layer {
 
     /// Number of elements in all attached adapters' trainable tensors, and in
     /// the active ones.
-    pub(crate) fn num_adapter_parameters(&self) -> (usize, usize) {
+    /// A tensor shared by adapters of several layers (tied weights) counts
+    /// once: `seen` holds the ids counted so far.
+    pub(crate) fn num_adapter_parameters(
+        &self,
+        seen: &mut std::collections::HashSet<candle_core::TensorId>,
+    ) -> (usize, usize) {
         let mut all = 0;
         let mut active = 0;
         for attached in &self.adapters {
@@ -523,6 +563,7 @@ impl Layer {
                 .adapter
                 .trainable_vars()
                 .iter()
+                .filter(|(_, var)| seen.insert(var.as_tensor().id()))
                 .map(|(_, var)| var.elem_count())
                 .sum();
             all += count;

@@ -9,14 +9,16 @@ use std::sync::Arc;
 use candle_core::{Tensor, Var};
 use serde_json::{Map, Value};
 
+use crate::adaptable::Role;
 use crate::adaptable::Visitor;
 use crate::error::{capped_list, InModule, PeftError, Result};
 use crate::io::{write_adapter, KEY_PREFIX};
+use crate::kinds::trainable_tokens::lora_token_adapter;
 use crate::kinds::{AdapterConfig, ModuleCopy, TrainedBias};
-use crate::layer::{Adapter, Composition};
+use crate::layer::{Adapter, Composition, LayerKind};
 use crate::model::{LayerRef, PeftModel, DEFAULT_ADAPTER};
 use crate::path::ModulePath;
-use crate::targets::Targets;
+use crate::targets::{name_matches, Targets, TokenIndices};
 
 /// Adds an adapter made from `config` under `name` on every layer `config`
 /// targets. With `file`, each new adapter's tensors are then set from it
@@ -71,6 +73,35 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
                 file.fill(path, &*copy)?;
             }
             adapters.push((i, copy, None));
+        }
+        if copies == Copies::Make {
+            for (i, tokens) in token_layers(&layers, config.trainable_tokens())? {
+                let LayerRef { path, layer, .. } = &layers[i];
+                if adapters.iter().any(|(j, ..)| *j == i) {
+                    return Err(PeftError::IncompatibleAdapter {
+                        module: path.clone(),
+                        adapter: name.to_owned(),
+                        reason: "this module holds trainable tokens and is also a target or in modules_to_save; \
+                                 leave it out of one of them"
+                            .to_owned(),
+                    });
+                }
+                let adapter: Box<dyn Adapter> = Box::new(lora_token_adapter(path, layer, &tokens)?);
+                layer.check_attach(name, &*adapter).in_module(path)?;
+                if let Some(file) = file.as_mut() {
+                    file.fill(path, &*adapter)?;
+                }
+                adapters.push((i, adapter, None));
+            }
+        }
+        let made: Vec<(usize, &dyn Adapter)> = adapters.iter().map(|(i, adapter, _)| (*i, &**adapter)).collect();
+        for (i, tied) in tied_adapters(&layers, &made) {
+            let path = &layers[i].path;
+            layers[i].layer.check_attach(name, &*tied).in_module(path)?;
+            if let Some(file) = file.as_mut() {
+                file.fill(path, &*tied)?;
+            }
+            adapters.push((i, tied, None));
         }
         let biases = trained_biases(&*model, &layers, config.trained_bias(), &chosen, &copied, file.as_mut())?;
         if let Some(file) = file {
@@ -237,6 +268,67 @@ fn copied_layers<M: PeftModel + ?Sized>(model: &M, layers: &[LayerRef<'_>], targ
     Ok(copied)
 }
 
+/// The slots LoRA's `trainable_token_indices` (`tokens`) puts trainable
+/// tokens on, each with its rows: a list goes to the model's one embedding
+/// layer (several, or none, are refused: the dict form names the module),
+/// a dict to every slot whose path ends with a name given (PEFT's list
+/// rule), each name matching at least one.
+fn token_layers(layers: &[LayerRef<'_>], tokens: Option<&TokenIndices>) -> Result<Vec<(usize, Vec<usize>)>> {
+    match tokens {
+        None => Ok(Vec::new()),
+        Some(TokenIndices::Embedding(indices)) => {
+            let embeddings: Vec<usize> = (0..layers.len())
+                .filter(|&i| layers[i].layer.kind() == LayerKind::Embedding)
+                .collect();
+            match embeddings.as_slice() {
+                [one] => Ok(vec![(*one, indices.clone())]),
+                _ => Err(PeftError::NoInputEmbedding {
+                    embeddings: embeddings.iter().map(|&i| layers[i].path.clone()).collect(),
+                }),
+            }
+        }
+        Some(TokenIndices::Modules(modules)) => {
+            let mut chosen = Vec::new();
+            for (module, indices) in modules {
+                let matched: Vec<usize> = (0..layers.len())
+                    .filter(|&i| name_matches(&layers[i].path, module))
+                    .collect();
+                if matched.is_empty() {
+                    return Err(PeftError::NoTargetMatched {
+                        requested: format!("trainable_token_indices {{{module:?}: ...}}"),
+                        candidates: layers.len(),
+                    });
+                }
+                chosen.extend(matched.into_iter().map(|i| (i, indices.clone())));
+            }
+            Ok(chosen)
+        }
+    }
+}
+
+/// The adapters that output heads tied to an adapted embedding get
+/// ([`Adapter::tied`]), sharing its tensors: for each pending adapter on
+/// an embedding slot that follows tied weights, every output head whose
+/// weight is that embedding's table and that gets no adapter of its own here.
+fn tied_adapters(layers: &[LayerRef<'_>], adapters: &[(usize, &dyn Adapter)]) -> Vec<(usize, Box<dyn Adapter>)> {
+    let mut tied: Vec<(usize, Box<dyn Adapter>)> = Vec::new();
+    for &(i, adapter) in adapters {
+        if layers[i].layer.kind() != LayerKind::Embedding {
+            continue;
+        }
+        for (j, head) in layers.iter().enumerate() {
+            let taken = adapters.iter().any(|(k, _)| *k == j) || tied.iter().any(|(k, _)| *k == j);
+            if head.role != Role::OutputHead || taken || !head.layer.shares_table_with(layers[i].layer) {
+                continue;
+            }
+            if let Some(follower) = adapter.tied() {
+                tied.push((j, follower));
+            }
+        }
+    }
+    tied
+}
+
 /// Whether [`attach`] makes the whole copies a config's `modules_to_save`
 /// asks for: a model does; a one-module merge of a standalone adapter
 /// file, which takes copied modules from the file as they are, does not.
@@ -337,9 +429,17 @@ pub(crate) fn saved_adapter<M: PeftModel + ?Sized>(model: &M, name: &str) -> Res
         });
     };
     let mut config = Map::clone(config);
+    // Whole copies are saved as `modules_to_save`, LoRA's trainable tokens
+    // as `trainable_token_indices`, and a tied head follows its embedding:
+    // none of them is a target of its own.
+    let peft_type = config.get("peft_type").and_then(Value::as_str).unwrap_or_default();
     let mut target_modules: Vec<&str> = adapted
         .iter()
-        .filter(|(_, adapter)| adapter.composition() != Composition::ReplacesBase)
+        .filter(|(_, adapter)| match adapter.composition() {
+            Composition::ReplacesBase => false,
+            Composition::ReplacesRows => adapter.peft_type() == peft_type && !adapter.follows_tied_weight(),
+            _ => true,
+        })
         .map(|(l, _)| l.path.as_str())
         .collect();
     target_modules.sort_unstable();

@@ -64,6 +64,8 @@ impl fmt::Display for Thousands {
 pub(crate) fn count_parameters<M: Adaptable + ?Sized>(model: &M) -> ParameterCount {
     struct Count<'a> {
         seen: HashSet<candle_core::TensorId>,
+        /// Adapter tensors counted so far (a tied head's adapter shares its embedding's).
+        seen_vars: HashSet<candle_core::TensorId>,
         total: usize,
         trainable: usize,
         _tensors: std::marker::PhantomData<&'a Tensor>,
@@ -85,7 +87,7 @@ pub(crate) fn count_parameters<M: Adaptable + ?Sized>(model: &M) -> ParameterCou
             for tensor in layer.base_tensors() {
                 self.add(tensor);
             }
-            let (all, active) = layer.num_adapter_parameters();
+            let (all, active) = layer.num_adapter_parameters(&mut self.seen_vars);
             self.total += all;
             self.trainable += active;
         }
@@ -95,6 +97,7 @@ pub(crate) fn count_parameters<M: Adaptable + ?Sized>(model: &M) -> ParameterCou
     }
     let mut count = Count {
         seen: HashSet::new(),
+        seen_vars: HashSet::new(),
         total: 0,
         trainable: 0,
         _tensors: std::marker::PhantomData,

@@ -303,7 +303,11 @@ pub trait PeftModel: Adaptable {
 
     /// [`trainable_vars`](Self::trainable_vars) with PEFT's state-dict names
     /// (`layers.0.self_attn.q_proj.lora_A.default.weight`).
+    /// A tensor that adapters of several layers share (trainable tokens of
+    /// an embedding and its tied output head) is listed once, under its
+    /// first layer's name, so an optimizer steps it once.
     fn named_trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut seen = std::collections::HashSet::new();
         self.layers()
             .iter()
             .flat_map(|l| {
@@ -312,6 +316,7 @@ pub trait PeftModel: Adaptable {
                     .into_iter()
                     .map(|(key, var)| (format!("{}.{key}", l.path), var))
             })
+            .filter(|(_, var)| seen.insert(var.as_tensor().id()))
             .collect()
     }
 

@@ -7,7 +7,7 @@ use crate::error::{PeftError, Result};
 use crate::kinds::config::{default_alpha, default_rank, RankSettings, TrainedBias};
 use crate::kinds::config_file::{ordered_map, unsupported, KindFields, NoFields, PeftMetadata};
 use crate::kinds::lora::{LoraConfig, LoraInit, LORA_ONLY};
-use crate::targets::Targets;
+use crate::targets::{Targets, TokenIndices};
 
 /// LoRA's own fields of `adapter_config.json`, as PEFT writes them.
 #[derive(Deserialize)]
@@ -32,6 +32,18 @@ pub struct LoraFields {
     bias: Option<String>,
     #[serde(default)]
     init_lora_weights: Option<Value>,
+    #[serde(default)]
+    trainable_token_indices: Option<TokenIndicesField>,
+}
+
+/// `trainable_token_indices` as PEFT writes it: a list (the input
+/// embedding's rows) or `{module: [rows]}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TokenIndicesField {
+    List(Vec<usize>),
+    #[serde(deserialize_with = "ordered_map")]
+    Modules(Vec<(String, Vec<usize>)>),
 }
 
 /// PEFT 0.21's LoRA options that this crate does not implement: refused
@@ -51,7 +63,6 @@ const UNIMPLEMENTED_OPTIONS: &[&str] = &[
     "monteclora_config",
     "runtime_config",
     "target_parameters",
-    "trainable_token_indices",
     "use_bdlora",
     "use_qalora",
     "velora_config",
@@ -100,6 +111,10 @@ impl KindFields for LoraFields {
             alpha_pattern: self.alpha_pattern,
         };
         config.metadata = metadata;
+        config.trainable_token_indices = self.trainable_token_indices.map(|field| match field {
+            TokenIndicesField::List(indices) => TokenIndices::Embedding(indices),
+            TokenIndicesField::Modules(modules) => TokenIndices::Modules(modules),
+        });
         Ok(config)
     }
 }

@@ -50,7 +50,7 @@ use crate::kinds::config::{
 use crate::kinds::config_file::{float, saved_fields, PeftMetadata};
 use crate::kinds::registry::kind;
 use crate::layer::{Adapter, Layer, LayerKind, LayerWeights};
-use crate::targets::Targets;
+use crate::targets::{Targets, TokenIndices};
 
 /// PEFT's `peft_type` for LoRA, DoRA and LoRA on embeddings and convolutions.
 pub const PEFT_TYPE: &str = "LORA";
@@ -144,6 +144,11 @@ pub struct LoraConfig {
     /// PEFT's descriptive fields (`task_type`, `base_model_name_or_path`,
     /// `revision`), saved as given; set them with [`WithMetadata`](crate::WithMetadata).
     pub metadata: PeftMetadata,
+    /// PEFT's `trainable_token_indices` (default none): embedding rows
+    /// that train beside the LoRA matrices, as a
+    /// [`TrainableTokensAdapter`](crate::TrainableTokensAdapter) of this
+    /// adapter (and of an output head tied to the embedding).
+    pub trainable_token_indices: Option<TokenIndices>,
 }
 
 impl From<Targets> for LoraConfig {
@@ -158,6 +163,7 @@ impl From<Targets> for LoraConfig {
             bias: TrainedBias::None,
             fan_in_fan_out: false,
             metadata: PeftMetadata::default(),
+            trainable_token_indices: None,
         }
     }
 }
@@ -176,6 +182,25 @@ impl LoraConfig {
         fan_in_fan_out => fan_in_fan_out: bool,
         /// Sets `bias`: which base biases train beside the adapter.
         bias => bias: TrainedBias,
+    }
+
+    /// Trains the rows `indices` of the model's input embedding (its one
+    /// embedding layer) beside the LoRA matrices: PEFT's
+    /// `trainable_token_indices=[...]`.
+    pub fn trainable_tokens(mut self, indices: impl IntoIterator<Item = usize>) -> Self {
+        self.trainable_token_indices = Some(TokenIndices::Embedding(indices.into_iter().collect()));
+        self
+    }
+
+    /// Trains the rows `indices` of the module(s) named `module`: PEFT's
+    /// `trainable_token_indices={module: [...]}` (repeat for more modules).
+    pub fn trainable_tokens_in(mut self, module: &str, indices: impl IntoIterator<Item = usize>) -> Self {
+        let entry = (module.to_owned(), indices.into_iter().collect());
+        match &mut self.trainable_token_indices {
+            Some(TokenIndices::Modules(modules)) => modules.push(entry),
+            _ => self.trainable_token_indices = Some(TokenIndices::Modules(vec![entry])),
+        }
+        self
     }
 
     /// The factor `s` applied to `B(A(x))`, for the global `r` and `lora_alpha`.
@@ -391,6 +416,10 @@ impl AdapterConfig for LoraConfig {
         self.ranks.check_layer(module, file_values)
     }
 
+    fn trainable_tokens(&self) -> Option<&TokenIndices> {
+        self.trainable_token_indices.as_ref()
+    }
+
     fn validate(&self) -> Result<()> {
         self.ranks.validate("lora_alpha")?;
         if !(0.0..1.0).contains(&self.lora_dropout) {
@@ -458,6 +487,12 @@ impl AdapterConfig for LoraConfig {
             ("fan_in_fan_out", Value::Bool(self.fan_in_fan_out)),
             ("bias", Value::from(self.bias.peft_name(LORA_ONLY))),
             ("init_lora_weights", init),
+            (
+                "trainable_token_indices",
+                self.trainable_token_indices
+                    .as_ref()
+                    .map_or(Value::Null, TokenIndices::to_peft_json),
+            ),
         ];
         fields.extend(more.into_iter().map(|(k, v)| (k.to_owned(), v)));
         fields
