@@ -250,3 +250,44 @@ fn inspect_reports_the_head_kept_whole() {
     );
     assert_eq!(report.modules.len(), 4);
 }
+
+/// PEFT's `TOKEN_CLS`: the `tok_cls_lora` fixture (a `score` head with a
+/// bias, kept whole) on `LlamaForTokenClassification`.
+#[test]
+fn a_token_cls_adapter_loads_with_its_head_and_saves_as_peft() -> TestResult {
+    use peft_models::classification::LlamaForTokenClassification;
+    let case = Fixture("tok_cls_lora");
+    let io = case.io();
+    let mut model = LlamaForTokenClassification::from_dir(case.path("base"), DType::F32, &Device::Cpu)?;
+    assert_eq!(model.num_labels(), 5);
+    model.load_adapter(case.path("adapter"), "default")?;
+    let vars: std::collections::HashMap<String, Var> = model.named_trainable_vars().into_iter().collect();
+    assert_eq!(bits(vars[HEAD_COPY].as_tensor()), bits(&io["head"]));
+    assert_eq!(
+        bits(vars["score.modules_to_save.default.bias"].as_tensor()),
+        bits(&io["head_bias"])
+    );
+    let logits = model.forward(&io["input_ids"])?;
+    assert_eq!(logits.dims(), io["logits"].dims());
+    assert_close("token logits with the adapter", &logits, &io["logits"], 1e-4)?;
+    let base_logits = model.with_adapters_disabled(|m| m.forward(&io["input_ids"]))??;
+    assert_close(
+        "token logits, adapters disabled",
+        &base_logits,
+        &io["base_logits"],
+        1e-4,
+    )?;
+    let dir = case.scratch("saved");
+    model.save_adapter(&dir, "default")?;
+    let theirs = candle_core::safetensors::load(case.path("adapter").join(WEIGHTS_FILE), &Device::Cpu)?;
+    let ours = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu)?;
+    assert_eq!(
+        ours.keys().collect::<BTreeSet<_>>(),
+        theirs.keys().collect::<BTreeSet<_>>()
+    );
+    for (key, tensor) in &theirs {
+        assert_eq!(bits(&ours[key]), bits(tensor), "{key}");
+    }
+    assert_eq!(read_json_object(dir.join(CONFIG_FILE))["task_type"], "TOKEN_CLS");
+    Ok(())
+}

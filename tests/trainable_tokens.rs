@@ -426,3 +426,27 @@ fn write_adapters_for_peft() -> TestResult {
     candle_core::safetensors::save(&tensors, out.join("io.safetensors"))?;
     Ok(())
 }
+
+#[test]
+fn the_file_tools_refuse_trainable_tokens_rather_than_drop_them() -> TestResult {
+    use peft_models::convert::{convert_to_lora, ConvertOptions};
+    use peft_models::merge::{merge_checkpoint, MergeOptions, WeightedAdapter};
+    for adapter in ["adapter_lora", "adapter_tokens"] {
+        let read = WeightedAdapter::read(CASE.path(adapter), 1.0)?;
+        assert!(!read.adapter.trainable_token_keys().is_empty(), "{adapter}");
+        let out = CASE.scratch(&format!("merged_{adapter}")).join("model");
+        let error =
+            merge_checkpoint(&CASE.path("base"), &[read], &out, &MergeOptions::default(), &mut |_| {}).unwrap_err();
+        assert!(error.to_string().contains("trainable tokens"), "{adapter}: {error}");
+        assert!(!out.exists());
+    }
+    let out = CASE.scratch("converted").join("adapter");
+    let options = ConvertOptions {
+        rank: 4,
+        ..ConvertOptions::default()
+    };
+    let error = convert_to_lora(&CASE.path("adapter_lora"), &out, &options).unwrap_err();
+    assert!(error.to_string().contains("trainable tokens"), "{error}");
+    assert!(!out.exists());
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! transformers' `LlamaForSequenceClassification` (and the same head on
 //! Mistral, Qwen2, Qwen3 and Phi-3): the decoder, a `score` head without
-//! bias, and the logits of each sequence's last token that is not padding.
+//! bias, and the logits of each sequence's last token that is not padding;
+//! and `LlamaForTokenClassification`: a `score` head with a bias on every
+//! position.
 //!
 //! A PEFT adapter for it is made with `task_type="SEQ_CLS"`, which puts
 //! `classifier` and `score` in `modules_to_save`: the adapter carries its
@@ -78,20 +80,7 @@ impl LlamaForSequenceClassification {
     /// Loads a checkpoint folder of the Llama family (`llama`, `mistral`,
     /// `phi3`, `qwen2`, `qwen3`) saved from a `...ForSequenceClassification`.
     pub fn from_dir(dir: impl AsRef<std::path::Path>, dtype: DType, device: &Device) -> crate::Result<Self> {
-        let checkpoint = Checkpoint::open(dir)?;
-        let Some(decoder) = llama_family_decoder(&checkpoint)? else {
-            return Err(ModelError::UnknownModelType {
-                path: checkpoint.dir().join(crate::checkpoint::CONFIG_FILE),
-                found: checkpoint.model_type().to_owned(),
-                supported: "llama, mistral, phi3, qwen2, qwen3".to_owned(),
-            });
-        };
-        let head: ClassificationConfig = checkpoint.config()?;
-        let vb = checkpoint.var_builder(dtype, device)?;
-        Self::load(vb, &decoder, &head).map_err(|cause| ModelError::Load {
-            path: checkpoint.dir().to_path_buf(),
-            cause,
-        })
+        load_classifier(dir.as_ref(), dtype, device, Self::load)
     }
 
     /// Class logits `[batch, num_labels]` for token ids `[batch, t]`, taken
@@ -108,6 +97,73 @@ impl LlamaForSequenceClassification {
     pub fn num_labels(&self) -> usize {
         self.score.out_features()
     }
+}
+
+/// transformers' `LlamaForTokenClassification` (its `GenericForTokenClassification`,
+/// also on Mistral, Qwen2, Qwen3 and Phi-3): label logits
+/// `[batch, t, num_labels]`, the `score` head (with a bias) on every
+/// position. A PEFT adapter for it is made with `task_type="TOKEN_CLS"`,
+/// which keeps `score` whole as for sequence classification. The head's
+/// dropout is not applied: this forward pass is inference's.
+#[derive(Adaptable)]
+pub struct LlamaForTokenClassification {
+    model: LlamaModel,
+    score: Linear,
+    #[adapt(skip)]
+    rope: Rope,
+}
+
+impl LlamaForTokenClassification {
+    /// Loads the decoder and the `score` head (`[num_labels, hidden]` and
+    /// its bias) from transformers' checkpoint names.
+    pub fn load(vb: VarBuilder, decoder: &Decoder, head: &ClassificationConfig) -> Result<Self> {
+        Ok(Self {
+            model: LlamaModel::load(vb.pp("model"), decoder)?,
+            score: linear(decoder.hidden_size, head.num_labels(), vb.pp("score"))?,
+            rope: decoder.rope,
+        })
+    }
+
+    /// Loads a checkpoint folder of the Llama family (`llama`, `mistral`,
+    /// `phi3`, `qwen2`, `qwen3`) saved from a `...ForTokenClassification`.
+    pub fn from_dir(dir: impl AsRef<std::path::Path>, dtype: DType, device: &Device) -> crate::Result<Self> {
+        load_classifier(dir.as_ref(), dtype, device, Self::load)
+    }
+
+    /// Label logits `[batch, t, num_labels]` for token ids `[batch, t]`.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.score
+            .forward(&self.model.hidden_states(&self.rope, input_ids, None)?)
+    }
+
+    /// The number of labels the head scores.
+    pub fn num_labels(&self) -> usize {
+        self.score.out_features()
+    }
+}
+
+/// Opens a checkpoint folder of the Llama family and loads a classifier of
+/// it with `load` (the decoder's and the head's config read from `config.json`).
+fn load_classifier<T>(
+    dir: &std::path::Path,
+    dtype: DType,
+    device: &Device,
+    load: impl FnOnce(VarBuilder, &Decoder, &ClassificationConfig) -> Result<T>,
+) -> crate::Result<T> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let Some(decoder) = llama_family_decoder(&checkpoint)? else {
+        return Err(ModelError::UnknownModelType {
+            path: checkpoint.dir().join(crate::checkpoint::CONFIG_FILE),
+            found: checkpoint.model_type().to_owned(),
+            supported: "llama, mistral, phi3, qwen2, qwen3".to_owned(),
+        });
+    };
+    let head: ClassificationConfig = checkpoint.config()?;
+    let vb = checkpoint.var_builder(dtype, device)?;
+    load(vb, &decoder, &head).map_err(|cause| ModelError::Load {
+        path: checkpoint.dir().to_path_buf(),
+        cause,
+    })
 }
 
 /// Each row's rightmost position whose id is not `pad` (0 when all are), as

@@ -455,6 +455,11 @@ pub fn convert_to_lora(adapter_dir: &Path, out: &Path, options: &ConvertOptions)
         )));
     }
     let adapter = StandaloneAdapter::from_dir(adapter_dir)?;
+    if let Some(key) = adapter.trainable_token_keys().first() {
+        return Err(refuse(format!(
+            "the adapter trains embedding rows (trainable tokens: `{key}`), which converting does not handle yet"
+        )));
+    }
     if !adapter.is_additive() && options.model.is_none() {
         return Err(ModelError::NeedsBaseModel {
             adapter: adapter_dir.to_path_buf(),

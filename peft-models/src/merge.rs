@@ -302,6 +302,15 @@ fn merge_error(reason: String) -> ModelError {
 /// Every module of `adapter` must be a `.weight` of the checkpoint, and a
 /// weight other than 1 needs an additive kind.
 fn check_adapter(adapter: &WeightedAdapter, names: &HashMap<&str, &Entry>) -> Result<()> {
+    if let Some(key) = adapter.adapter.trainable_token_keys().first() {
+        return Err(ModelError::AdapterMismatch {
+            adapter: adapter.dir.clone(),
+            reason: format!(
+                "the adapter trains embedding rows (trainable tokens: `{key}`), which merging on disk does not \
+                 handle yet; load it with load_adapter and use merge_and_unload"
+            ),
+        });
+    }
     let missing: Vec<&str> = adapter
         .adapter
         .modules()

@@ -266,6 +266,19 @@ impl StandaloneAdapter {
         self.config.trained_bias() != TrainedBias::None
     }
 
+    /// The keys of trainable-token rows the file holds
+    /// (`<module>.token_adapter.trainable_tokens_delta` for LoRA's
+    /// `trainable_token_indices`, `<module>.trainable_tokens_delta` for the
+    /// `TRAINABLE_TOKENS` kind): what the file tools cannot merge or convert
+    /// yet, so that they refuse rather than leave the rows out.
+    pub fn trainable_token_keys(&self) -> Vec<&str> {
+        self.tensors
+            .keys()
+            .filter(|key| key.ends_with("trainable_tokens_delta"))
+            .map(String::as_str)
+            .collect()
+    }
+
     /// Whether the file holds tensors for the module at `path`.
     pub fn adapts(&self, path: &str) -> bool {
         self.modules.contains(path)
