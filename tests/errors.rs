@@ -15,7 +15,7 @@ use peft_core::{PeftError, CONFIG_FILE, WEIGHTS_FILE};
 use serde_json::{json, Map, Value};
 
 mod support;
-use support::scratch;
+use support::{bits, scratch};
 
 const DEV: Device = Device::Cpu;
 
@@ -81,11 +81,6 @@ struct Snapshot {
     merged: Vec<bool>,
     weights: Vec<Vec<u32>>,
     output: Vec<u32>,
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    values.into_iter().map(f32::to_bits).collect()
 }
 
 fn snapshot(net: &Net) -> Snapshot {

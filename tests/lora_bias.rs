@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use peft_core::prelude::*;
 use peft_core::{PeftError, TrainedBias, CONFIG_FILE, WEIGHTS_FILE};
@@ -14,7 +14,10 @@ use peft_models::llama::{self, LlamaForCausalLM};
 use peft_models::AutoModel;
 
 mod support;
-use support::{assert_close, fixture_path, max_abs_diff, next_token_loss, read_json_object, Fixture};
+use support::{
+    assert_close, assert_same_tensor_files, bits, fixture_path, max_abs_diff, next_token_loss, read_json_object,
+    trainable_var, Fixture,
+};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -38,21 +41,8 @@ fn with_adapter(mode: &str) -> LlamaForCausalLM {
     model
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    values.into_iter().map(f32::to_bits).collect()
-}
-
 fn trainable_names(model: &LlamaForCausalLM) -> BTreeSet<String> {
     model.named_trainable_vars().into_iter().map(|(n, _)| n).collect()
-}
-
-fn trainable(model: &LlamaForCausalLM, name: &str) -> Var {
-    model
-        .named_trainable_vars()
-        .into_iter()
-        .find_map(|(n, var)| (n == name).then_some(var))
-        .unwrap_or_else(|| panic!("no trainable tensor {name}: {:?}", trainable_names(model)))
 }
 
 #[test]
@@ -102,7 +92,7 @@ fn the_biases_train_under_peft_names() -> TestResult {
         let grads = loss.backward()?;
         assert!(model.missing_gradients(&grads)?.iter().all(|n| n.contains("lora_A")));
         for name in &bias_names {
-            let var = trainable(&model, name);
+            let var = trainable_var(&model, name);
             let grad = grads.get(&var).unwrap_or_else(|| panic!("{name} has no gradient"));
             var.set(&(var.as_tensor() - grad.affine(10.0, 0.0)?)?)?;
         }
@@ -122,17 +112,10 @@ fn saving_writes_what_peft_wrote() -> TestResult {
         let model = with_adapter(mode);
         let dir = CASE.scratch(&format!("saved_{mode}"));
         model.save_adapter(&dir, "default")?;
-        let theirs =
-            candle_core::safetensors::load(CASE.path(&format!("adapter_{mode}/{WEIGHTS_FILE}")), &Device::Cpu)?;
-        let ours = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu)?;
-        assert_eq!(
-            ours.keys().collect::<BTreeSet<_>>(),
-            theirs.keys().collect::<BTreeSet<_>>(),
-            "bias = {mode}"
+        assert_same_tensor_files(
+            &dir.join(WEIGHTS_FILE),
+            &CASE.path(&format!("adapter_{mode}/{WEIGHTS_FILE}")),
         );
-        for (key, tensor) in &theirs {
-            assert_eq!(bits(&ours[key]), bits(tensor), "{key}");
-        }
         assert_eq!(read_json_object(dir.join(CONFIG_FILE))["bias"], mode);
         // And it loads back to the same model.
         let mut again = base();
@@ -155,7 +138,7 @@ fn merging_keeps_the_trained_bias_trainable() -> TestResult {
     // After the round trip the bias still receives gradients.
     let loss = next_token_loss(&model.forward(&ids)?, &ids)?;
     let grads = loss.backward()?;
-    let bias = trainable(&model, "model.layers.1.self_attn.o_proj.bias");
+    let bias = trainable_var(&model, "model.layers.1.self_attn.o_proj.bias");
     assert!(grads.get(&bias).is_some());
     model.merge_and_unload()?;
     assert_close("merged and unloaded", &model.forward(&ids)?, &unmerged, 1e-5)?;

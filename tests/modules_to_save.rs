@@ -5,13 +5,13 @@
 
 use std::collections::BTreeSet;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 use peft_core::prelude::*;
 use peft_core::{PeftError, CONFIG_FILE, WEIGHTS_FILE};
 use peft_models::classification::LlamaForSequenceClassification;
 
 mod support;
-use support::{assert_close, read_json_object, Fixture};
+use support::{assert_close, assert_same_tensor_files, bits, read_json_object, trainable_var, Fixture};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -28,26 +28,13 @@ fn with_adapter() -> LlamaForSequenceClassification {
     model
 }
 
-fn trainable(model: &LlamaForSequenceClassification, name: &str) -> Var {
-    model
-        .named_trainable_vars()
-        .into_iter()
-        .find_map(|(n, var)| (n == name).then_some(var))
-        .unwrap_or_else(|| panic!("no trainable tensor {name}"))
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    values.into_iter().map(f32::to_bits).collect()
-}
-
 #[test]
 fn a_seq_cls_adapter_loads_with_its_head() -> TestResult {
     let io = CASE.io();
     let model = with_adapter();
     assert_eq!(model.num_labels(), 3);
     // The head is PEFT's, bit for bit, and trainable under PEFT's name.
-    assert_eq!(bits(trainable(&model, HEAD_COPY).as_tensor()), bits(&io["head"]));
+    assert_eq!(bits(trainable_var(&model, HEAD_COPY).as_tensor()), bits(&io["head"]));
     let logits = model.forward(&io["input_ids"])?;
     assert_close("logits with the adapter", &logits, &io["logits"], 1e-4)?;
     let mut model = model;
@@ -65,15 +52,7 @@ fn saving_writes_what_peft_wrote() -> TestResult {
     let model = with_adapter();
     let dir = CASE.scratch("saved");
     model.save_adapter(&dir, "default")?;
-    let theirs = candle_core::safetensors::load(CASE.path("adapter").join(WEIGHTS_FILE), &Device::Cpu)?;
-    let ours = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu)?;
-    assert_eq!(
-        ours.keys().collect::<BTreeSet<_>>(),
-        theirs.keys().collect::<BTreeSet<_>>()
-    );
-    for (key, tensor) in &theirs {
-        assert_eq!(bits(&ours[key]), bits(tensor), "{key}");
-    }
+    assert_same_tensor_files(&dir.join(WEIGHTS_FILE), &CASE.path("adapter").join(WEIGHTS_FILE));
     let config = read_json_object(dir.join(CONFIG_FILE));
     assert_eq!(config["modules_to_save"], serde_json::json!(["classifier", "score"]));
     assert_eq!(config["task_type"], "SEQ_CLS");
@@ -95,7 +74,7 @@ fn each_adapter_switches_its_own_head() -> TestResult {
     let mut model = with_adapter();
     model.load_adapter(CASE.path("adapter"), "zeroed")?;
     model.set_active_adapters(&["zeroed"])?;
-    let copy = trainable(&model, "score.modules_to_save.zeroed.weight");
+    let copy = trainable_var(&model, "score.modules_to_save.zeroed.weight");
     copy.set(&copy.as_tensor().zeros_like()?)?;
     // `score` has no bias: a zero head gives zero logits.
     let zeros = model.forward(&io["input_ids"])?;
@@ -132,7 +111,7 @@ fn the_copy_trains_and_the_original_does_not() -> TestResult {
     // The copy starts equal to the head.
     let original = model.layers().into_iter().find(|l| l.path == "score").unwrap();
     let original = original.layer.weight()?.clone();
-    assert_eq!(bits(trainable(&model, HEAD_COPY).as_tensor()), bits(&original));
+    assert_eq!(bits(trainable_var(&model, HEAD_COPY).as_tensor()), bits(&original));
     let loss = model.forward(&io["input_ids"])?.sqr()?.sum_all()?;
     let grads = loss.backward()?;
     let missing = model.missing_gradients(&grads)?;
@@ -204,9 +183,9 @@ fn peft_merge_writes_the_adapters_head_into_the_checkpoint() -> TestResult {
 fn an_adapter_changed_in_rust_reads_back_the_same() -> TestResult {
     let io = CASE.io();
     let model = with_adapter();
-    let head = trainable(&model, HEAD_COPY);
+    let head = trainable_var(&model, HEAD_COPY);
     head.set(&(head.as_tensor() * 2.0)?)?;
-    let b = trainable(&model, "model.layers.1.self_attn.q_proj.lora_B.default.weight");
+    let b = trainable_var(&model, "model.layers.1.self_attn.q_proj.lora_B.default.weight");
     b.set(&b.as_tensor().neg()?)?;
     let logits = model.forward(&io["input_ids"])?;
     let dir = CASE.scratch("for_python");
@@ -235,7 +214,7 @@ fn peft_convert_keeps_the_head() -> TestResult {
     assert_eq!(config["modules_to_save"], serde_json::json!(["classifier", "score"]));
     let mut model = base();
     model.load_adapter(&out, "default")?;
-    assert_eq!(bits(trainable(&model, HEAD_COPY).as_tensor()), bits(&io["head"]));
+    assert_eq!(bits(trainable_var(&model, HEAD_COPY).as_tensor()), bits(&io["head"]));
     assert_close("converted", &model.forward(&io["input_ids"])?, &io["logits"], 1e-4)?;
     Ok(())
 }
@@ -279,15 +258,7 @@ fn a_token_cls_adapter_loads_with_its_head_and_saves_as_peft() -> TestResult {
     )?;
     let dir = case.scratch("saved");
     model.save_adapter(&dir, "default")?;
-    let theirs = candle_core::safetensors::load(case.path("adapter").join(WEIGHTS_FILE), &Device::Cpu)?;
-    let ours = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu)?;
-    assert_eq!(
-        ours.keys().collect::<BTreeSet<_>>(),
-        theirs.keys().collect::<BTreeSet<_>>()
-    );
-    for (key, tensor) in &theirs {
-        assert_eq!(bits(&ours[key]), bits(tensor), "{key}");
-    }
+    assert_same_tensor_files(&dir.join(WEIGHTS_FILE), &case.path("adapter").join(WEIGHTS_FILE));
     assert_eq!(read_json_object(dir.join(CONFIG_FILE))["task_type"], "TOKEN_CLS");
     Ok(())
 }

@@ -4,16 +4,14 @@
 //! back as PEFT writes them, trained, merged, switched; bad input refused
 //! with the model unchanged.
 
-use std::collections::BTreeSet;
-
-use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::Optimizer;
 use peft_core::prelude::*;
 use peft_core::{Embedding, PeftError, TokenIndices, TrainableTokensConfig, BASE_ROWS, CONFIG_FILE, WEIGHTS_FILE};
 use peft_models::AutoModel;
 
 mod support;
-use support::{assert_close, max_abs_diff, read_json_object, Fixture};
+use support::{assert_close, assert_same_tensor_files, bits, max_abs_diff, read_json_object, trainable_var, Fixture};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -32,19 +30,6 @@ fn loaded(adapter: &str) -> AutoModel {
         .load_adapter(CASE.path(&format!("adapter_{adapter}")), adapter)
         .unwrap();
     model
-}
-
-fn trainable(model: &AutoModel, name: &str) -> Var {
-    model
-        .named_trainable_vars()
-        .into_iter()
-        .find_map(|(n, var)| (n == name).then_some(var))
-        .unwrap_or_else(|| panic!("no trainable tensor {name}"))
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    values.into_iter().map(f32::to_bits).collect()
 }
 
 /// The weight of the slot at `path`, `[out, in]`.
@@ -99,7 +84,7 @@ fn the_tied_head_trains_the_same_rows_once() -> TestResult {
         // Listed once, under the embedding's name (as PEFT's named_parameters).
         assert_eq!(names, std::slice::from_ref(name), "{adapter}");
         // The head's logits for the trained tokens follow the delta.
-        let delta = trainable(&model, name);
+        let delta = trainable_var(&model, name);
         let x = Tensor::new(&[[0.5f32; 16]], &Device::Cpu)?;
         let layers = model.layers();
         let head = layers.iter().find(|l| l.path == "lm_head").unwrap();
@@ -123,17 +108,10 @@ fn saving_writes_what_peft_wrote() -> TestResult {
         let dir = CASE.scratch(&format!("saved_{adapter}"));
         model.save_adapter(&dir, adapter)?;
         let dir = dir.join(adapter);
-        let theirs =
-            candle_core::safetensors::load(CASE.path(&format!("adapter_{adapter}/{WEIGHTS_FILE}")), &Device::Cpu)?;
-        let ours = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu)?;
-        assert_eq!(
-            ours.keys().collect::<BTreeSet<_>>(),
-            theirs.keys().collect::<BTreeSet<_>>(),
-            "{adapter}"
+        assert_same_tensor_files(
+            &dir.join(WEIGHTS_FILE),
+            &CASE.path(&format!("adapter_{adapter}/{WEIGHTS_FILE}")),
         );
-        for (key, tensor) in &theirs {
-            assert_eq!(bits(&ours[key]), bits(tensor), "{key}");
-        }
         let config = read_json_object(dir.join(CONFIG_FILE));
         let peft = read_json_object(CASE.path(&format!("adapter_{adapter}/{CONFIG_FILE}")));
         assert_eq!(config["peft_type"], peft["peft_type"]);
@@ -171,7 +149,7 @@ fn training_moves_the_chosen_rows_only() -> TestResult {
     model.add_adapter("default", &config)?;
     // A fresh delta is a copy of the rows: nothing changes yet.
     assert_eq!(bits(&every_row(&model)), bits(&before));
-    let delta = trainable(&model, LORA_DELTA);
+    let delta = trainable_var(&model, LORA_DELTA);
     assert_eq!(delta.dims(), [3, 16]);
     let mut optimizer = candle_nn::SGD::new(model.trainable_vars(), 0.5)?;
     let logits = model.forward(&io["input_ids"])?;
@@ -410,7 +388,7 @@ fn write_adapters_for_peft() -> TestResult {
     ] {
         let name = &format!("{EMBED}.{key}.{adapter}");
         let model = loaded(adapter);
-        let delta = trainable(&model, name);
+        let delta = trainable_var(&model, name);
         let doubled = Tensor::cat(
             &[
                 delta.as_tensor().i(0..1)?,

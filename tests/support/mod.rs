@@ -12,7 +12,7 @@ pub mod tiny_lm;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use serde_json::{Map, Value};
 
 /// The largest absolute value of `t`.
@@ -130,5 +130,33 @@ pub fn read_json_object(path: impl AsRef<Path>) -> Map<String, Value> {
     match read_json(path) {
         Value::Object(map) => map,
         other => panic!("{path:?} is not a JSON object: {other}"),
+    }
+}
+
+/// The bit patterns of `t`'s values as f32: comparing two of them is
+/// comparing the tensors exactly.
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    values.into_iter().map(f32::to_bits).collect()
+}
+
+/// The trainable tensor of `model` named `name` (PEFT's state-dict name,
+/// as `named_trainable_vars` gives it); panics listing the names if absent.
+pub fn trainable_var<M: peft_core::PeftModel>(model: &M, name: &str) -> Var {
+    let vars = model.named_trainable_vars();
+    let names: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
+    let found = vars.iter().find_map(|(n, var)| (n == name).then(|| var.clone()));
+    found.unwrap_or_else(|| panic!("no trainable tensor {name} among {names:?}"))
+}
+
+/// Asserts that the safetensors files `ours` and `theirs` hold the same
+/// keys, and under each the same values bit for bit.
+pub fn assert_same_tensor_files(ours: &Path, theirs: &Path) {
+    let read = |path: &Path| candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let (ours_tensors, theirs_tensors) = (read(ours), read(theirs));
+    let keys = |t: &HashMap<String, Tensor>| t.keys().cloned().collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(keys(&ours_tensors), keys(&theirs_tensors), "{ours:?} and {theirs:?}");
+    for (key, tensor) in &theirs_tensors {
+        assert_eq!(bits(&ours_tensors[key]), bits(tensor), "{key}");
     }
 }
