@@ -428,3 +428,33 @@ fn the_file_tools_refuse_trainable_tokens_rather_than_drop_them() -> TestResult 
     assert!(!out.exists());
     Ok(())
 }
+
+#[test]
+fn gpt2_takes_trainable_tokens_on_its_tied_embedding() -> TestResult {
+    let mut model = AutoModel::from_dir(support::fixture_path("gpt2_lora_conv1d"), DType::F32, &Device::Cpu)?;
+    let lora = || LoraConfig::from(modules(["c_attn"])).rank(2);
+    // Two embeddings (`wte`, `wpe`): the list form cannot tell which is the input's.
+    let error = model.apply_lora(lora().trainable_tokens([1, 2])).unwrap_err();
+    assert!(
+        matches!(&error, PeftError::NoInputEmbedding { embeddings } if embeddings.len() == 2),
+        "{error}"
+    );
+    assert!(model.adapter_names().is_empty());
+    model.apply_lora(lora().trainable_tokens_in("wte", [1, 2]))?;
+    let delta = trainable_var(&model, "transformer.wte.token_adapter.trainable_tokens_delta.default");
+    // The tied head follows the same rows: with inputs that do not use
+    // tokens 1 and 2, moving their rows changes their logits and no other.
+    let ids = Tensor::new(&[[5u32, 9, 7, 3]], &Device::Cpu)?;
+    let before = model.forward(&ids)?;
+    delta.set(&(delta.as_tensor() + 1.0)?)?;
+    let after = model.forward(&ids)?;
+    let changed = (after - &before)?
+        .abs()?
+        .max_keepdim(1)?
+        .squeeze(1)?
+        .squeeze(0)?
+        .to_vec1::<f32>()?;
+    let moved: Vec<usize> = (0..changed.len()).filter(|&v| changed[v] > 1e-3).collect();
+    assert_eq!(moved, [1, 2]);
+    Ok(())
+}

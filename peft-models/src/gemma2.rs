@@ -20,9 +20,10 @@
 //! operations, not the fused kernel, which has no cap.
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 use peft_core::ops;
 use peft_core::prelude::*;
+use peft_core::Embedding;
 use serde::Deserialize;
 
 use crate::cache::{KvCache, LayerCache};
@@ -353,13 +354,14 @@ impl Gemma2ForCausalLM {
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         cfg.check().map_err(candle_core::Error::wrap)?;
         let vb_m = vb.pp("model");
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
+        let embed_tokens = peft_core::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(vb_m.pp(format!("layers.{i}")), cfg, i))
             .collect::<Result<_>>()?;
         let norm = gemma_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            // The table itself: trainable tokens find the tie by it.
+            Linear::new(embed_tokens.embeddings()?, None)
         } else {
             linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };

@@ -39,8 +39,9 @@
 //! candle's `Tensor::gelu` (exact GELU, `gelu_erf`, differs by up to 1e-4).
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 use peft_core::prelude::*;
+use peft_core::Embedding;
 use serde::Deserialize;
 
 use crate::cache::{KvCache, LayerCache};
@@ -225,9 +226,10 @@ impl Gpt2LmHeadModel {
             candle_core::bail!("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not implemented");
         }
         let vb_t = vb.pp("transformer");
-        let wte = candle_nn::embedding(cfg.vocab_size, cfg.n_embd, vb_t.pp("wte"))?;
+        let wte = peft_core::embedding(cfg.vocab_size, cfg.n_embd, vb_t.pp("wte"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(wte.embeddings().clone(), None)
+            // The table itself: trainable tokens find the tie by it.
+            Linear::new(wte.embeddings()?, None)
         } else {
             linear_no_bias(cfg.n_embd, cfg.vocab_size, vb.pp("lm_head"))?
         };
@@ -237,7 +239,7 @@ impl Gpt2LmHeadModel {
         Ok(Self {
             transformer: Gpt2Model {
                 wte,
-                wpe: candle_nn::embedding(cfg.n_positions, cfg.n_embd, vb_t.pp("wpe"))?,
+                wpe: peft_core::embedding(cfg.n_positions, cfg.n_embd, vb_t.pp("wpe"))?,
                 h,
                 ln_f: candle_nn::layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, vb_t.pp("ln_f"))?,
             },
@@ -275,7 +277,9 @@ impl Gpt2LmHeadModel {
             );
         }
         let mask = causal_mask_after(seen, t, input_ids.device())?;
-        let positions = self.transformer.wpe.embeddings().narrow(0, seen, t)?;
+        // Looked up through the slot, so that an adapter on `wpe` applies.
+        let position_ids = Tensor::arange(seen as u32, (seen + t) as u32, input_ids.device())?.unsqueeze(0)?;
+        let positions = self.transformer.wpe.forward(&position_ids)?;
         let mut x = self.transformer.wte.forward(input_ids)?.broadcast_add(&positions)?;
         if let Some(cache) = cache.as_deref_mut() {
             cache.resize(self.transformer.h.len());
