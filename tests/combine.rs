@@ -17,7 +17,7 @@ use peft_models::llama;
 use serde_json::Value;
 
 mod support;
-use support::{assert_close, fixture_path, read_json_object, scratch};
+use support::{assert_close, fixture_path, max_abs_diff, read_json_object, scratch};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -542,4 +542,37 @@ fn combination_names_parse_as_peft_writes_them() {
         })
     ));
     assert_eq!("frequency".parse::<MajoritySign>().unwrap(), MajoritySign::Frequency);
+}
+
+/// Writes adapters combined in Rust (one per combination family) with the
+/// logits Rust computes with each alone, in
+/// `target/tmp/weighted_adapters/for_python`:
+/// `tests/fixtures/weighted_adapters/check_in_peft.py` loads them with
+/// Python PEFT and compares (not run by CI; CASE.md has the last result).
+#[test]
+fn combined_adapters_made_in_rust_read_back_the_same() -> TestResult {
+    let dir = scratch("weighted_adapters", "for_python");
+    let ids = input_ids();
+    let mut model = model()?;
+    let mut logits = HashMap::new();
+    for (name, combination) in [
+        ("svd", Combination::Svd),
+        ("ties", Combination::Ties),
+        ("cat", Combination::Cat),
+        ("dare_linear", Combination::DareLinear),
+    ] {
+        let options = CombineOptions::new(combination).density(0.5);
+        with_seed(7, || {
+            model.add_weighted_adapter(&["a", "b"], &[0.7, 0.3], name, &options)
+        })?;
+        model.set_active_adapters(&[name])?;
+        logits.insert(name.to_owned(), model.forward(&ids)?);
+        model.save_adapter(&dir, name)?;
+        let mut again = self::model()?;
+        again.load_adapter(dir.join(name), "again")?;
+        again.set_active_adapters(&["again"])?;
+        assert_eq!(max_abs_diff(&again.forward(&ids)?, &logits[name]), 0.0, "{name}");
+    }
+    candle_core::safetensors::save(&logits, dir.join("rust_logits.safetensors"))?;
+    Ok(())
 }
