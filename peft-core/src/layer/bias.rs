@@ -36,28 +36,21 @@ impl Layer {
     }
 
     /// A variable for training the base bias, holding `value` (read from an
-    /// adapter file) or else the bias the base has (the variable already
-    /// trained, if there is one). `None` when the layer has no bias; an error
-    /// when `value`'s shape is not the bias's. Installed by
-    /// [`train_bias`](Self::train_bias); the layer is unchanged until then.
+    /// adapter file, of the bias's shape: the caller checks it, naming the
+    /// file's key) or else the bias the base has (the variable already
+    /// trained, if there is one). `None` when the layer has no bias.
+    /// Installed by [`train_bias`](Self::train_bias); the layer is
+    /// unchanged until then.
     pub(crate) fn bias_var(&self, value: Option<&Tensor>) -> CandleResult<Option<Var>> {
         let Some(bias) = self.base.bias() else {
             return Ok(None);
         };
-        match (value, &self.trainable_bias) {
-            (None, Some(var)) => Ok(Some(var.clone())),
-            (None, None) => Ok(Some(Var::from_tensor(&bias.detach().copy()?)?)),
-            (Some(value), _) => {
-                if value.dims() != bias.dims() {
-                    return Err(candle_core::Error::ShapeMismatchBinaryOp {
-                        lhs: bias.shape().clone(),
-                        rhs: value.shape().clone(),
-                        op: "bias",
-                    });
-                }
-                Ok(Some(Var::from_tensor(&value.to_dtype(bias.dtype())?.copy()?)?))
-            }
-        }
+        let var = match (value, &self.trainable_bias) {
+            (None, Some(var)) => var.clone(),
+            (None, None) => Var::from_tensor(&bias.detach().copy()?)?,
+            (Some(value), _) => Var::from_tensor(&value.to_dtype(bias.dtype())?.copy()?)?,
+        };
+        Ok(Some(var))
     }
 
     /// Makes the base compute with `var` as its bias, trained from now on.

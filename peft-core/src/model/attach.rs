@@ -68,10 +68,7 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
         for &i in &copied {
             let LayerRef { path, layer, .. } = &layers[i];
             let copy: Box<dyn Adapter> = Box::new(ModuleCopy::new(path, layer).in_module(path)?);
-            layer.check_attach(name, &*copy).in_module(path)?;
-            if let Some(file) = file.as_mut() {
-                file.fill(path, &*copy)?;
-            }
+            prepare(&layers[i], name, &*copy, file.as_mut())?;
             adapters.push((i, copy, None));
         }
         if copies == Copies::Make {
@@ -87,20 +84,13 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
                     });
                 }
                 let adapter: Box<dyn Adapter> = Box::new(lora_token_adapter(path, layer, &tokens)?);
-                layer.check_attach(name, &*adapter).in_module(path)?;
-                if let Some(file) = file.as_mut() {
-                    file.fill(path, &*adapter)?;
-                }
+                prepare(&layers[i], name, &*adapter, file.as_mut())?;
                 adapters.push((i, adapter, None));
             }
         }
         let made: Vec<(usize, &dyn Adapter)> = adapters.iter().map(|(i, adapter, _)| (*i, &**adapter)).collect();
         for (i, tied) in tied_adapters(&layers, &made) {
-            let path = &layers[i].path;
-            layers[i].layer.check_attach(name, &*tied).in_module(path)?;
-            if let Some(file) = file.as_mut() {
-                file.fill(path, &*tied)?;
-            }
+            prepare(&layers[i], name, &*tied, file.as_mut())?;
             adapters.push((i, tied, None));
         }
         let biases = trained_biases(&*model, &layers, config.trained_bias(), &chosen, &copied, file.as_mut())?;
@@ -122,6 +112,18 @@ pub(crate) fn attach<M: PeftModel + ?Sized, C: AdapterConfig + ?Sized>(
         layers[i].layer.train_bias(bias);
     }
     Ok(())
+}
+
+/// Checks that `adapter` may join the slot `at` under `name` and, when
+/// loading, sets its tensors from `file`: what every adapter [`attach`]
+/// adds beside the config's own (copies, token rows, tied heads) goes
+/// through before the model changes.
+fn prepare(at: &LayerRef<'_>, name: &str, adapter: &dyn Adapter, file: Option<&mut FileTensors>) -> Result<()> {
+    at.layer.check_attach(name, adapter).in_module(&at.path)?;
+    match file {
+        Some(file) => file.fill(&at.path, adapter),
+        None => Ok(()),
+    }
 }
 
 /// The base biases a config trains beside its adapter (PEFT's `bias`), as
