@@ -1,8 +1,9 @@
 //! CPU kernels: fused products and differentiable ops for training on the
 //! CPU. Plain tensor code with no PEFT logic, used by the slots and the
-//! adapters, and public as [`crate::fused`] and [`crate::ops`].
+//! adapters, and public as [`crate::fused`], [`crate::ops`] and [`crate::optim`].
 
 pub mod fused;
 pub(crate) mod matmul;
 pub mod ops;
+pub mod optim;
 pub mod random;

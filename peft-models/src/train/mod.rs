@@ -593,7 +593,7 @@ fn write_checkpoint<M: Adaptable>(model: &M, optimizer: &AdamW, state: &TrainerS
     std::fs::create_dir_all(&partial).map_err(io_error(&partial))?;
     model.save_adapter(&partial, ADAPTER)?;
     let optimizer_path = partial.join(OPTIMIZER_FILE);
-    candle_core::safetensors::save(&optimizer.state_tensors(), &optimizer_path)?;
+    candle_core::safetensors::save(&optimizer.state_tensors()?, &optimizer_path)?;
     let state_path = partial.join(STATE_FILE);
     std::fs::write(
         &state_path,

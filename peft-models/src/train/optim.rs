@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
+use peft_core::optim::{adamw_step, AdamWStep};
 use serde::{Deserialize, Serialize};
 
 /// AdamW's hyper-parameters (PyTorch's names and defaults but the weight
@@ -39,24 +40,63 @@ impl Default for AdamWParams {
 /// AdamW over named variables, computed as `candle_nn::AdamW` computes it
 /// (the same operations in the same order, so the same bits; tested), with
 /// its moments readable for a checkpoint.
+///
+/// f32 variables on the CPU take the fused update of
+/// [`peft_core::optim::adamw_step`] (one pass over each tensor, moments kept
+/// as plain vectors); other devices and dtypes take candle's tensor ops.
 pub struct AdamW {
     vars: Vec<(String, Var)>,
-    first: Vec<Tensor>,
-    second: Vec<Tensor>,
+    moments: Vec<Moments>,
     step: usize,
     params: AdamWParams,
+}
+
+/// One variable's first and second moments.
+enum Moments {
+    /// For the fused CPU update: updated in place.
+    Fused { first: Vec<f32>, second: Vec<f32> },
+    /// For candle's ops: replaced each step.
+    Tensors { first: Tensor, second: Tensor },
+}
+
+impl Moments {
+    /// Zero moments for `var`, in the form its update takes.
+    fn zeros(var: &Var) -> Result<Self> {
+        Self::from_tensors(var, var.as_tensor().zeros_like()?, var.as_tensor().zeros_like()?)
+    }
+
+    /// Moments holding `first` and `second` (in `var`'s shape, dtype and device).
+    fn from_tensors(var: &Var, first: Tensor, second: Tensor) -> Result<Self> {
+        if var.device().is_cpu() && var.dtype() == DType::F32 && var.is_contiguous() {
+            let values = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+            Ok(Moments::Fused {
+                first: values(first)?,
+                second: values(second)?,
+            })
+        } else {
+            Ok(Moments::Tensors { first, second })
+        }
+    }
+
+    /// The moments as tensors in `var`'s shape.
+    fn to_tensors(&self, var: &Var) -> Result<(Tensor, Tensor)> {
+        match self {
+            Moments::Fused { first, second } => {
+                let tensor = |values: &[f32]| Tensor::from_slice(values, var.dims(), var.device());
+                Ok((tensor(first)?, tensor(second)?))
+            }
+            Moments::Tensors { first, second } => Ok((first.clone(), second.clone())),
+        }
+    }
 }
 
 impl AdamW {
     /// Zero moments for every variable.
     pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
-        let zeros = |vars: &[(String, Var)]| -> Result<Vec<Tensor>> {
-            vars.iter().map(|(_, var)| var.as_tensor().zeros_like()).collect()
-        };
+        let moments = vars.iter().map(|(_, var)| Moments::zeros(var)).collect::<Result<_>>()?;
         Ok(Self {
-            first: zeros(&vars)?,
-            second: zeros(&vars)?,
             vars,
+            moments,
             step: 0,
             params,
         })
@@ -83,44 +123,62 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.params;
+        let fused = AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            step: self.step,
+        };
         let lr_lambda = lr * weight_decay;
         let scale_m = 1f64 / (1f64 - beta1.powi(self.step as i32));
         let scale_v = 1f64 / (1f64 - beta2.powi(self.step as i32));
-        for (i, (_, var)) in self.vars.iter().enumerate() {
+        for ((_, var), moments) in self.vars.iter().zip(&mut self.moments) {
             let theta = var.as_tensor();
             let Some(g) = grads.get(theta) else { continue };
-            let next_m = ((&self.first[i] * beta1)? + (g * (1.0 - beta1))?)?;
-            let next_v = ((&self.second[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let m_hat = (&next_m * scale_m)?;
-            let v_hat = (&next_v * scale_v)?;
-            let next_theta = (theta * (1f64 - lr_lambda))?;
-            let adjusted_grad = (m_hat / (v_hat.sqrt()? + eps)?)?;
-            let next_theta = (next_theta - (adjusted_grad * lr)?)?;
-            self.first[i] = next_m;
-            self.second[i] = next_v;
-            var.set(&next_theta)?;
+            match moments {
+                Moments::Fused { first, second } => {
+                    if !adamw_step(var, g, first, second, &fused)? {
+                        candle_core::bail!("AdamW: the gradient of a {:?} variable is {:?}", var.dtype(), g.dtype());
+                    }
+                }
+                Moments::Tensors { first, second } => {
+                    let next_m = ((&*first * beta1)? + (g * (1.0 - beta1))?)?;
+                    let next_v = ((&*second * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                    let m_hat = (&next_m * scale_m)?;
+                    let v_hat = (&next_v * scale_v)?;
+                    let next_theta = (theta * (1f64 - lr_lambda))?;
+                    let adjusted_grad = (m_hat / (v_hat.sqrt()? + eps)?)?;
+                    let next_theta = (next_theta - (adjusted_grad * lr)?)?;
+                    *first = next_m;
+                    *second = next_v;
+                    var.set(&next_theta)?;
+                }
+            }
         }
         Ok(())
     }
 
     /// The moments by `<var name>.exp_avg` / `.exp_avg_sq` (PyTorch's
     /// names), for a checkpoint.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut tensors = HashMap::new();
-        for (i, (name, _)) in self.vars.iter().enumerate() {
-            tensors.insert(format!("{name}.exp_avg"), self.first[i].clone());
-            tensors.insert(format!("{name}.exp_avg_sq"), self.second[i].clone());
+        for ((name, var), moments) in self.vars.iter().zip(&self.moments) {
+            let (first, second) = moments.to_tensors(var)?;
+            tensors.insert(format!("{name}.exp_avg"), first);
+            tensors.insert(format!("{name}.exp_avg_sq"), second);
         }
-        tensors
+        Ok(tensors)
     }
 
     /// Restores the moments [`state_tensors`](Self::state_tensors) gave and
     /// the step count. Every variable's moments must be there, in its shape.
     pub fn restore(&mut self, tensors: &HashMap<String, Tensor>, steps: usize) -> std::result::Result<(), String> {
-        let mut first = Vec::with_capacity(self.vars.len());
-        let mut second = Vec::with_capacity(self.vars.len());
+        let mut moments = Vec::with_capacity(self.vars.len());
         for (name, var) in &self.vars {
-            for (suffix, into) in [("exp_avg", &mut first), ("exp_avg_sq", &mut second)] {
+            let mut pair = Vec::with_capacity(2);
+            for suffix in ["exp_avg", "exp_avg_sq"] {
                 let key = format!("{name}.{suffix}");
                 let tensor = tensors.get(&key).ok_or_else(|| format!("no tensor `{key}`"))?;
                 if tensor.dims() != var.dims() {
@@ -130,11 +188,13 @@ impl AdamW {
                     .to_dtype(var.dtype())
                     .and_then(|t| t.to_device(var.device()))
                     .map_err(|e| format!("`{key}`: {e}"))?;
-                into.push(tensor);
+                pair.push(tensor);
             }
+            let second = pair.pop().expect("two moments");
+            let first = pair.pop().expect("two moments");
+            moments.push(Moments::from_tensors(var, first, second).map_err(|e| format!("`{name}`: {e}"))?);
         }
-        self.first = first;
-        self.second = second;
+        self.moments = moments;
         self.step = steps;
         Ok(())
     }
@@ -204,8 +264,15 @@ mod tests {
 
     #[test]
     fn adamw_takes_candles_steps_bit_for_bit() -> Result<()> {
+        // The fused update, on one thread and split over the pool; candle's ops for f64.
+        takes_candles_steps((5, 7), DType::F32)?;
+        takes_candles_steps((300, 257), DType::F32)?;
+        takes_candles_steps((5, 7), DType::F64)
+    }
+
+    fn takes_candles_steps(shape: (usize, usize), dtype: DType) -> Result<()> {
         let device = Device::Cpu;
-        let start = Tensor::randn(0f32, 1.0, (5, 7), &device)?;
+        let start = Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(dtype)?;
         let ours = Var::from_tensor(&start)?;
         let theirs = Var::from_tensor(&start)?;
         let params = AdamWParams {
@@ -225,31 +292,29 @@ mod tests {
             },
         )?;
         for step in 0..5 {
-            let target = Tensor::randn(0f32, 1.0, (5, 7), &device)?;
+            let target = Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(dtype)?;
             let lr = 0.01 / (step + 1) as f64;
             adamw.set_learning_rate(lr);
             candle.set_learning_rate(lr);
             adamw.step(&(ours.as_tensor() - &target)?.sqr()?.sum_all()?.backward()?)?;
             candle.step(&(theirs.as_tensor() - &target)?.sqr()?.sum_all()?.backward()?)?;
-            let (a, b): (Vec<f32>, Vec<f32>) = (
-                ours.as_tensor().flatten_all()?.to_vec1()?,
-                theirs.as_tensor().flatten_all()?.to_vec1()?,
-            );
-            assert_eq!(a, b, "step {step}");
+            let bits = |var: &Var| -> Result<Vec<u64>> {
+                let values = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                Ok(values.into_iter().map(f64::to_bits).collect())
+            };
+            assert_eq!(bits(&ours)?, bits(&theirs)?, "step {step}, {shape:?} {dtype:?}");
         }
         // Saved and restored, it goes on as if never stopped.
         let copy = Var::from_tensor(ours.as_tensor())?;
         let mut resumed = AdamW::new(vec![("w".to_owned(), copy.clone())], params)?;
         resumed
-            .restore(&adamw.state_tensors(), adamw.steps())
+            .restore(&adamw.state_tensors()?, adamw.steps())
             .map_err(candle_core::Error::Msg)?;
-        let target = Tensor::ones((5, 7), DType::F32, &device)?;
+        let target = Tensor::ones(shape, dtype, &device)?;
         adamw.step(&(ours.as_tensor() - &target)?.sqr()?.sum_all()?.backward()?)?;
         resumed.step(&(copy.as_tensor() - &target)?.sqr()?.sum_all()?.backward()?)?;
-        assert_eq!(
-            ours.as_tensor().flatten_all()?.to_vec1::<f32>()?,
-            copy.as_tensor().flatten_all()?.to_vec1::<f32>()?
-        );
+        let values = |var: &Var| var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
+        assert_eq!(values(&ours)?, values(&copy)?);
         Ok(())
     }
 
