@@ -8,6 +8,10 @@
 //!     --heads 8 --batch 4 --seq 128 --rank 16 --steps 5 --threads 2 --dtype f32 --tuned yes
 //! ```
 //!
+//! `--profile` adds where a training step's time goes: every matrix product
+//! the step runs, timed alone with candle's `gemm` on the same shapes (the
+//! roof), against the measured step.
+//!
 //! `--tuned yes` (the default) applies the two runtime settings of
 //! `peft_models::train::tune_runtime`; `--tuned no` measures with glibc's and candle's defaults.
 //!
@@ -41,6 +45,8 @@ struct Args {
     dtype: DType,
     /// Runtime settings for training on the CPU (`peft_models::train::tune_runtime`).
     tuned: bool,
+    /// Print the step's matrix products against `gemm` alone on the same shapes.
+    profile: bool,
 }
 
 fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
@@ -57,9 +63,14 @@ fn parse_args() -> Result<Args, Box<dyn std::error::Error>> {
         threads: None,
         dtype: DType::F32,
         tuned: true,
+        profile: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--profile" {
+            args.profile = true;
+            continue;
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--hidden" => args.hidden = value.parse()?,
@@ -274,6 +285,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(peak) = peak_rss_mib() {
         println!("peak resident memory:    {peak:>9.1} MiB (through training)");
     }
+    if args.profile {
+        profile_step(&args, &cfg, step, [phase(forward), phase(backward), phase(update)])?;
+    }
 
     let (merged, merge_time, merge_heap) = time_and_heap(|| model.merge());
     merged?;
@@ -301,5 +315,126 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fresh.load_adapter(&dir, "default")?;
     println!("save_adapter:            {save:>9.2?}");
     println!("load_adapter:            {:>9.2?}", started.elapsed());
+    Ok(())
+}
+
+/// One kind of matrix product of a training step: `[m, k] x [k, n]`, `count` times.
+struct Product {
+    what: &'static str,
+    m: usize,
+    k: usize,
+    n: usize,
+    count: usize,
+}
+
+impl Product {
+    fn flops(&self) -> f64 {
+        2.0 * (self.m * self.k * self.n * self.count) as f64
+    }
+}
+
+/// Every matrix product of one training step of the bench's model, by what
+/// computes it (`peft_models::llama` with LoRA on its seven linear layers per
+/// block, the head frozen, fused kernels: no weight gradient for frozen layers).
+fn step_products(args: &Args, cfg: &Config) -> Vec<Product> {
+    let t = args.batch * (args.seq - 1);
+    let (h, inter, r, layers) = (args.hidden, args.intermediate, args.rank, args.layers);
+    let kv = cfg.num_key_value_heads() * cfg.head_dim();
+    let mut products = Vec::new();
+    let mut add = |what, m, k, n, count| products.push(Product { what, m, k, n, count });
+    // (in, out) of q, k, v, o, gate, up, down.
+    for (input, output) in [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)] {
+        add("frozen x Wt (forward)", t, input, output, layers);
+        add("input gradient g W (backward)", t, output, input, layers);
+        add("adapter x At (forward)", t, input, r, layers);
+        add("adapter (x At) Bt (forward)", t, r, output, layers);
+        add("adapter u = g B (backward)", t, output, r, layers);
+        add("adapter u A (backward)", t, r, input, layers);
+        add("adapter dA = ut x (backward)", r, t, input, layers);
+        add("adapter dB = gt (x At) (backward)", output, t, r, layers);
+    }
+    add("head x Wt (forward)", t, h, args.vocab, 1);
+    add("head g W (backward)", t, args.vocab, h, 1);
+    // Per sequence and head: scores and values forward; scores again, dP, dV, dQ, dK backward.
+    let (s, d, heads) = (args.seq - 1, cfg.head_dim(), args.batch * args.heads * layers);
+    add("attention q kt (forward, and again backward)", s, d, s, 2 * heads);
+    add("attention p v (forward)", s, s, d, heads);
+    add("attention dP = dO vt (backward)", s, d, s, heads);
+    add("attention dV, dQ, dK (backward)", s, s, d, 3 * heads);
+    products
+}
+
+/// Median seconds of `a.matmul(b)` for `[m, k] x [k, n]` f32, run for at
+/// least 30 ms.
+fn time_product(m: usize, k: usize, n: usize) -> candle_core::Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu)?;
+    a.matmul(&b)?;
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while times.len() < 5 || started.elapsed() < Duration::from_millis(30) {
+        let one = Instant::now();
+        std::hint::black_box(a.matmul(&b)?);
+        times.push(one.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Prints the step's matrix products, each timed alone with `gemm` (the
+/// roof), and how close the measured step comes to that roof.
+fn profile_step(args: &Args, cfg: &Config, step: Duration, phases_ms: [f64; 3]) -> candle_core::Result<()> {
+    let products = step_products(args, cfg);
+    println!("profile: the step's matrix products, each timed alone with candle's gemm on its shape");
+    println!(
+        "  {:<44} {:>17} {:>6} {:>8} {:>8} {:>8}",
+        "product", "m x k x n", "count", "GFLOP", "gemm ms", "GFLOP/s"
+    );
+    let (mut flops, mut roof) = (0.0, 0.0);
+    let mut by_kind: Vec<(&str, f64, f64)> = Vec::new();
+    for p in &products {
+        let seconds = time_product(p.m, p.k, p.n)? * p.count as f64;
+        flops += p.flops();
+        roof += seconds;
+        println!(
+            "  {:<44} {:>17} {:>6} {:>8.3} {:>8.2} {:>8.1}",
+            p.what,
+            format!("{}x{}x{}", p.m, p.k, p.n),
+            p.count,
+            p.flops() / 1e9,
+            seconds * 1e3,
+            p.flops() / seconds / 1e9
+        );
+        let kind = p.what.split(' ').next().unwrap_or(p.what);
+        match by_kind.iter_mut().find(|(k, _, _)| *k == kind) {
+            Some(entry) => {
+                entry.1 += p.flops();
+                entry.2 += seconds;
+            }
+            None => by_kind.push((kind, p.flops(), seconds)),
+        }
+    }
+    for (kind, kind_flops, seconds) in by_kind {
+        println!(
+            "  {kind:<10} {:>7.2} GFLOP in {:>6.1} ms at the roof ({:.0} GFLOP/s)",
+            kind_flops / 1e9,
+            seconds * 1e3,
+            kind_flops / seconds / 1e9
+        );
+    }
+    let step_s = step.as_secs_f64();
+    println!(
+        "  step: {:.2} GFLOP of products; gemm alone needs {:.0} ms ({:.0} GFLOP/s), the step took {:.0} ms \
+         (forward {:.0}, backward {:.0}, AdamW {:.1}): {:.0} GFLOP/s achieved, {:.2} of the roof",
+        flops / 1e9,
+        roof * 1e3,
+        flops / roof / 1e9,
+        step_s * 1e3,
+        phases_ms[0],
+        phases_ms[1],
+        phases_ms[2],
+        flops / step_s / 1e9,
+        roof / step_s
+    );
     Ok(())
 }

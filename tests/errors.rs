@@ -742,6 +742,72 @@ fn weights_not_finite() {
 }
 
 #[test]
+fn merge_checks_the_base_weights_too() {
+    // The last layer's base weight with `value` in its first place: merging
+    // checks every layer before the first changes, so a layer late in the
+    // model refusing leaves the earlier ones unmerged.
+    let with_base_value = |value: f32| {
+        let mut net = Net::new();
+        let weight = net.layers[1].v.weight().unwrap();
+        let mut values: Vec<f32> = weight.flatten_all().unwrap().to_vec1().unwrap();
+        values[0] = value;
+        net.layers[1].v = Linear::new(Tensor::from_vec(values, (6, 6), &DEV).unwrap(), None);
+        net.load_adapter_from_bytes(&valid_files().config_text(), &valid_files().weights, "default")
+            .unwrap();
+        net
+    };
+    for value in [f32::NAN, f32::INFINITY] {
+        let mut net = with_base_value(value);
+        let error = fails_unchanged(&mut net, |net| net.merge());
+        match &error {
+            PeftError::NonFiniteWeights { module, operation } => {
+                assert_eq!((module.as_str(), *operation), ("layers.1.v", "merge"));
+            }
+            other => panic!("expected NonFiniteWeights, got {other:?}"),
+        }
+    }
+    // Too close to f32's largest value for the adapter's bound to vouch for
+    // the sum: computed before anything changes, and finite, so it merges.
+    let mut net = with_base_value(3.0e38);
+    let before: Vec<f32> = net.layers[1]
+        .v
+        .weight()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    net.merge().unwrap();
+    assert!(net.layers[0].q.is_merged() && net.layers[1].v.is_merged());
+    let merged: Vec<f32> = net.layers[1]
+        .v
+        .weight()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(merged[0], 3.0e38);
+    assert!(
+        merged[1..].iter().zip(&before[1..]).any(|(m, b)| m != b),
+        "the adapter changed nothing"
+    );
+    net.unmerge().unwrap();
+    let after: Vec<f32> = net.layers[1]
+        .v
+        .weight()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(after
+        .iter()
+        .zip(&before)
+        .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1.0)));
+}
+
+#[test]
 fn weights_wrong_dtype() {
     // An integer tensor with the right shape.
     let mut files = valid_files();

@@ -36,6 +36,14 @@ impl<'a> CpuTensor<'a> {
         self.storage()?.as_slice::<T>()
     }
 
+    /// The values of a contiguous tensor, in order.
+    pub(crate) fn contiguous_values<T: WithDType>(&self) -> Result<&[T]> {
+        let Some((start, end)) = self.layout.contiguous_offsets() else {
+            bail!("a contiguous tensor expected");
+        };
+        Ok(&self.slice()?[start..end])
+    }
+
     /// The tensor as a matrix: a 2-D tensor with its strides, or a 1-D one as a row.
     pub(crate) fn matrix<T: WithDType>(&self) -> Result<Matrix<'_, T>> {
         Matrix::new(self.slice()?, self.layout)

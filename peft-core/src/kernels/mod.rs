@@ -7,3 +7,4 @@ pub(crate) mod matmul;
 pub mod ops;
 pub mod optim;
 pub mod random;
+pub(crate) mod reduce;

@@ -151,6 +151,21 @@ pub trait Adapter: CloneAdapter + fmt::Debug + Send + Sync {
         merged.minus(&required_delta(self, merged)?)
     }
 
+    /// An upper bound on the magnitude of any value this adapter's
+    /// [`merge`](Self::merge) adds to the weight (and
+    /// [`unmerge`](Self::unmerge) takes out), for an adapter whose merge adds
+    /// a change to the weight, leaves the bias as it is and cannot overflow
+    /// its own dtype on the way; `None` (the default) when it cannot say.
+    ///
+    /// A model-wide merge must change every layer or none. With a bound for
+    /// every adapter a layer's merge involves, it knows from the weight's
+    /// largest value that the new weights are finite and computes them once;
+    /// without one, it computes them twice (a dry run before the first layer
+    /// changes).
+    fn merge_bound(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
+
     /// The trainable tensors, each with its key relative to the module as PEFT
     /// saves it (`lora_A.weight`), in a fixed order.
     fn trainable_vars(&self) -> Vec<(&'static str, Var)>;

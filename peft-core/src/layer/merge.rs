@@ -6,6 +6,7 @@
 //! as it was.
 
 use crate::error::{PeftError, Result};
+use crate::kernels::reduce::{dtype_max, max_abs};
 use crate::layer::adapter::Composition;
 use crate::layer::base::{Base, LayerWeights};
 use crate::layer::slot::{AttachedAdapter, Layer};
@@ -25,9 +26,18 @@ const TWO_COPIES_MERGE: &str = "two adapters hold a whole copy of this layer (mo
 pub(crate) struct MergePlan {
     base: Base,
     merged: Vec<bool>,
+}
+
+impl MergePlan {
     /// Whether the new weights are all finite; a plan that is not is refused
     /// before any layer changes.
-    pub(crate) finite: bool,
+    pub(crate) fn all_finite(&self) -> Result<bool> {
+        let weights = LayerWeights {
+            weight: self.base.weight()?.clone(),
+            bias: self.base.bias().cloned(),
+        };
+        weights.all_finite()
+    }
 }
 
 impl Layer {
@@ -51,7 +61,7 @@ impl Layer {
     /// Installs `plan` if its weights are finite.
     fn commit_checked(&mut self, plan: Option<MergePlan>, operation: &'static str) -> Result<()> {
         match plan {
-            Some(plan) if !plan.finite => Err(PeftError::NonFiniteWeights {
+            Some(plan) if !plan.all_finite()? => Err(PeftError::NonFiniteWeights {
                 module: self.describe(),
                 operation,
             }),
@@ -177,7 +187,6 @@ impl Layer {
         }
         self.check_trained_bias_kept(&weights)?;
         Ok(Some(MergePlan {
-            finite: weights.all_finite()?,
             base: self.base.rebuilt(weights)?,
             merged,
         }))
@@ -191,10 +200,57 @@ impl Layer {
         let weights = self.unmerged_weights()?;
         self.check_trained_bias_kept(&weights)?;
         Ok(Some(MergePlan {
-            finite: weights.all_finite()?,
             base: self.base.rebuilt(weights)?,
             merged: vec![false; self.adapters.len()],
         }))
+    }
+
+    /// Whether [`plan_merge_of(names)`](Self::plan_merge_of) is known to give
+    /// finite weights without computing them (see [`Adapter::merge_bound`]).
+    /// `false` when it cannot tell: the caller then computes the plan.
+    pub(crate) fn merge_stays_finite(&self, names: Option<&[&str]>) -> Result<bool> {
+        if !self.has_pending_merge(names) {
+            return Ok(true);
+        }
+        let chosen = |a: &AttachedAdapter| match names {
+            None => a.active,
+            Some(names) => names.contains(&a.name.as_str()),
+        };
+        self.rebuild_stays_finite(|a| a.merged || chosen(a))
+    }
+
+    /// [`merge_stays_finite`](Self::merge_stays_finite) for
+    /// [`plan_unmerge`](Self::plan_unmerge).
+    pub(crate) fn unmerge_stays_finite(&self) -> Result<bool> {
+        if !self.is_merged() {
+            return Ok(true);
+        }
+        self.rebuild_stays_finite(|a| a.merged)
+    }
+
+    /// Whether rebuilding the weights from the current base, taking out every
+    /// merged adapter and folding in those `involved` (a superset of the
+    /// merged ones), stays finite: every value on the way is at most the
+    /// base's largest plus each merged adapter's bound twice and each other
+    /// one's once; with a factor 2 for rounding, that must fit the dtype.
+    fn rebuild_stays_finite(&self, involved: impl Fn(&AttachedAdapter) -> bool) -> Result<bool> {
+        if self.is_quantized() {
+            return Ok(false);
+        }
+        let mut reach = 0f64;
+        for attached in self.adapters.iter().filter(|a| involved(a)) {
+            match attached.adapter.merge_bound()? {
+                Some(bound) if bound.is_finite() => reach += if attached.merged { 2.0 * bound } else { bound },
+                _ => return Ok(false),
+            }
+        }
+        let weight = self.base.weight()?;
+        let mut largest = max_abs(weight)?;
+        if let Some(bias) = self.base.bias() {
+            largest = largest.max(max_abs(bias)?);
+        }
+        let total = largest + reach;
+        Ok(total.is_finite() && 2.0 * total < dtype_max(weight.dtype()))
     }
 
     /// Refuses new weights whose bias differs from the bias being trained

@@ -10,24 +10,33 @@ use crate::model::PeftModel;
 /// Plans a change on every layer and commits it, so that nothing changes if
 /// any plan fails and at most one layer's new weights exist at a time.
 ///
-/// The first pass makes every plan and drops it at once: a failure there
-/// leaves the model untouched. The second pass makes each plan again and
+/// A first pass checks every layer before any changes: where
+/// `stays_finite` shows from the adapters' bounds and the weight's largest
+/// value that the new weights are finite (one read of the weight, see
+/// [`Adapter::merge_bound`](crate::layer::Adapter::merge_bound)), nothing
+/// more; otherwise it makes the plan and drops it (a dry run). A failure
+/// there leaves the model untouched. The second pass makes each plan and
 /// commits it before making the next, so the old weights of a layer are freed
 /// before the next layer's new ones are made (merging never holds a second
-/// copy of the model). Plans are deterministic, so the second pass repeats
-/// the first; merging costs two computations of the new weights.
+/// copy of the model). Plans are deterministic, so the second pass cannot
+/// fail where the first passed; a layer of adapters with bounds (LoRA)
+/// computes its new weights once, any other twice.
 ///
 /// A plan whose weights are not all finite is refused in the first pass
 /// ([`PeftError::NonFiniteWeights`], naming `operation`).
 pub(crate) fn commit_all<M: PeftModel + ?Sized>(
     model: &mut M,
     operation: &'static str,
+    stays_finite: impl Fn(&Layer) -> Result<bool>,
     plan: impl Fn(&Layer) -> Result<Option<MergePlan>>,
     commit: impl Fn(&mut Layer, Option<MergePlan>),
 ) -> Result<()> {
     for layer in model.layers() {
+        if stays_finite(layer.layer).in_module(&layer.path)? {
+            continue;
+        }
         if let Some(plan) = plan(layer.layer).in_module(&layer.path)? {
-            if !plan.finite {
+            if !plan.all_finite().in_module(&layer.path)? {
                 return Err(PeftError::NonFiniteWeights {
                     module: layer.path.clone(),
                     operation,

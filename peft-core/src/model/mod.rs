@@ -359,7 +359,13 @@ pub trait PeftModel: Adaptable {
     fn merge(&mut self) -> Result<()> {
         check_mergeable(self, None)?;
         check_pending_merge(self, None)?;
-        commit_all(self, "merge", Layer::plan_merge, commit_plan)
+        commit_all(
+            self,
+            "merge",
+            |layer| layer.merge_stays_finite(None),
+            Layer::plan_merge,
+            commit_plan,
+        )
     }
 
     /// Merges exactly the adapters in `names` (active or not), as PEFT's
@@ -368,7 +374,13 @@ pub trait PeftModel: Adaptable {
         check_known(names, &self.adapter_names())?;
         check_mergeable(self, Some(names))?;
         check_pending_merge(self, Some(names))?;
-        commit_all(self, "merge", |layer| layer.plan_merge_of(Some(names)), commit_plan)
+        commit_all(
+            self,
+            "merge",
+            |layer| layer.merge_stays_finite(Some(names)),
+            |layer| layer.plan_merge_of(Some(names)),
+            commit_plan,
+        )
     }
 
     /// Takes merged adapters back out of the base weights (PEFT subtracts the
@@ -378,7 +390,13 @@ pub trait PeftModel: Adaptable {
         if !self.layers().iter().any(|l| l.layer.is_merged()) {
             return Err(PeftError::NothingToUnmerge);
         }
-        commit_all(self, "unmerge", Layer::plan_unmerge, commit_plan)
+        commit_all(
+            self,
+            "unmerge",
+            Layer::unmerge_stays_finite,
+            Layer::plan_unmerge,
+            commit_plan,
+        )
     }
 
     /// Merges the active adapters and removes every adapter: plain layers
@@ -386,16 +404,28 @@ pub trait PeftModel: Adaptable {
     /// the weights.
     fn merge_and_unload(&mut self) -> Result<()> {
         check_mergeable(self, None)?;
-        commit_all(self, "merge", Layer::plan_merge, Layer::commit_and_unload)
+        commit_all(
+            self,
+            "merge",
+            |layer| layer.merge_stays_finite(None),
+            Layer::plan_merge,
+            Layer::commit_and_unload,
+        )
     }
 
     /// Turns all adapters off (unmerging first), so the model computes the
     /// base model's output, as PEFT's `disable_adapter()`.
     fn disable_adapters(&mut self) -> Result<()> {
-        commit_all(self, "unmerge", Layer::plan_unmerge, |layer, plan| {
-            commit_plan(layer, plan);
-            layer.disable_adapters_unmerged();
-        })
+        commit_all(
+            self,
+            "unmerge",
+            Layer::unmerge_stays_finite,
+            Layer::plan_unmerge,
+            |layer, plan| {
+                commit_plan(layer, plan);
+                layer.disable_adapters_unmerged();
+            },
+        )
     }
 
     /// Turns adapters back on after [`disable_adapters`](Self::disable_adapters).
