@@ -361,7 +361,18 @@ fn step_products(args: &Args, cfg: &Config) -> Vec<Product> {
     add("attention p v (forward)", s, s, d, heads);
     add("attention dP = dO vt (backward)", s, d, s, heads);
     add("attention dV, dQ, dK (backward)", s, s, d, 3 * heads);
-    products
+    // One row per distinct product (q and o, k and v share their shapes).
+    let mut distinct: Vec<Product> = Vec::new();
+    for p in products {
+        match distinct
+            .iter_mut()
+            .find(|d| (d.what, d.m, d.k, d.n) == (p.what, p.m, p.k, p.n))
+        {
+            Some(same) => same.count += p.count,
+            None => distinct.push(p),
+        }
+    }
+    distinct
 }
 
 /// Median seconds of `a.matmul(b)` for `[m, k] x [k, n]` f32, run for at
