@@ -769,38 +769,27 @@ fn merge_checks_the_base_weights_too() {
     // Too close to f32's largest value for the adapter's bound to vouch for
     // the sum: computed before anything changes, and finite, so it merges.
     let mut net = with_base_value(3.0e38);
-    let before: Vec<f32> = net.layers[1]
-        .v
-        .weight()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let values = |net: &Net| -> Vec<f32> {
+        net.layers[1]
+            .v
+            .weight()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let before = values(&net);
     net.merge().unwrap();
     assert!(net.layers[0].q.is_merged() && net.layers[1].v.is_merged());
-    let merged: Vec<f32> = net.layers[1]
-        .v
-        .weight()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let merged = values(&net);
     assert_eq!(merged[0], 3.0e38);
     assert!(
         merged[1..].iter().zip(&before[1..]).any(|(m, b)| m != b),
         "the adapter changed nothing"
     );
     net.unmerge().unwrap();
-    let after: Vec<f32> = net.layers[1]
-        .v
-        .weight()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let after = values(&net);
     assert!(after
         .iter()
         .zip(&before)
