@@ -8,9 +8,11 @@
 //!     --heads 8 --batch 4 --seq 128 --rank 16 --steps 5 --threads 2 --dtype f32 --tuned yes
 //! ```
 //!
-//! `--profile` adds where a training step's time goes: every matrix product
-//! the step runs, timed alone with candle's `gemm` on the same shapes (the
-//! roof), against the measured step.
+//! `--profile` adds where a training step's time goes: each fused op's time
+//! in the forward and backward passes (`peft_core::profile`), what is left
+//! for candle's ops and autograd, and every matrix product the step runs,
+//! timed alone with candle's `gemm` on the same shapes (the roof), against
+//! the measured step.
 //!
 //! `--tuned yes` (the default) applies the two runtime settings of
 //! `peft_models::train::tune_runtime`; `--tuned no` measures with glibc's and candle's defaults.
@@ -261,7 +263,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut optimizer = AdamW::new(model.named_trainable_vars(), AdamWParams::default())?;
     // Each phase timed on its own, so the figures show where a step goes.
     let (mut forward, mut backward, mut update) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    let step = time(args.steps, || {
+    let mut train_step = |forward: &mut Duration, backward: &mut Duration, update: &mut Duration| {
         let started = Instant::now();
         let logits = model.forward(&inputs)?;
         let loss = peft_core::ops::cross_entropy(&logits.to_dtype(DType::F32)?, &targets)?;
@@ -269,11 +271,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let grads = loss.backward()?;
         let backward_done = Instant::now();
         optimizer.step(&grads)?;
-        forward += forward_done - started;
-        backward += backward_done - forward_done;
-        update += backward_done.elapsed();
-        Ok(())
-    })?;
+        *forward += forward_done - started;
+        *backward += backward_done - forward_done;
+        *update += backward_done.elapsed();
+        candle_core::Result::Ok(())
+    };
+    let step = time(args.steps, || train_step(&mut forward, &mut backward, &mut update))?;
     let phase = |d: Duration| d.as_secs_f64() * 1e3 / (args.steps + 1) as f64;
     println!(
         "training step:           {:>9.0} tokens/s (forward {:.0} ms, backward {:.0} ms, AdamW {:.1} ms)",
@@ -286,6 +289,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("peak resident memory:    {peak:>9.1} MiB (through training)");
     }
     if args.profile {
+        // A few more steps with the fused ops timing themselves (after the
+        // figures above, which are taken without it).
+        let steps = args.steps.max(3);
+        let mut phases = [Duration::ZERO; 3];
+        peft_core::profile::set_enabled(true);
+        for _ in 0..steps {
+            let [forward, backward, update] = &mut phases;
+            train_step(forward, backward, update)?;
+        }
+        peft_core::profile::set_enabled(false);
+        print_op_times(&peft_core::profile::take(), steps, phases);
         profile_step(&args, &cfg, step, [phase(forward), phase(backward), phase(update)])?;
     }
 
@@ -316,6 +330,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("save_adapter:            {save:>9.2?}");
     println!("load_adapter:            {:>9.2?}", started.elapsed());
     Ok(())
+}
+
+/// Prints each fused op's share of the forward and backward passes, per
+/// step, and what is left for candle's own ops and autograd.
+fn print_op_times(times: &[peft_core::profile::OpTime], steps: usize, phases: [Duration; 3]) {
+    use peft_core::profile::Pass;
+    let per_step = |seconds: f64| seconds * 1e3 / steps as f64;
+    println!("profile: the fused ops' own time per step ({steps} steps), by pass");
+    for (pass, name, total) in [
+        (Pass::Forward, "forward", phases[0]),
+        (Pass::Backward, "backward", phases[1]),
+    ] {
+        let total = per_step(total.as_secs_f64());
+        println!("  {name}: {total:.1} ms");
+        let mut ops: Vec<_> = times.iter().filter(|t| t.pass == pass).collect();
+        ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        let mut timed = 0.0;
+        for op in ops {
+            let ms = per_step(op.seconds);
+            timed += ms;
+            println!(
+                "    {:<26} {:>7.1} ms {:>5.1}% ({} calls)",
+                op.op,
+                ms,
+                100.0 * ms / total,
+                op.calls / steps as u64
+            );
+        }
+        let rest = if pass == Pass::Forward {
+            "candle's ops (embedding, residual adds, reshapes)"
+        } else {
+            "candle's autograd between the ops, candle ops' backward"
+        };
+        println!(
+            "    {:<26} {:>7.1} ms {:>5.1}% ({rest})",
+            "the rest",
+            total - timed,
+            100.0 * (total - timed) / total
+        );
+    }
+    println!("  AdamW: {:.1} ms", per_step(phases[2].as_secs_f64()));
 }
 
 /// One kind of matrix product of a training step: `[m, k] x [k, n]`, `count` times.

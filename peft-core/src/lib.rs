@@ -41,7 +41,7 @@
 //! | room | what it holds |
 //! | --- | --- |
 //! | `error.rs`, `path.rs` | [`PeftError`], [`ModulePath`] |
-//! | `kernels/` | CPU kernels, no PEFT logic: [`fused`], [`ops`], [`optim`], [`random`] (seedable initialisation and dropout) |
+//! | `kernels/` | CPU kernels, no PEFT logic: [`fused`], [`ops`], [`optim`], [`profile`], [`random`] (seedable initialisation and dropout) |
 //! | `layer/` | the adapter slot [`Layer`] and the drop-ins that hold one ([`Linear`], [`Embedding`], [`Conv1d`], [`Conv2d`]); the adapter contract [`Adapter`]. Knows no adapter kind. |
 //! | `adaptable.rs` | the walk: [`Adaptable`], [`Visitor`], the containers and the slots' impls |
 //! | `targets.rs` | [`Targets`]: which layers an adapter goes on |
@@ -92,7 +92,7 @@ pub use adaptable::{
 };
 pub use error::{PeftError, Result};
 pub use io::{adapter_weights_file, read_pickled_tensors, CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE};
-pub use kernels::{fused, ops, optim, random};
+pub use kernels::{fused, ops, optim, profile, random};
 pub use kinds::config_file::{PeftMetadata, WithMetadata};
 pub use kinds::{
     adapter_kind, adapter_kinds, check_rank, factorization, AdapterConfig, AdapterKind, DoraAdapter,

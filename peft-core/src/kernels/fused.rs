@@ -64,6 +64,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use crate::kernels::matmul::{matmul_into, CpuTensor, Matrix};
+use crate::kernels::profile::{Pass, Timer};
 
 /// `x Wᵀ + bias`, differentiable with respect to `x` only.
 ///
@@ -206,10 +207,12 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = Timer::start(self.name(), Pass::Forward);
         dispatch_cpu!(x, |x| forward_cpu(x, x_layout, &self.weight, self.bias.as_ref(), None))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _timer = Timer::start(self.name(), Pass::Backward);
         let grads = backward(grad, x, &self.weight, None)?;
         Ok(grads.x)
     }
@@ -237,6 +240,7 @@ impl CustomOp3 for FrozenLoraLinear {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = Timer::start(self.name(), Pass::Forward);
         dispatch_cpu!(x, |x| {
             let lora = LowRank {
                 a: Matrix::new(a.as_slice()?, a_layout)?,
@@ -255,6 +259,7 @@ impl CustomOp3 for FrozenLoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = Timer::start(self.name(), Pass::Backward);
         let grads = backward(grad, x, &self.weight, Some((a, b, self.scale)))?;
         Ok((grads.x, grads.a, grads.b))
     }

@@ -51,6 +51,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::kernels::matmul::{gemm_into, CpuTensor, Matrix};
+use crate::kernels::profile::{Pass, Timer};
 
 // ---- public functions ---------------------------------------------------------
 
@@ -311,6 +312,7 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = Timer::start(self.name(), Pass::Forward);
         let (x, w) = (f32_slice(x, xl)?, f32_slice(w, wl)?);
         let dim = w.len();
         let mut y = vec![0f32; x.len()];
@@ -326,6 +328,7 @@ impl CustomOp2 for RmsNorm {
     /// With `x̂ = x·r`: `∂x = r·(w·g - x̂·mean(w·g·x̂))`, `∂w = Σ_rows g·x̂`
     /// (summed per rayon task, then across tasks).
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timer = Timer::start(self.name(), Pass::Backward);
         let dim = w.elem_count().max(1);
         let eps = self.eps;
         let (gx, gw) = with_f32(x, |xs| {
@@ -380,6 +383,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = Timer::start(self.name(), Pass::Forward);
         let x = f32_slice(x, xl)?;
         let dim = xl.dims().last().copied().unwrap_or(1).max(1);
         let mut y = vec![0f32; x.len()];
@@ -398,6 +402,7 @@ impl CustomOp1 for Softmax {
 
     /// `∂x = y · (g - Σ g·y)` per row.
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _timer = Timer::start(self.name(), Pass::Backward);
         let dim = x.dim(D::Minus1)?.max(1);
         with_f32(res, |ys| {
             with_f32(grad, |gs| {
@@ -433,6 +438,7 @@ impl CustomOp2 for SiluMul {
     }
 
     fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = Timer::start(self.name(), Pass::Forward);
         let (a, b) = (f32_slice(a, al)?, f32_slice(b, bl)?);
         let mut y = vec![0f32; a.len()];
         y.par_chunks_mut(ELEMENTWISE_CHUNK)
@@ -448,6 +454,7 @@ impl CustomOp2 for SiluMul {
     /// `∂gate = g · up · σ(a)(1 + a(1 - σ(a)))`, `∂up = g · a σ(a)`; both in
     /// one pass (in a Llama MLP both come from adapted layers and are tracked).
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timer = Timer::start(self.name(), Pass::Backward);
         let (ga, gb) = with_f32(a, |av| {
             with_f32(b, |bv| {
                 with_f32(grad, |gv| {
@@ -537,6 +544,7 @@ impl CustomOp3 for Rope {
         sin: &CpuStorage,
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = Timer::start(self.name(), Pass::Forward);
         let (x, c, s) = (f32_slice(x, xl)?, f32_slice(cos, cl)?, f32_slice(sin, sl)?);
         let y = rotate_rows(x, c, s, xl.dims(), self.0, 1.0);
         Ok(f32_storage(y, xl.shape().clone()))
@@ -550,6 +558,7 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = Timer::start(self.name(), Pass::Backward);
         let dims = x.dims();
         let gx = with_f32(grad, |g| {
             with_f32(cos, |c| with_f32(sin, |s| Ok(rotate_rows(g, c, s, dims, self.0, -1.0))))
@@ -652,6 +661,7 @@ impl CustomOp3 for CausalAttention {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _timer = Timer::start(self.name(), Pass::Forward);
         let dims = AttentionDims::of(ql.dims(), kl.dims());
         let batch = ql.dims()[0];
         let AttentionDims {
@@ -707,6 +717,7 @@ impl CustomOp3 for CausalAttention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timer = Timer::start(self.name(), Pass::Backward);
         let dims = AttentionDims::of(q.dims(), k.dims());
         let batch = q.dim(0)?;
         let AttentionDims {
@@ -819,6 +830,7 @@ impl CustomOp2 for CrossEntropy {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, t: &CpuStorage, tl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _timer = Timer::start(self.name(), Pass::Forward);
         let logits = f32_slice(x, xl)?;
         let classes = xl.dims().last().copied().unwrap_or(1).max(1);
         let targets = class_indices(t, tl, classes)?;
@@ -837,6 +849,7 @@ impl CustomOp2 for CrossEntropy {
 
     /// `∂logits = g / n · (softmax(row) - onehot(target))`.
     fn bwd(&self, x: &Tensor, t: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timer = Timer::start(self.name(), Pass::Backward);
         let classes = x.dim(D::Minus1)?;
         let n = x.elem_count() / classes.max(1);
         let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? / n.max(1) as f32;
