@@ -11,8 +11,8 @@
 //! `--profile` adds where a training step's time goes: each fused op's time
 //! in the forward and backward passes (`peft_core::profile`), what is left
 //! for candle's ops and autograd, and every matrix product the step runs,
-//! timed alone with candle's `gemm` on the same shapes (the roof), against
-//! the measured step.
+//! timed alone on the same shapes with the product kernels the fused ops
+//! use (the roof; candle's `matmul` beside it), against the measured step.
 //!
 //! `--tuned yes` (the default) applies the two runtime settings of
 //! `peft_models::train::tune_runtime`; `--tuned no` measures with glibc's and candle's defaults.
@@ -430,17 +430,22 @@ fn step_products(args: &Args, cfg: &Config) -> Vec<Product> {
     distinct
 }
 
-/// Median seconds of `a.matmul(b)` for `[m, k] x [k, n]` f32, run for at
+/// Median seconds of `product(a, b)` for `[m, k] x [k, n]` f32, run for at
 /// least 30 ms.
-fn time_product(m: usize, k: usize, n: usize) -> candle_core::Result<f64> {
+fn time_product(
+    m: usize,
+    k: usize,
+    n: usize,
+    product: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
     let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu)?;
-    a.matmul(&b)?;
+    product(&a, &b)?;
     let mut times = Vec::new();
     let started = Instant::now();
     while times.len() < 5 || started.elapsed() < Duration::from_millis(30) {
         let one = Instant::now();
-        std::hint::black_box(a.matmul(&b)?);
+        std::hint::black_box(product(&a, &b)?);
         times.push(one.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -451,25 +456,31 @@ fn time_product(m: usize, k: usize, n: usize) -> candle_core::Result<f64> {
 /// roof), and how close the measured step comes to that roof.
 fn profile_step(args: &Args, cfg: &Config, step: Duration, phases_ms: [f64; 3]) -> candle_core::Result<()> {
     let products = step_products(args, cfg);
-    println!("profile: the step's matrix products, each timed alone with candle's gemm on its shape");
     println!(
-        "  {:<44} {:>17} {:>6} {:>8} {:>8} {:>8}",
-        "product", "m x k x n", "count", "GFLOP", "gemm ms", "GFLOP/s"
+        "profile: the step's matrix products, each timed alone with the fused ops' product kernels \
+         (peft_core::fused::matmul: the roof) and with candle's matmul"
     );
-    let (mut flops, mut roof) = (0.0, 0.0);
+    println!(
+        "  {:<44} {:>17} {:>6} {:>8} {:>8} {:>8} {:>9}",
+        "product", "m x k x n", "count", "GFLOP", "roof ms", "GFLOP/s", "candle ms"
+    );
+    let (mut flops, mut roof, mut candle) = (0.0, 0.0, 0.0);
     let mut by_kind: Vec<(&str, f64, f64)> = Vec::new();
     for p in &products {
-        let seconds = time_product(p.m, p.k, p.n)? * p.count as f64;
+        let seconds = time_product(p.m, p.k, p.n, peft_core::fused::matmul)? * p.count as f64;
+        let candle_seconds = time_product(p.m, p.k, p.n, |a, b| a.matmul(b))? * p.count as f64;
         flops += p.flops();
         roof += seconds;
+        candle += candle_seconds;
         println!(
-            "  {:<44} {:>17} {:>6} {:>8.3} {:>8.2} {:>8.1}",
+            "  {:<44} {:>17} {:>6} {:>8.3} {:>8.2} {:>8.1} {:>9.2}",
             p.what,
             format!("{}x{}x{}", p.m, p.k, p.n),
             p.count,
             p.flops() / 1e9,
             seconds * 1e3,
-            p.flops() / seconds / 1e9
+            p.flops() / seconds / 1e9,
+            candle_seconds * 1e3
         );
         let kind = p.what.split(' ').next().unwrap_or(p.what);
         match by_kind.iter_mut().find(|(k, _, _)| *k == kind) {
@@ -490,11 +501,13 @@ fn profile_step(args: &Args, cfg: &Config, step: Duration, phases_ms: [f64; 3]) 
     }
     let step_s = step.as_secs_f64();
     println!(
-        "  step: {:.2} GFLOP of products; gemm alone needs {:.0} ms ({:.0} GFLOP/s), the step took {:.0} ms \
-         (forward {:.0}, backward {:.0}, AdamW {:.1}): {:.0} GFLOP/s achieved, {:.2} of the roof",
+        "  step: {:.2} GFLOP of products; the product kernels alone need {:.0} ms ({:.0} GFLOP/s; candle's \
+         matmul {:.0} ms), the step took {:.0} ms (forward {:.0}, backward {:.0}, AdamW {:.1}): \
+         {:.0} GFLOP/s achieved, {:.2} of the roof",
         flops / 1e9,
         roof * 1e3,
         flops / roof / 1e9,
+        candle * 1e3,
         step_s * 1e3,
         phases_ms[0],
         phases_ms[1],

@@ -124,6 +124,32 @@ pub fn lora_linear(
     )
 }
 
+/// `a · b` for matrices `[m, k]` and `[k, n]`, by the product kernels the
+/// fused ops use (faer's for large f32 and f64 products, split over the
+/// threads; `gemm`'s otherwise) on the CPU, and by candle's `matmul`
+/// elsewhere. What `examples/bench.rs --profile` times as a step's roof.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k) = a.dims2()?;
+    let (k_b, n) = b.dims2()?;
+    let cpu = a.device().is_cpu() && b.device().is_cpu();
+    let supported = matches!(a.dtype(), DType::F32 | DType::F64 | DType::F16);
+    if !cpu || !supported || a.dtype() != b.dtype() || k != k_b {
+        return a.matmul(b);
+    }
+    let (ta, tb) = (CpuTensor::new(a)?, CpuTensor::new(b)?);
+    fn product<T: WithDType>(a: &CpuTensor<'_>, b: &CpuTensor<'_>, m: usize, n: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::zero(); m * n];
+        matmul_into(&mut out, a.matrix()?, b.matrix()?, T::one(), false)?;
+        Ok(out)
+    }
+    let device = a.device();
+    match a.dtype() {
+        DType::F32 => Tensor::from_vec(product::<f32>(&ta, &tb, m, n)?, (m, n), device),
+        DType::F64 => Tensor::from_vec(product::<f64>(&ta, &tb, m, n)?, (m, n), device),
+        _ => Tensor::from_vec(product::<half::f16>(&ta, &tb, m, n)?, (m, n), device),
+    }
+}
+
 /// `weight + scale · b · a`, a new `[out, in]` tensor: a LoRA merged into
 /// its weight (taken out again with `-scale`), in one copy of the weight and
 /// one product added onto it, where candle's ops make the product, scale it

@@ -299,7 +299,7 @@ pub(crate) fn gemm_into<T: WithDType>(
 /// Products of at least this many multiply-adds (`m · k · n`) in f32 or f64
 /// go to faer's kernels ([`faer_into`]); smaller ones (attention's per-head
 /// products) stay with `gemm`, which is quicker there.
-const FAER_MIN_PRODUCT: usize = 1 << 22;
+const FAER_MIN_PRODUCT: usize = 1 << 21;
 
 /// [`gemm_into`] by faer's matrix product, for f32 and f64 (`Ok(false)`,
 /// doing nothing, for other types and CPUs without faer's x86 kernels). faer's x86 kernels use AVX-512 where the CPU
