@@ -18,9 +18,10 @@ use crate::model::PeftModel;
 /// there leaves the model untouched. The second pass makes each plan and
 /// commits it before making the next, so the old weights of a layer are freed
 /// before the next layer's new ones are made (merging never holds a second
-/// copy of the model). Plans are deterministic, so the second pass cannot
-/// fail where the first passed; a layer of adapters with bounds (LoRA)
-/// computes its new weights once, any other twice.
+/// copy of the model). Plans are deterministic, so a plan made in the first
+/// pass cannot fail in the second; a layer the bounds vouch for (LoRA's) is
+/// planned in the second pass only, computing its new weights once, and its
+/// values cannot fail the check there. Any other layer computes them twice.
 ///
 /// A plan whose weights are not all finite is refused in the first pass
 /// ([`PeftError::NonFiniteWeights`], naming `operation`).

@@ -74,9 +74,7 @@ impl LoraAdapter {
     pub fn delta_weight(&self, dtype: DType) -> CandleResult<Tensor> {
         (self.b.matmul(self.a.as_tensor())? * self.scale)?.to_dtype(dtype)
     }
-}
 
-impl LoraAdapter {
     /// `weights` with `s · B A` added to the weight (taken out when
     /// `take_out`): in one CPU pass where [`add_low_rank`] applies, else by
     /// candle's ops on [`delta_weight`](Self::delta_weight).
