@@ -162,6 +162,37 @@ fn large_products_match_the_plain_formula() {
     }
 }
 
+/// `fused::matmul`, the product the kernels use (faer's for large f32 and
+/// f64 products), against candle's in f64, for row-major and transposed
+/// operands.
+#[test]
+fn matmul_matches_candles_product() {
+    let mut rng = Rng(0x5eed_1234_abcd_0004);
+    for (m, k, n) in [(3, 5, 7), (64, 16, 300), (300, 200, 90), (16, 508, 400)] {
+        for dtype in [DType::F32, DType::F64, DType::F16] {
+            let a = rng.tensor(&[m, k], dtype);
+            let b_t = rng.tensor(&[n, k], dtype);
+            let b = b_t.t().unwrap();
+            let expected = a
+                .to_dtype(DType::F64)
+                .unwrap()
+                .matmul(&b.to_dtype(DType::F64).unwrap())
+                .unwrap();
+            for (what, b) in [("transposed", b.clone()), ("row-major", b.contiguous().unwrap())] {
+                let product = fused::matmul(&a, &b).unwrap();
+                assert_eq!(product.dtype(), dtype);
+                let error = relative_error(&product, &expected);
+                // f16 sums k products in f16's precision.
+                let tolerance = if dtype == DType::F16 { 1e-2 } else { tolerance(dtype) };
+                assert!(
+                    error <= tolerance,
+                    "{m}x{k}x{n} {dtype:?} {what}: relative error {error:e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_matches_candle_nn_and_gives_the_input_gradient() {
     let mut rng = Rng(0x5eed_1234_abcd_0002);

@@ -4,16 +4,20 @@
 //! one relaxed atomic load.
 //!
 //! ```
-//! use candle_core::{Device, Tensor};
+//! use candle_core::{DType, Device, Tensor, Var};
 //! use peft_core::profile::{self, Pass};
 //!
 //! # fn main() -> candle_core::Result<()> {
+//! let x = Var::ones((2, 8), DType::F32, &Device::Cpu)?;
+//! let weight = Tensor::ones(8, DType::F32, &Device::Cpu)?;
 //! profile::set_enabled(true);
-//! let x = Tensor::ones((2, 8), candle_core::DType::F32, &Device::Cpu)?;
-//! peft_core::ops::rms_norm(&x, &Tensor::ones(8, candle_core::DType::F32, &Device::Cpu)?, 1e-6)?;
+//! let y = peft_core::ops::rms_norm(&x, &weight, 1e-6)?;
+//! y.sum_all()?.backward()?;
 //! profile::set_enabled(false);
 //! let times = profile::take();
-//! assert!(times.iter().any(|t| t.op == "peft-rms-norm" && t.pass == Pass::Forward && t.calls == 1));
+//! let calls = |pass| times.iter().find(|t| t.op == "peft-rms-norm" && t.pass == pass).map(|t| t.calls);
+//! assert_eq!((calls(Pass::Forward), calls(Pass::Backward)), (Some(1), Some(1)));
+//! assert!(profile::take().is_empty(), "taking empties the table");
 //! # Ok(())
 //! # }
 //! ```
