@@ -2,6 +2,8 @@
 
 use std::collections::BTreeSet;
 
+use rayon::prelude::*;
+
 use crate::error::{InModule, PeftError, Result};
 use crate::layer::merge::MergePlan;
 use crate::layer::Layer;
@@ -28,12 +30,16 @@ use crate::model::PeftModel;
 pub(crate) fn commit_all<M: PeftModel + ?Sized>(
     model: &mut M,
     operation: &'static str,
-    stays_finite: impl Fn(&Layer) -> Result<bool>,
+    stays_finite: impl Fn(&Layer) -> Result<bool> + Sync,
     plan: impl Fn(&Layer) -> Result<Option<MergePlan>>,
     commit: impl Fn(&mut Layer, Option<MergePlan>),
 ) -> Result<()> {
-    for layer in model.layers() {
-        if stays_finite(layer.layer).in_module(&layer.path)? {
+    let layers = model.layers();
+    // Every layer's bound check on the threads at once (each reads its
+    // weight once), rather than waking them for each layer in turn.
+    let vouched: Vec<Result<bool>> = layers.par_iter().map(|layer| stays_finite(layer.layer)).collect();
+    for (layer, vouched) in layers.iter().zip(vouched) {
+        if vouched.in_module(&layer.path)? {
             continue;
         }
         if let Some(plan) = plan(layer.layer).in_module(&layer.path)? {

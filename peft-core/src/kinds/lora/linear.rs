@@ -131,11 +131,12 @@ impl Adapter for LoraAdapter {
     fn merge_bound(&self) -> Result<Option<f64>> {
         // |(B A)ᵢⱼ| ≤ Σₖ maxᵢ |Bᵢₖ| · maxⱼ |Aₖⱼ|; twice that, scaled or not,
         // must fit the adapter's dtype (the product is formed in it).
-        let a = self.a.as_tensor().to_dtype(DType::F64)?.to_vec2::<f64>()?;
-        let b = self.b.as_tensor().to_dtype(DType::F64)?.to_vec2::<f64>()?;
-        let a_rows = a.iter().map(|row| max_abs_of(row.iter().copied()));
+        let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
+        let (a, b) = (values(self.a.as_tensor())?, values(self.b.as_tensor())?);
+        let in_dim = a.len() / self.rank().max(1);
+        let a_rows = a.chunks(in_dim.max(1)).map(|row| max_abs_of(row.iter().copied()));
         let mut b_columns = vec![0f64; self.rank()];
-        for row in &b {
+        for row in b.chunks(self.rank().max(1)) {
             for (largest, v) in b_columns.iter_mut().zip(row) {
                 *largest = max_abs_of([*largest, *v].into_iter());
             }
