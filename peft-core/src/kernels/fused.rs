@@ -191,15 +191,14 @@ pub(crate) fn add_low_rank(weight: &Tensor, b: &Tensor, a: &Tensor, scale: f64) 
             .zip(w.par_chunks(rows_per_task))
             .enumerate()
             .for_each(|(block, (out_rows, w_rows))| {
-                add_low_rank_rows(
-                    out_rows,
-                    w_rows,
-                    &b,
-                    block * LOW_RANK_ROWS,
+                let change = LowRankBlock {
+                    b: &b,
+                    first_row: block * LOW_RANK_ROWS,
                     a,
                     in_dim,
-                    T::from_f64(scale),
-                );
+                    scale: T::from_f64(scale),
+                };
+                add_low_rank_rows(out_rows, w_rows, &change);
             });
         // SAFETY: the blocks cover `0..w.len()` (the chunks of `w` and of
         // the spare capacity have the same lengths) and `add_low_rank_rows`
@@ -220,53 +219,45 @@ pub(crate) fn add_low_rank(weight: &Tensor, b: &Tensor, a: &Tensor, scale: f64) 
 /// Weight rows per task of [`add_low_rank`].
 const LOW_RANK_ROWS: usize = 32;
 
-/// `out = w + scale · B[rows] · A` for a block of rows starting at
-/// `first_row`: per row and strip of columns, the change
-/// `Σₖ (scale · Bᵢₖ) · Aₖ` is summed in registers, then added to the weight
-/// once (one rounding at the weight's magnitude, as `W + ΔW`). On x86-64 CPUs with
-/// AVX2 and FMA the loop is compiled for them.
-fn add_low_rank_rows<T: WithDType>(
-    out: &mut [MaybeUninit<T>],
-    w: &[T],
-    b: &Matrix<'_, T>,
+/// The low-rank change of a block of weight rows: `scale · B[first_row..] · A`,
+/// `A` row-major `[r, in_dim]`.
+struct LowRankBlock<'a, T> {
+    b: &'a Matrix<'a, T>,
     first_row: usize,
-    a: &[T],
+    a: &'a [T],
     in_dim: usize,
     scale: T,
-) {
+}
+
+/// `out = w + change` for a block of rows: per row and strip of columns,
+/// the change `Σₖ (scale · Bᵢₖ) · Aₖ` is summed in registers, then added to
+/// the weight once (one rounding at the weight's magnitude, as `W + ΔW`).
+/// On x86-64 CPUs with AVX2 and FMA the loop is compiled for them.
+fn add_low_rank_rows<T: WithDType>(out: &mut [MaybeUninit<T>], w: &[T], change: &LowRankBlock<'_, T>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for.
-        unsafe { add_low_rank_rows_avx2(out, w, b, first_row, a, in_dim, scale) };
+        unsafe { add_low_rank_rows_avx2(out, w, change) };
         return;
     }
-    add_low_rank_rows_portable(out, w, b, first_row, a, in_dim, scale);
+    add_low_rank_rows_portable(out, w, change);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn add_low_rank_rows_avx2<T: WithDType>(
-    out: &mut [MaybeUninit<T>],
-    w: &[T],
-    b: &Matrix<'_, T>,
-    first_row: usize,
-    a: &[T],
-    in_dim: usize,
-    scale: T,
-) {
-    add_low_rank_rows_portable(out, w, b, first_row, a, in_dim, scale);
+fn add_low_rank_rows_avx2<T: WithDType>(out: &mut [MaybeUninit<T>], w: &[T], change: &LowRankBlock<'_, T>) {
+    add_low_rank_rows_portable(out, w, change);
 }
 
 #[inline(always)]
-fn add_low_rank_rows_portable<T: WithDType>(
-    out: &mut [MaybeUninit<T>],
-    w: &[T],
-    b: &Matrix<'_, T>,
-    first_row: usize,
-    a: &[T],
-    in_dim: usize,
-    scale: T,
-) {
+fn add_low_rank_rows_portable<T: WithDType>(out: &mut [MaybeUninit<T>], w: &[T], block: &LowRankBlock<'_, T>) {
+    let LowRankBlock {
+        b,
+        first_row,
+        a,
+        in_dim,
+        scale,
+    } = *block;
     // Columns in strips of this many values, summed over the rank in
     // registers: the strip's change is written once, not once per rank.
     const STRIP: usize = 64;
