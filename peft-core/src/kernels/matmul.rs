@@ -302,10 +302,10 @@ pub(crate) fn gemm_into<T: WithDType>(
 const FAER_MIN_PRODUCT: usize = 1 << 21;
 
 /// [`gemm_into`] by faer's matrix product, for f32 and f64 (`Ok(false)`,
-/// doing nothing, for other types and CPUs without faer's x86 kernels). faer's x86 kernels use AVX-512 where the CPU
-/// has it, on stable Rust, where `gemm` 0.19 needs a nightly compiler for
-/// them: 1.2 to 1.4 x `gemm`'s speed on a training step's large products
-/// here (docs/PERFORMANCE.md).
+/// doing nothing, for other types and on CPUs without faer's x86 kernels).
+/// Those kernels use AVX-512 where the CPU has it, on stable Rust, where
+/// `gemm` 0.19 needs a nightly compiler for its own: 1.2 to 1.4 x `gemm`'s
+/// speed on a training step's large products here (docs/PERFORMANCE.md).
 ///
 /// Those kernels are hand-written assembly that returns with the upper
 /// halves of the vector registers in use; until a `vzeroupper`, every
