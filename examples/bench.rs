@@ -47,7 +47,7 @@ struct Args {
     dtype: DType,
     /// Runtime settings for training on the CPU (`peft_models::train::tune_runtime`).
     tuned: bool,
-    /// Print the step's matrix products against `gemm` alone on the same shapes.
+    /// Print where a step goes: each fused op, and the products against their roof.
     profile: bool,
 }
 
