@@ -206,7 +206,7 @@ impl Layer {
     }
 
     /// Whether [`plan_merge_of(names)`](Self::plan_merge_of) is known to give
-    /// finite weights without computing them (see [`Adapter::merge_bound`]).
+    /// finite weights without computing them (see [`Adapter::merge_bound`](crate::layer::Adapter::merge_bound)).
     /// `false` when it cannot tell: the caller then computes the plan.
     pub(crate) fn merge_stays_finite(&self, names: Option<&[&str]>) -> Result<bool> {
         if !self.has_pending_merge(names) {
