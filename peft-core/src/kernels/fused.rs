@@ -235,7 +235,7 @@ struct LowRankBlock<'a, T> {
 /// On x86-64 CPUs with AVX2 and FMA the loop is compiled for them.
 fn add_low_rank_rows<T: WithDType>(out: &mut [MaybeUninit<T>], w: &[T], change: &LowRankBlock<'_, T>) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if crate::kernels::has_avx2_fma() {
         // SAFETY: the CPU has the features the function is compiled for.
         unsafe { add_low_rank_rows_avx2(out, w, change) };
         return;

@@ -10,3 +10,16 @@ pub mod optim;
 pub mod profile;
 pub mod random;
 pub(crate) mod reduce;
+
+/// Whether this x86-64 CPU has AVX2 and FMA: the kernels compiled for them
+/// (and faer's assembly ones) run here. `false` on other architectures.
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}

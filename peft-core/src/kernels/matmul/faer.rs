@@ -40,7 +40,9 @@ pub(super) fn faer_into<T: WithDType>(
     if !is_f32 && TypeId::of::<T>() != TypeId::of::<f64>() {
         return Ok(false);
     }
-    if !faer_kernels_run_here() {
+    // faer's x86 assembly kernels (AVX2 or AVX-512) run on this CPU;
+    // elsewhere its portable kernels are no faster than `gemm`'s.
+    if !crate::kernels::has_avx2_fma() {
         return Ok(false);
     }
     let tasks = match threads {
@@ -92,22 +94,9 @@ pub(super) fn faer_into<T: WithDType>(
     Ok(true)
 }
 
-/// Whether faer's x86 assembly kernels (AVX2 or AVX-512) run on this CPU;
-/// elsewhere its portable kernels are no faster than `gemm`'s.
-fn faer_kernels_run_here() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `vzeroupper`: marks the upper halves of the vector registers unused, so
 /// that SSE code after faer's kernels runs at full speed. Called only where
-/// [`faer_kernels_run_here`] (the CPU has AVX).
+/// [`has_avx2_fma`](crate::kernels::has_avx2_fma) (the CPU has AVX).
 fn clear_upper_vector_state() {
     // SAFETY: the CPU has AVX (see above); the instruction touches no memory
     // and no flags, and the registers it clears are caller-saved.

@@ -72,7 +72,7 @@ struct ShortDepth<'a, T> {
 /// Result rows `first_row..` of [`short_depth_into`] into `dst`.
 fn short_depth_rows<T: WithDType>(dst: &mut [T], first_row: usize, block: &ShortDepth<'_, T>) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if crate::kernels::has_avx2_fma() {
         // SAFETY: the CPU has the features the function is compiled for.
         unsafe { short_depth_rows_avx2(dst, first_row, block) };
         return;
