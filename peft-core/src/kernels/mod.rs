@@ -11,6 +11,13 @@ pub mod profile;
 pub mod random;
 pub(crate) mod reduce;
 
+/// Whether `T` is f32 or f64, the types the hand-written product loops and
+/// faer's kernels take.
+pub(crate) fn is_f32_or_f64<T: 'static>() -> bool {
+    use std::any::TypeId;
+    TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<f64>()
+}
+
 /// Whether this x86-64 CPU has AVX2 and FMA: the kernels compiled for them
 /// (and faer's assembly ones) run here. `false` on other architectures.
 pub(crate) fn has_avx2_fma() -> bool {

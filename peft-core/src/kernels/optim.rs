@@ -62,8 +62,7 @@ const CHUNK: usize = 1 << 15;
 /// caller then takes candle's ops. `first` and `second` must have one value
 /// per element of `theta`.
 pub fn adamw_step(theta: &Var, grad: &Tensor, first: &mut [f32], second: &mut [f32], step: &AdamWStep) -> Result<bool> {
-    let cpu_f32 = theta.device().is_cpu() && theta.dtype() == DType::F32 && grad.dtype() == DType::F32;
-    if !cpu_f32 || !theta.is_contiguous() {
+    if !takes_fused_update(theta) || grad.dtype() != DType::F32 {
         return Ok(false);
     }
     let count = theta.elem_count();
@@ -83,6 +82,12 @@ pub fn adamw_step(theta: &Var, grad: &Tensor, first: &mut [f32], second: &mut [f
     };
     theta.as_tensor().inplace_op2(&grad, &op)?;
     Ok(true)
+}
+
+/// Whether [`adamw_step`] updates `theta` (an f32, contiguous variable on
+/// the CPU); other variables take candle's ops.
+pub fn takes_fused_update(theta: &Var) -> bool {
+    theta.device().is_cpu() && theta.dtype() == DType::F32 && theta.is_contiguous()
 }
 
 /// The step's constants in f32, as candle's affine ops convert them.

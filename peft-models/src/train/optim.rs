@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
-use peft_core::optim::{adamw_step, AdamWStep};
+use candle_core::{Result, Tensor, Var};
+use peft_core::optim::{adamw_step, takes_fused_update, AdamWStep};
 use serde::{Deserialize, Serialize};
 
 /// AdamW's hyper-parameters (PyTorch's names and defaults but the weight
@@ -67,7 +67,7 @@ impl Moments {
 
     /// Moments holding `first` and `second` (in `var`'s shape, dtype and device).
     fn from_tensors(var: &Var, first: Tensor, second: Tensor) -> Result<Self> {
-        if var.device().is_cpu() && var.dtype() == DType::F32 && var.is_contiguous() {
+        if takes_fused_update(var) {
             let values = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
             Ok(Moments::Fused {
                 first: values(first)?,

@@ -35,11 +35,10 @@ pub(super) fn faer_into<T: WithDType>(
     accumulate: bool,
     threads: Parallelism,
 ) -> Result<bool> {
-    use std::any::TypeId;
-    let is_f32 = TypeId::of::<T>() == TypeId::of::<f32>();
-    if !is_f32 && TypeId::of::<T>() != TypeId::of::<f64>() {
+    if !crate::kernels::is_f32_or_f64::<T>() {
         return Ok(false);
     }
+    let is_f32 = T::DTYPE == candle_core::DType::F32;
     // faer's x86 assembly kernels (AVX2 or AVX-512) run on this CPU;
     // elsewhere its portable kernels are no faster than `gemm`'s.
     if !crate::kernels::has_avx2_fma() {
@@ -73,7 +72,7 @@ pub(super) fn faer_into<T: WithDType>(
         // (`Matrix::checked`); this task's block of `dst` (`rows x cols` at
         // `offset`, row stride `n`) lies inside its `m · n` values and is
         // written by this task only; `T` is f32 or f64 as the pointers are
-        // cast to, checked by its `TypeId`.
+        // cast to (`is_f32_or_f64` by `TypeId`, then the dtype).
         unsafe {
             let out = dst.at(offset);
             if is_f32 {

@@ -29,8 +29,7 @@ pub(super) fn short_depth_into<T: WithDType>(
     scale: T,
     accumulate: bool,
 ) -> Result<bool> {
-    use std::any::TypeId;
-    if TypeId::of::<T>() != TypeId::of::<f32>() && TypeId::of::<T>() != TypeId::of::<f64>() {
+    if !crate::kernels::is_f32_or_f64::<T>() {
         return Ok(false);
     }
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
