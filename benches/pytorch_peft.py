@@ -110,6 +110,13 @@ print(f"forward, LoRA merged:    {tokens / merged:9.0f} tokens/s ({merged / base
 with torch.no_grad():
     unmerge_time, unmerge_rise = time_and_memory(model.unmerge_adapter)
 print(f"unmerge:                 {unmerge_time * 1e3:9.2f}ms (resident memory {unmerge_rise:+.1f} MiB at most)")
+merges, unmerges = [], []
+with torch.no_grad():
+    for _ in range(max(a.steps, 5)):
+        merges.append(time_and_memory(model.merge_adapter)[0])
+        unmerges.append(time_and_memory(model.unmerge_adapter)[0])
+mid = lambda xs: sorted(xs)[len(xs) // 2] * 1e3
+print(f"merge, unmerge (median): {mid(merges):9.2f}ms {mid(unmerges):.2f}ms ({len(merges)} pairs)")
 with tempfile.TemporaryDirectory() as d:
     start = time.perf_counter()
     model.save_pretrained(d)

@@ -131,6 +131,12 @@ fn time<T>(steps: usize, mut f: impl FnMut() -> candle_core::Result<T>) -> candl
     Ok(started.elapsed() / steps as u32)
 }
 
+/// The middle value of `times` (the upper one of an even count).
+fn median(times: &mut [Duration]) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -319,6 +325,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (unmerged_result, unmerge_time, unmerge_heap) = time_and_heap(|| model.unmerge());
     unmerged_result?;
     println!("unmerge:                 {unmerge_time:>9.2?} (heap {unmerge_heap:+.1} MiB at most)");
+    // One merge is a few milliseconds: the median of several pairs is the
+    // figure to compare.
+    let (mut merges, mut unmerges) = (Vec::new(), Vec::new());
+    for _ in 0..args.steps.max(5) {
+        let started = Instant::now();
+        model.merge()?;
+        merges.push(started.elapsed());
+        let started = Instant::now();
+        model.unmerge()?;
+        unmerges.push(started.elapsed());
+    }
+    println!(
+        "merge, unmerge (median): {:>9.2?} {:.2?} ({} pairs)",
+        median(&mut merges),
+        median(&mut unmerges),
+        merges.len()
+    );
 
     let dir = std::env::temp_dir().join("peft-bench-adapter");
     let started = Instant::now();
