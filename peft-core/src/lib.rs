@@ -92,7 +92,7 @@ pub use adaptable::{
 };
 pub use error::{PeftError, Result};
 pub use io::{adapter_weights_file, read_pickled_tensors, CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE};
-pub use kernels::{fused, ops, optim, profile, random};
+pub use kernels::{block, fused, ops, optim, profile, random};
 pub use kinds::config_file::{PeftMetadata, WithMetadata};
 pub use kinds::{
     adapter_kind, adapter_kinds, check_rank, factorization, AdapterConfig, AdapterKind, DoraAdapter,
@@ -103,8 +103,8 @@ pub use kinds::{
 };
 pub use layer::{
     conv1d, conv2d, embedding, linear, linear_b, linear_fan_in_fan_out, linear_no_bias, Adapter, CloneAdapter,
-    Composition, Conv1d, Conv2d, ConvGeometry, Embedding, ForwardContext, Layer, LayerKind, LayerWeights, Linear,
-    QuantizedWeight, BASE_ROWS,
+    Composition, Conv1d, Conv2d, ConvGeometry, DenseLowRank, Embedding, ForwardContext, Layer, LayerKind, LayerWeights,
+    Linear, LowRankFactors, QuantizedWeight, BASE_ROWS,
 };
 pub use model::{
     adapter_dir, check_adapter_name, read_tensor_entries, split_adapter_key, AdapterSkeleton, BaseModule, Combination,

@@ -514,10 +514,70 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        if cache.is_none() {
+            if let Some(y) = self.fused_block(x, cos, sin)? {
+                return Ok(y);
+            }
+        }
         let h = rms_norm(&self.input_layernorm, x)?;
         let x = (x + self.self_attn.forward(&h, cos, sin, cache)?)?;
         let h = rms_norm(&self.post_attention_layernorm, &x)?;
         &x + self.mlp.forward(&h)?
+    }
+}
+
+impl DecoderLayer {
+    /// The layer as one op with its own backward pass
+    /// ([`peft_core::block::decoder_block`]) when it can take it: separate
+    /// q, k, v projections without q/k norms, a gated MLP, and every
+    /// projection a dense product with at most one LoRA adapter. `None` to
+    /// compute the layer op by op.
+    fn fused_block(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+        let (Attention::Separate(attention), Mlp::Gated(mlp)) = (&self.self_attn, &self.mlp) else {
+            return Ok(None);
+        };
+        if attention.q_norm.is_some() || attention.k_norm.is_some() {
+            return Ok(None);
+        }
+        let eps = self.input_layernorm.eps();
+        if self.post_attention_layernorm.eps() != eps {
+            return Ok(None);
+        }
+        let linears = [
+            &attention.q_proj,
+            &attention.k_proj,
+            &attention.v_proj,
+            &attention.o_proj,
+            &mlp.gate_proj,
+            &mlp.up_proj,
+            &mlp.down_proj,
+        ];
+        let Some(projections) = linears
+            .map(|linear| linear.dense_low_rank(linear.is_training()))
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let Ok(projections) = <[_; 7]>::try_from(projections) else {
+            return Ok(None);
+        };
+        let heads = attention.heads;
+        peft_core::block::decoder_block(
+            x,
+            &peft_core::block::DecoderBlock {
+                input_norm: self.input_layernorm.weight(),
+                post_attention_norm: self.post_attention_layernorm.weight(),
+                eps,
+                projections,
+                num_heads: heads.num_heads,
+                num_kv_heads: heads.num_kv_heads,
+                head_dim: heads.head_dim,
+                sliding_window: heads.sliding_window,
+                cos,
+                sin,
+            },
+        )
     }
 }
 

@@ -3,7 +3,9 @@
 //! adapters, and public as [`crate::fused`], [`crate::ops`], [`crate::optim`] and
 //! [`crate::profile`].
 
+pub mod block;
 pub mod fused;
+pub(crate) mod low_rank;
 pub(crate) mod matmul;
 pub mod ops;
 pub mod optim;

@@ -265,14 +265,14 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// Whether the kernels take these operands: all f32 on the CPU.
-fn fusable(tensors: &[&Tensor]) -> bool {
+pub(crate) fn fusable(tensors: &[&Tensor]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
 // ---- storage helpers ----------------------------------------------------------
 
 /// The f32 elements of a contiguous storage.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -281,7 +281,7 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> 
 }
 
 /// The f32 elements of a contiguous tensor, read-locked while the guard lives.
-fn with_f32<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_f32<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let tensor = tensor.contiguous()?;
     let guard = CpuTensor::new(&tensor)?;
     f(f32_slice(guard.storage()?, tensor.layout())?)
@@ -291,7 +291,7 @@ fn f32_storage(values: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape)
     (CpuStorage::F32(values), shape.into())
 }
 
-fn tensor_like(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+pub(crate) fn tensor_like(values: Vec<f32>, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(values, like.shape(), like.device())
 }
 
@@ -329,37 +329,42 @@ impl CustomOp2 for RmsNorm {
     /// (summed per rayon task, then across tasks).
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _timer = Timer::start(self.name(), Pass::Backward);
-        let dim = w.elem_count().max(1);
-        let eps = self.eps;
-        let (gx, gw) = with_f32(x, |xs| {
-            with_f32(w, |ws| {
-                with_f32(grad, |gs| {
-                    let mut gx = vec![0f32; xs.len()];
-                    let gw = gx
-                        .par_chunks_mut(dim)
-                        .zip(xs.par_chunks(dim).zip(gs.par_chunks(dim)))
-                        .fold(
-                            || vec![0f32; dim],
-                            |mut gw, (gx, (x, g))| {
-                                let r = inverse_rms(x, eps);
-                                let mean_wgx =
-                                    x.iter().zip(g).zip(ws).map(|((x, g), w)| w * g * x * r).sum::<f32>() / dim as f32;
-                                for ((((gx, gw), x), g), w) in gx.iter_mut().zip(gw.iter_mut()).zip(x).zip(g).zip(ws) {
-                                    *gx = r * (w * g - x * r * mean_wgx);
-                                    *gw += g * x * r;
-                                }
-                                gw
-                            },
-                        )
-                        .reduce(Vec::new, add_into);
-                    Ok((gx, gw))
-                })
-            })
-        })?;
+        let (gx, gw) = rms_norm_grads(x, w, grad, self.eps)?;
         let gx = if x.track_op() { Some(tensor_like(gx, x)?) } else { None };
         let gw = if w.track_op() { Some(tensor_like(gw, w)?) } else { None };
         Ok((gx, gw))
     }
+}
+
+/// [`RmsNorm`]'s gradients `(∂x, ∂w)`, computed whether or not autograd
+/// tracks the operands (the decoder block asks for them itself).
+pub(crate) fn rms_norm_grads(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+    let dim = w.elem_count().max(1);
+    with_f32(x, |xs| {
+        with_f32(w, |ws| {
+            with_f32(grad, |gs| {
+                let mut gx = vec![0f32; xs.len()];
+                let gw = gx
+                    .par_chunks_mut(dim)
+                    .zip(xs.par_chunks(dim).zip(gs.par_chunks(dim)))
+                    .fold(
+                        || vec![0f32; dim],
+                        |mut gw, (gx, (x, g))| {
+                            let r = inverse_rms(x, eps);
+                            let mean_wgx =
+                                x.iter().zip(g).zip(ws).map(|((x, g), w)| w * g * x * r).sum::<f32>() / dim as f32;
+                            for ((((gx, gw), x), g), w) in gx.iter_mut().zip(gw.iter_mut()).zip(x).zip(g).zip(ws) {
+                                *gx = r * (w * g - x * r * mean_wgx);
+                                *gw += g * x * r;
+                            }
+                            gw
+                        },
+                    )
+                    .reduce(Vec::new, add_into);
+                Ok((gx, gw))
+            })
+        })
+    })
 }
 
 /// Sums two partial gradients (either may be the empty identity).
@@ -455,40 +460,45 @@ impl CustomOp2 for SiluMul {
     /// one pass (in a Llama MLP both come from adapted layers and are tracked).
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _timer = Timer::start(self.name(), Pass::Backward);
-        let (ga, gb) = with_f32(a, |av| {
-            with_f32(b, |bv| {
-                with_f32(grad, |gv| {
-                    let mut ga = vec![0f32; av.len()];
-                    let mut gb = vec![0f32; av.len()];
-                    let inputs = av.par_chunks(ELEMENTWISE_CHUNK).zip(bv.par_chunks(ELEMENTWISE_CHUNK));
-                    let outputs = ga
-                        .par_chunks_mut(ELEMENTWISE_CHUNK)
-                        .zip(gb.par_chunks_mut(ELEMENTWISE_CHUNK));
-                    inputs
-                        .zip(gv.par_chunks(ELEMENTWISE_CHUNK))
-                        .zip(outputs)
-                        .for_each(|(((a, b), g), (ga, gb))| {
-                            for i in 0..a.len() {
-                                let s = sigmoid(a[i]);
-                                ga[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-                                gb[i] = g[i] * a[i] * s;
-                            }
-                        });
-                    Ok((ga, gb))
-                })
-            })
-        })?;
+        let (ga, gb) = silu_mul_grads(a, b, grad)?;
         let ga = if a.track_op() { Some(tensor_like(ga, a)?) } else { None };
         let gb = if b.track_op() { Some(tensor_like(gb, b)?) } else { None };
         Ok((ga, gb))
     }
 }
 
+/// [`SiluMul`]'s gradients `(∂gate, ∂up)`, whether or not autograd tracks the operands.
+pub(crate) fn silu_mul_grads(a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+    with_f32(a, |av| {
+        with_f32(b, |bv| {
+            with_f32(grad, |gv| {
+                let mut ga = vec![0f32; av.len()];
+                let mut gb = vec![0f32; av.len()];
+                let inputs = av.par_chunks(ELEMENTWISE_CHUNK).zip(bv.par_chunks(ELEMENTWISE_CHUNK));
+                let outputs = ga
+                    .par_chunks_mut(ELEMENTWISE_CHUNK)
+                    .zip(gb.par_chunks_mut(ELEMENTWISE_CHUNK));
+                inputs
+                    .zip(gv.par_chunks(ELEMENTWISE_CHUNK))
+                    .zip(outputs)
+                    .for_each(|(((a, b), g), (ga, gb))| {
+                        for i in 0..a.len() {
+                            let s = sigmoid(a[i]);
+                            ga[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                            gb[i] = g[i] * a[i] * s;
+                        }
+                    });
+                Ok((ga, gb))
+            })
+        })
+    })
+}
+
 // ---- RoPE -----------------------------------------------------------------------
 
 /// Where the position axis is in a rotary embedding's 4-D input.
 #[derive(Clone, Copy)]
-enum RopeLayout {
+pub(crate) enum RopeLayout {
     /// `[batch, heads, t, d]`: row `i` (of `d` values) is position `i % t`.
     HeadsFirst,
     /// `[batch, t, heads, d]`: row `i` is position `(i / heads) % t`.
@@ -503,7 +513,14 @@ const ROPE_ROWS_PER_TASK: usize = 256;
 /// Rotates each `d`-wide row of `x` (`dims` its 4-D shape) by its position's
 /// angles; `sign` +1 for the forward rotation, -1 for its transpose (the
 /// backward pass).
-fn rotate_rows(x: &[f32], cos: &[f32], sin: &[f32], dims: &[usize], layout: RopeLayout, sign: f32) -> Vec<f32> {
+pub(crate) fn rotate_rows(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    dims: &[usize],
+    layout: RopeLayout,
+    sign: f32,
+) -> Vec<f32> {
     let d = dims[3].max(2);
     let half = d / 2;
     let (t, rows_per_position) = match layout {
@@ -718,68 +735,7 @@ impl CustomOp3 for CausalAttention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _timer = Timer::start(self.name(), Pass::Backward);
-        let dims = AttentionDims::of(q.dims(), k.dims());
-        let batch = q.dim(0)?;
-        let AttentionDims {
-            heads,
-            kv_heads,
-            t_q,
-            t_k,
-            d,
-        } = dims;
-        let (scale, window) = (self.scale, self.window);
-        let (gq, gk, gv) = with_f32(q, |qs| {
-            with_f32(k, |ks| {
-                with_f32(v, |vs| {
-                    with_f32(grad, |gs| {
-                        // Per task: the query heads' ∂q blocks, then ∂k and ∂v.
-                        type Blocks = (Vec<f32>, Vec<f32>, Vec<f32>);
-                        let blocks: Vec<Blocks> = (0..batch * kv_heads)
-                            .into_par_iter()
-                            .map(|task| {
-                                let (b, g) = (task / kv_heads, task % kv_heads);
-                                let km = dims.head(ks, b, g, kv_heads, t_k)?;
-                                let vm = dims.head(vs, b, g, kv_heads, t_k)?;
-                                let mut probs = vec![0f32; t_q * t_k];
-                                let mut dprobs = vec![0f32; t_q * t_k];
-                                let mut gq = vec![0f32; dims.n_rep() * t_q * d];
-                                let (mut gk, mut gv) = (vec![0f32; t_k * d], vec![0f32; t_k * d]);
-                                for (r, gq) in gq.chunks_mut(t_q * d).enumerate() {
-                                    let h = g * dims.n_rep() + r;
-                                    let (qm, gm) = (dims.head(qs, b, h, heads, t_q)?, dims.head(gs, b, h, heads, t_q)?);
-                                    causal_probs(&mut probs, qm, km, scale, window)?;
-                                    gemm_into(&mut dprobs, gm, vm.t(), 1.0, false, Parallelism::None)?;
-                                    for (dp, p) in dprobs.chunks_mut(t_k).zip(probs.chunks(t_k)) {
-                                        let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
-                                        for (dp, p) in dp.iter_mut().zip(p) {
-                                            *dp = scale * p * (*dp - dot);
-                                        }
-                                    }
-                                    let ds = Matrix::row_major(&dprobs, t_q, t_k);
-                                    let accumulate = r > 0;
-                                    gemm_into(gq, ds, km, 1.0, false, Parallelism::None)?;
-                                    gemm_into(&mut gk, ds.t(), qm, 1.0, accumulate, Parallelism::None)?;
-                                    let pm = Matrix::row_major(&probs, t_q, t_k);
-                                    gemm_into(&mut gv, pm.t(), gm, 1.0, accumulate, Parallelism::None)?;
-                                }
-                                Ok((gq, gk, gv))
-                            })
-                            .collect::<Result<_>>()?;
-                        let (mut gq, mut gk, mut gv) =
-                            (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
-                        for (task, (gq_block, gk_block, gv_block)) in blocks.iter().enumerate() {
-                            let (b, g) = (task / kv_heads, task % kv_heads);
-                            for (r, head) in gq_block.chunks(t_q * d).enumerate() {
-                                dims.scatter(&mut gq, head, b, g * dims.n_rep() + r, heads, t_q);
-                            }
-                            dims.scatter(&mut gk, gk_block, b, g, kv_heads, t_k);
-                            dims.scatter(&mut gv, gv_block, b, g, kv_heads, t_k);
-                        }
-                        Ok((gq, gk, gv))
-                    })
-                })
-            })
-        })?;
+        let (gq, gk, gv) = attention_grads(q, k, v, grad, self.scale, self.window)?;
         let wanted = |grad: Vec<f32>, of: &Tensor| -> Result<Option<Tensor>> {
             if of.track_op() {
                 tensor_like(grad, of).map(Some)
@@ -789,6 +745,78 @@ impl CustomOp3 for CausalAttention {
         };
         Ok((wanted(gq, q)?, wanted(gk, k)?, wanted(gv, v)?))
     }
+}
+
+/// [`CausalAttention`]'s gradients `(∂q, ∂k, ∂v)`, whether or not autograd
+/// tracks the operands.
+pub(crate) fn attention_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    scale: f32,
+    window: Option<usize>,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let dims = AttentionDims::of(q.dims(), k.dims());
+    let batch = q.dim(0)?;
+    let AttentionDims {
+        heads,
+        kv_heads,
+        t_q,
+        t_k,
+        d,
+    } = dims;
+    with_f32(q, |qs| {
+        with_f32(k, |ks| {
+            with_f32(v, |vs| {
+                with_f32(grad, |gs| {
+                    // Per task: the query heads' ∂q blocks, then ∂k and ∂v.
+                    type Blocks = (Vec<f32>, Vec<f32>, Vec<f32>);
+                    let blocks: Vec<Blocks> = (0..batch * kv_heads)
+                        .into_par_iter()
+                        .map(|task| {
+                            let (b, g) = (task / kv_heads, task % kv_heads);
+                            let km = dims.head(ks, b, g, kv_heads, t_k)?;
+                            let vm = dims.head(vs, b, g, kv_heads, t_k)?;
+                            let mut probs = vec![0f32; t_q * t_k];
+                            let mut dprobs = vec![0f32; t_q * t_k];
+                            let mut gq = vec![0f32; dims.n_rep() * t_q * d];
+                            let (mut gk, mut gv) = (vec![0f32; t_k * d], vec![0f32; t_k * d]);
+                            for (r, gq) in gq.chunks_mut(t_q * d).enumerate() {
+                                let h = g * dims.n_rep() + r;
+                                let (qm, gm) = (dims.head(qs, b, h, heads, t_q)?, dims.head(gs, b, h, heads, t_q)?);
+                                causal_probs(&mut probs, qm, km, scale, window)?;
+                                gemm_into(&mut dprobs, gm, vm.t(), 1.0, false, Parallelism::None)?;
+                                for (dp, p) in dprobs.chunks_mut(t_k).zip(probs.chunks(t_k)) {
+                                    let dot: f32 = dp.iter().zip(p).map(|(dp, p)| dp * p).sum();
+                                    for (dp, p) in dp.iter_mut().zip(p) {
+                                        *dp = scale * p * (*dp - dot);
+                                    }
+                                }
+                                let ds = Matrix::row_major(&dprobs, t_q, t_k);
+                                let accumulate = r > 0;
+                                gemm_into(gq, ds, km, 1.0, false, Parallelism::None)?;
+                                gemm_into(&mut gk, ds.t(), qm, 1.0, accumulate, Parallelism::None)?;
+                                let pm = Matrix::row_major(&probs, t_q, t_k);
+                                gemm_into(&mut gv, pm.t(), gm, 1.0, accumulate, Parallelism::None)?;
+                            }
+                            Ok((gq, gk, gv))
+                        })
+                        .collect::<Result<_>>()?;
+                    let (mut gq, mut gk, mut gv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
+                    for (task, (gq_block, gk_block, gv_block)) in blocks.iter().enumerate() {
+                        let (b, g) = (task / kv_heads, task % kv_heads);
+                        for (r, head) in gq_block.chunks(t_q * d).enumerate() {
+                            dims.scatter(&mut gq, head, b, g * dims.n_rep() + r, heads, t_q);
+                        }
+                        dims.scatter(&mut gk, gk_block, b, g, kv_heads, t_k);
+                        dims.scatter(&mut gv, gv_block, b, g, kv_heads, t_k);
+                    }
+                    Ok((gq, gk, gv))
+                })
+            })
+        })
+    })
 }
 
 // ---- cross entropy --------------------------------------------------------------

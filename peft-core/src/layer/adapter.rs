@@ -9,6 +9,7 @@ use std::fmt;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{PeftError, Result};
+use crate::kernels::block::LowRankFactors;
 use crate::layer::base::{Base, LayerWeights};
 
 /// How an adapter's change composes with the base layer and with the other
@@ -120,6 +121,14 @@ pub trait Adapter: CloneAdapter + fmt::Debug + Send + Sync {
 
     /// Turns the base output `base_output = base(x)` into the adapted output.
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor>;
+
+    /// When this adapter's forward pass in `cx` is exactly
+    /// `base(x) + scale · (x Aᵀ) Bᵀ` (LoRA with no dropout active), its
+    /// factors: what a kernel fusing several layers computes itself
+    /// ([`crate::block`]). `None` (the default) for anything else.
+    fn low_rank(&self, _cx: ForwardContext<'_>) -> Option<LowRankFactors<'_>> {
+        None
+    }
 
     /// The change `ΔW` `[out, in]` an additive adapter adds to the weight,
     /// in `dtype`; `None` (the default) for an adapter that is not a plain

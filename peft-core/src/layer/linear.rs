@@ -25,6 +25,8 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Result as CandleResult, Tensor};
 
+use crate::kernels::block::DenseLowRank;
+use crate::layer::adapter::{Composition, ForwardContext};
 use crate::layer::quantized::QuantizedWeight;
 use crate::layer::slot::Layer;
 
@@ -61,6 +63,35 @@ impl Layer {
     /// refused (see [`Layer::merge`]).
     pub fn from_qtensor(weight: impl Into<Arc<QTensor>>, bias: Option<Tensor>) -> CandleResult<Self> {
         Ok(Self::quantized(QuantizedWeight::new(weight)?, bias))
+    }
+
+    /// What [`forward_t(x, train)`](Self::forward_t) computes, when it is a
+    /// dense product plus at most one low-rank change (a LoRA adapter
+    /// without active dropout, or none): the operands, for a kernel that
+    /// fuses several layers ([`crate::block`]). `None` for anything else (a
+    /// quantized or non-dense base, a trained bias, other adapter kinds,
+    /// several adapters, a mixed batch).
+    pub fn dense_low_rank(&self, train: bool) -> Option<DenseLowRank<'_>> {
+        if self.batch_adapters.is_some() || self.trainable_bias.is_some() {
+            return None;
+        }
+        let (weight, bias) = self.base.dense()?;
+        let cx = ForwardContext {
+            base: &self.base,
+            training: train,
+        };
+        let mut applied = self
+            .adapters
+            .iter()
+            .filter(|a| self.adapters_enabled && a.active && !a.merged);
+        let low_rank = match (applied.next(), applied.next()) {
+            (None, _) => None,
+            (Some(only), None) if only.adapter.composition() == Composition::Additive => {
+                Some(only.adapter.low_rank(cx)?)
+            }
+            _ => return None,
+        };
+        Some(DenseLowRank { weight, bias, low_rank })
     }
 }
 

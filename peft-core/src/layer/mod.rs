@@ -25,6 +25,7 @@ pub(crate) mod merge;
 pub(crate) mod quantized;
 pub(crate) mod slot;
 
+pub use crate::kernels::block::{DenseLowRank, LowRankFactors};
 pub(crate) use adapter::adapter_identity;
 pub use adapter::{Adapter, CloneAdapter, Composition, ForwardContext};
 pub use base::{LayerKind, LayerWeights};

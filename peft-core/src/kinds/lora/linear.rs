@@ -3,10 +3,11 @@
 use candle_core::{DType, Module, Result as CandleResult, Tensor, Var};
 
 use crate::error::Result;
-use crate::kernels::fused::{add_low_rank, lora_linear};
+use crate::kernels::fused::lora_linear;
+use crate::kernels::low_rank::add_low_rank;
 use crate::kernels::reduce::{dtype_epsilon, dtype_max, max_abs_of};
 use crate::kinds::lora::PEFT_TYPE;
-use crate::layer::{adapter_identity, Adapter, Composition, ForwardContext, LayerWeights};
+use crate::layer::{adapter_identity, Adapter, Composition, ForwardContext, LayerWeights, LowRankFactors};
 
 /// A LoRA adapter on one linear layer: trainable `A` `[r, in]` and `B` `[out, r]`.
 #[derive(Debug, Clone)]
@@ -114,6 +115,18 @@ impl Adapter for LoraAdapter {
     fn forward(&self, x: &Tensor, base_output: Tensor, cx: ForwardContext<'_>) -> Result<Tensor> {
         let x = self.dropout_input(x, cx.training())?;
         Ok((base_output + self.lora_output(&x)?)?)
+    }
+
+    fn low_rank(&self, cx: ForwardContext<'_>) -> Option<LowRankFactors<'_>> {
+        // What `forward_with_base` computes: no dropout, a dense base.
+        if (cx.training() && self.dropout > 0.0) || cx.dense().is_none() {
+            return None;
+        }
+        Some(LowRankFactors {
+            a: self.a.as_tensor(),
+            b: self.b.as_tensor(),
+            scale: self.scale,
+        })
     }
 
     fn delta_weight(&self, dtype: DType) -> Result<Option<Tensor>> {
