@@ -4,6 +4,7 @@
 //! [`crate::profile`].
 
 pub mod block;
+pub(crate) mod exp;
 pub mod fused;
 pub(crate) mod low_rank;
 pub(crate) mod matmul;

@@ -50,6 +50,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::kernels::exp;
 use crate::kernels::matmul::{gemm_into, CpuTensor, Matrix};
 use crate::kernels::profile::{Pass, Timer};
 
@@ -393,12 +394,7 @@ impl CustomOp1 for Softmax {
         let dim = xl.dims().last().copied().unwrap_or(1).max(1);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(y, x)| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (y, x) in y.iter_mut().zip(x) {
-                *y = (x - max).exp();
-                sum += *y;
-            }
+            let sum = exp::exp_shifted(y, x, exp::max(x));
             let inv = 1.0 / sum;
             y.iter_mut().for_each(|y| *y *= inv);
         });
@@ -433,10 +429,6 @@ struct SiluMul;
 /// Elements per rayon task for elementwise kernels.
 const ELEMENTWISE_CHUNK: usize = 16 * 1024;
 
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "peft-silu-mul"
@@ -448,11 +440,7 @@ impl CustomOp2 for SiluMul {
         let mut y = vec![0f32; a.len()];
         y.par_chunks_mut(ELEMENTWISE_CHUNK)
             .zip(a.par_chunks(ELEMENTWISE_CHUNK).zip(b.par_chunks(ELEMENTWISE_CHUNK)))
-            .for_each(|(y, (a, b))| {
-                for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-                    *y = a * sigmoid(*a) * b;
-                }
-            });
+            .for_each(|(y, (a, b))| exp::silu_mul(y, a, b));
         Ok(f32_storage(y, al.shape().clone()))
     }
 
@@ -481,13 +469,7 @@ pub(crate) fn silu_mul_grads(a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(V
                 inputs
                     .zip(gv.par_chunks(ELEMENTWISE_CHUNK))
                     .zip(outputs)
-                    .for_each(|(((a, b), g), (ga, gb))| {
-                        for i in 0..a.len() {
-                            let s = sigmoid(a[i]);
-                            ga[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-                            gb[i] = g[i] * a[i] * s;
-                        }
-                    });
+                    .for_each(|(((a, b), g), (ga, gb))| exp::silu_mul_backward(ga, gb, a, b, g));
                 Ok((ga, gb))
             })
         })
@@ -651,12 +633,8 @@ fn causal_probs(
         let (before, row) = row.split_at_mut(first_visible(position, window));
         before.fill(0.0);
         let (seen, masked) = row.split_at_mut(position + 1 - before.len());
-        let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for p in seen.iter_mut() {
-            *p = (*p - max).exp();
-            sum += *p;
-        }
+        let max = exp::max(seen);
+        let sum = exp::exp_shifted_in_place(seen, max);
         let inv = 1.0 / sum;
         seen.iter_mut().for_each(|p| *p *= inv);
         masked.fill(0.0);
@@ -848,8 +826,8 @@ fn class_indices(targets: &CpuStorage, layout: &Layout, classes: usize) -> Resul
 
 /// `logsumexp` of a row.
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+    let max = exp::max(row);
+    max + exp::sum_exp_shifted(row, max).ln()
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -891,10 +869,7 @@ impl CustomOp2 for CrossEntropy {
             gx.par_chunks_mut(classes.max(1))
                 .zip(logits.par_chunks(classes.max(1)).zip(targets.par_iter()))
                 .for_each(|(gx, (row, &target))| {
-                    let lse = log_sum_exp(row);
-                    for (gx, v) in gx.iter_mut().zip(row) {
-                        *gx = (v - lse).exp() * scale;
-                    }
+                    exp::scaled_exp_shifted(gx, row, log_sum_exp(row), scale);
                     gx[target] -= scale;
                 });
             Ok(gx)
