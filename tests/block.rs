@@ -296,3 +296,43 @@ fn decoder_block_leaves_what_it_does_not_take() {
     let untracked = x.as_tensor().detach();
     assert!(decoder_block(&untracked, &block).unwrap().is_none(), "nothing tracked");
 }
+
+/// `Layer::dense_low_rank`, which decides whether a projection joins the
+/// block: the base alone, one LoRA without active dropout, or nothing.
+#[test]
+fn dense_low_rank_describes_only_what_the_block_computes() {
+    use peft_core::{Layer, LoraAdapter};
+    let mut rng = Rng(0xb10c_0003);
+    let lora = |rng: &mut Rng, dropout: f32| {
+        let a = Var::from_tensor(&rng.randn(&[2, 3], 0.5)).unwrap();
+        let b = Var::from_tensor(&rng.randn(&[4, 2], 0.5)).unwrap();
+        Box::new(LoraAdapter::new(a, b, 1.5, dropout).unwrap())
+    };
+    let mut layer = Layer::new(rng.randn(&[4, 3], 0.5), Some(rng.randn(&[4], 0.1)));
+    let plain = layer.dense_low_rank(true).expect("a dense base alone");
+    assert!(plain.low_rank.is_none() && plain.bias.is_some());
+
+    layer.add_adapter("default", lora(&mut rng, 0.0)).unwrap();
+    let adapted = layer.dense_low_rank(true).expect("one LoRA without dropout");
+    let factors = adapted.low_rank.expect("its factors");
+    assert_eq!(
+        (factors.a.dims(), factors.b.dims(), factors.scale),
+        (&[2, 3][..], &[4, 2][..], 1.5)
+    );
+
+    // A merged adapter is in the weight: the base alone again.
+    layer.merge().unwrap();
+    assert!(layer.dense_low_rank(true).unwrap().low_rank.is_none());
+    layer.unmerge().unwrap();
+
+    // Two active adapters: not one low-rank change.
+    layer.add_adapter("second", lora(&mut rng, 0.0)).unwrap();
+    layer.set_active_adapters(&["default", "second"]);
+    assert!(layer.dense_low_rank(false).is_none());
+
+    // Dropout changes the adapter's input while training only.
+    let mut dropped = Layer::new(rng.randn(&[4, 3], 0.5), None);
+    dropped.add_adapter("default", lora(&mut rng, 0.1)).unwrap();
+    assert!(dropped.dense_low_rank(true).is_none());
+    assert!(dropped.dense_low_rank(false).unwrap().low_rank.is_some());
+}
