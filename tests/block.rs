@@ -13,7 +13,7 @@ use peft_core::block::{decoder_block, DecoderBlock, DenseLowRank, LowRankFactors
 use peft_core::{fused, ops};
 
 mod support;
-use support::rng::{relative_error, Rng};
+use support::rng::{probed_gradients, relative_error, Rng};
 
 const TOLERANCE: f64 = 2e-5;
 
@@ -229,10 +229,7 @@ fn decoder_block_matches_the_ops_it_fuses() {
         let err = relative_error(&y, &y_ref);
         assert!(err <= TOLERANCE, "{what}: output relative error {err:e}");
 
-        let probe = rng.tensor(y.dims(), DType::F32);
-        let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let probe64 = probe.to_dtype(DType::F64).unwrap();
-        let grads_ref = (&y_ref * &probe64).unwrap().sum_all().unwrap().backward().unwrap();
+        let (grads, grads_ref) = probed_gradients(&y, &y_ref, &mut rng);
         let mut pairs: Vec<(String, &Var, &Var)> = Vec::new();
         if x_tracked {
             pairs.push(("x".into(), &x_var, &x64));

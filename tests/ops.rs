@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor, Var, D};
 use peft_core::ops;
 
 mod support;
-use support::rng::{relative_error, Rng};
+use support::rng::{probed_gradients, relative_error, Rng};
 
 /// f32 kernels against f64 references: sums over up to a few hundred terms.
 const TOLERANCE: f64 = 2e-5;
@@ -39,10 +39,7 @@ fn check(
     let err = relative_error(&y, &y_ref);
     assert!(err <= TOLERANCE, "{what}: output relative error {err:e}");
 
-    let probe = rng.tensor(y.dims(), DType::F32);
-    let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let probe64 = probe.to_dtype(DType::F64).unwrap();
-    let grads_ref = (&y_ref * &probe64).unwrap().sum_all().unwrap().backward().unwrap();
+    let (grads, grads_ref) = probed_gradients(&y, &y_ref, rng);
     for (i, (v, v64)) in vars.iter().zip(&vars64).enumerate() {
         let expected = grads_ref.get(v64).expect("the reference reaches every input");
         let got = grads

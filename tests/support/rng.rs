@@ -78,3 +78,18 @@ pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
     let scale = expected.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
     diff.to_scalar::<f64>().unwrap() / scale.max(1.0)
 }
+
+/// The gradients of `sum(y · probe)` and `sum(y_ref · probe)` for one random
+/// probe (f32, and as `y_ref`'s dtype): every input's gradient of a kernel and
+/// of its reference, weighted alike.
+pub fn probed_gradients(
+    y: &Tensor,
+    y_ref: &Tensor,
+    rng: &mut Rng,
+) -> (candle_core::backprop::GradStore, candle_core::backprop::GradStore) {
+    let probe = rng.tensor(y.dims(), DType::F32);
+    let grads = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let probe_ref = probe.to_dtype(y_ref.dtype()).unwrap();
+    let grads_ref = (y_ref * &probe_ref).unwrap().sum_all().unwrap().backward().unwrap();
+    (grads, grads_ref)
+}
