@@ -524,9 +524,7 @@ impl DecoderLayer {
         let h = rms_norm(&self.post_attention_layernorm, &x)?;
         &x + self.mlp.forward(&h)?
     }
-}
 
-impl DecoderLayer {
     /// The layer as one op with its own backward pass
     /// ([`peft_core::block::decoder_block`]) when it can take it: separate
     /// q, k, v projections without q/k norms, a gated MLP, and every
@@ -552,14 +550,12 @@ impl DecoderLayer {
             &mlp.up_proj,
             &mlp.down_proj,
         ];
-        let Some(projections) = linears
+        let projections = linears
             .map(|linear| linear.dense_low_rank(linear.is_training()))
             .into_iter()
             .collect::<Option<Vec<_>>>()
-        else {
-            return Ok(None);
-        };
-        let Ok(projections) = <[_; 7]>::try_from(projections) else {
+            .map(<[_; 7]>::try_from);
+        let Some(Ok(projections)) = projections else {
             return Ok(None);
         };
         let heads = attention.heads;
