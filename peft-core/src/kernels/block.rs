@@ -25,8 +25,10 @@
 //! adapter, the norms and base weights are frozen, and every projection is a
 //! dense product with at most one unmerged LoRA adapter without active
 //! dropout ([`crate::Layer::dense_low_rank`]); [`decoder_block`] answers
-//! `None` otherwise and the model computes the block op by op. Both paths
-//! compute the same values (the same kernels, in the same order).
+//! `None` otherwise and the model computes the block op by op. The output
+//! is the op-by-op path's, value for value (the same kernels in the same
+//! order); the gradients differ from it in rounding only (sums taken in
+//! another order).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -158,7 +160,7 @@ pub fn decoder_block(x: &Tensor, block: &DecoderBlock<'_>) -> Result<Option<Tens
             hidden,
             mlp,
         },
-        projections: block.projections.map(OwnedProjection::of),
+        projections: std::array::from_fn(|i| OwnedProjection::of(&block.projections[i], 2 * i)),
         input_norm: block.input_norm.clone(),
         post_attention_norm: block.post_attention_norm.clone(),
         eps: block.eps as f32,
@@ -214,26 +216,28 @@ fn project(x: &Tensor, projection: &DenseLowRank<'_>) -> Result<Tensor> {
 struct OwnedProjection {
     weight: Tensor,
     low_rank: Option<(Tensor, Tensor, f64)>,
+    /// Where its `∂A` (and after it `∂B`) go in the stash: its relay link's.
+    first_slot: usize,
 }
 
 impl OwnedProjection {
-    fn of(projection: DenseLowRank<'_>) -> Self {
+    fn of(projection: &DenseLowRank<'_>, first_slot: usize) -> Self {
         Self {
             weight: projection.weight.clone(),
             low_rank: projection.low_rank.map(|f| (f.a.clone(), f.b.clone(), f.scale)),
+            first_slot,
         }
     }
 
     /// The gradients of this projection for output gradient `grad` and
     /// input `x`: `∂x` (added onto `grad_x_onto` when given), and `∂A`, `∂B`
-    /// where autograd trains them, left in `stash` at `first_slot`.
+    /// where autograd trains them, left in `stash` for the relay.
     fn backward(
         &self,
         grad: &Tensor,
         x: &Tensor,
         grad_x_onto: Option<Vec<f32>>,
         stash: &mut [Option<Tensor>],
-        first_slot: usize,
     ) -> Result<Vec<f32>> {
         let low_rank = self.low_rank.as_ref().map(|(a, b, scale)| (a, b, *scale));
         let wanted = Wanted {
@@ -242,8 +246,8 @@ impl OwnedProjection {
             b: low_rank.is_some_and(|(_, b, _)| b.track_op()),
         };
         let grads = linear_grads_f32(grad, x, &self.weight, low_rank, wanted, grad_x_onto)?;
-        stash[first_slot] = grads.a;
-        stash[first_slot + 1] = grads.b;
+        stash[self.first_slot] = grads.a;
+        stash[self.first_slot + 1] = grads.b;
         match grads.x {
             Some(grad_x) => Ok(grad_x),
             None => bail!("decoder block: a projection gave no input gradient"),
@@ -327,10 +331,10 @@ impl BlockOp {
         let like = |values: Vec<f32>, t: &Tensor| Tensor::from_vec(values, t.shape(), t.device());
 
         // MLP: y = x₁ + down(silu(gate) · up).
-        let d_hidden = like(down_proj.backward(dy, &s.hidden, None, &mut stash, 12)?, &s.hidden)?;
+        let d_hidden = like(down_proj.backward(dy, &s.hidden, None, &mut stash)?, &s.hidden)?;
         let (d_gate, d_up) = ops::silu_mul_grads(&s.gate, &s.up, &d_hidden)?;
-        let dh2 = gate_proj.backward(&like(d_gate, &s.gate)?, &s.h2, None, &mut stash, 8)?;
-        let dh2 = up_proj.backward(&like(d_up, &s.up)?, &s.h2, Some(dh2), &mut stash, 10)?;
+        let dh2 = gate_proj.backward(&like(d_gate, &s.gate)?, &s.h2, None, &mut stash)?;
+        let dh2 = up_proj.backward(&like(d_up, &s.up)?, &s.h2, Some(dh2), &mut stash)?;
         let (mut dx1, _) = rms_norm_grads(&s.x1, &self.post_attention_norm, &like(dh2, &s.h2)?, self.eps)?;
         with_f32(dy, |dy| {
             add_assign(&mut dx1, dy);
@@ -339,7 +343,7 @@ impl BlockOp {
         let dx1 = like(dx1, x)?;
 
         // Attention: x₁ = x + o(attention(rope(q), rope(k), v)).
-        let d_attention = like(o_proj.backward(&dx1, &s.attention, None, &mut stash, 6)?, &s.q)?;
+        let d_attention = like(o_proj.backward(&dx1, &s.attention, None, &mut stash)?, &s.q)?;
         let (dq, dk, dv) = attention_grads(
             &s.q,
             &s.k,
@@ -359,9 +363,9 @@ impl BlockOp {
             let (batch, t, n, d) = heads.dims4()?;
             Tensor::from_vec(values, (batch, t, n * d), heads.device())
         };
-        let dh = q_proj.backward(&flat(dq, &s.q)?, &s.h, None, &mut stash, 0)?;
-        let dh = k_proj.backward(&flat(dk, &s.k)?, &s.h, Some(dh), &mut stash, 2)?;
-        let dh = v_proj.backward(&flat(dv, &s.v)?, &s.h, Some(dh), &mut stash, 4)?;
+        let dh = q_proj.backward(&flat(dq, &s.q)?, &s.h, None, &mut stash)?;
+        let dh = k_proj.backward(&flat(dk, &s.k)?, &s.h, Some(dh), &mut stash)?;
+        let dh = v_proj.backward(&flat(dv, &s.v)?, &s.h, Some(dh), &mut stash)?;
         let (mut dx, _) = rms_norm_grads(x, &self.input_norm, &like(dh, &s.h)?, self.eps)?;
         with_f32(&dx1, |dx1| {
             add_assign(&mut dx, dx1);
