@@ -260,14 +260,8 @@ pub(crate) fn gemm_into<T: WithDType>(
     accumulate: bool,
     threads: Parallelism,
 ) -> Result<()> {
+    check_product(dst.len(), lhs, rhs)?;
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n {
-        bail!(
-            "fused matmul: [{m}, {k}] x [{}, {n}] into {} elements",
-            rhs.rows,
-            dst.len()
-        );
-    }
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -305,6 +299,16 @@ pub(crate) fn gemm_into<T: WithDType>(
             false,
             threads,
         );
+    }
+    Ok(())
+}
+
+/// Refuses a product `lhs · rhs` whose depths differ or whose result does
+/// not fill `dst_len` values.
+fn check_product<T>(dst_len: usize, lhs: Matrix<'_, T>, rhs: Matrix<'_, T>) -> Result<()> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    if rhs.rows != k || dst_len != m * n {
+        bail!("fused matmul: [{m}, {k}] x [{}, {n}] into {dst_len} elements", rhs.rows);
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Products of a short depth (a LoRA rank): [`short_depth_into`], for
 //! [`matmul_into`](super::matmul_into).
 
-use candle_core::{bail, Result, WithDType};
+use candle_core::{Result, WithDType};
 use rayon::prelude::*;
 
 use super::Matrix;
@@ -32,14 +32,8 @@ pub(super) fn short_depth_into<T: WithDType>(
     if !crate::kernels::is_f32_or_f64::<T>() {
         return Ok(false);
     }
+    super::check_product(dst.len(), lhs, rhs)?;
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n {
-        bail!(
-            "short product: [{m}, {k}] x [{}, {n}] into {} elements",
-            rhs.rows,
-            dst.len()
-        );
-    }
     // The `k` rows of `rhs` contiguous (a copy of at most 32 rows when they
     // are not, as `Bᵀ` of a row-major `B`).
     let rows: Vec<T> = (0..k).flat_map(|p| (0..n).map(move |j| rhs.at(p, j))).collect();
