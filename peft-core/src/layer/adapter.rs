@@ -170,7 +170,8 @@ pub trait Adapter: CloneAdapter + fmt::Debug + Send + Sync {
     /// every adapter a layer's merge involves, it knows from the weight's
     /// largest value that the new weights are finite and computes them once;
     /// without one, it computes them twice (a dry run before the first layer
-    /// changes).
+    /// changes). The layer keeps the bound it proved on its new weight, so
+    /// the next merge or unmerge need not read the weight either.
     fn merge_bound(&self) -> Result<Option<f64>> {
         Ok(None)
     }

@@ -5,8 +5,10 @@
 //! every layer of a model has a plan: a failure anywhere leaves the model
 //! as it was.
 
+use candle_core::TensorId;
+
 use crate::error::{PeftError, Result};
-use crate::kernels::reduce::{dtype_max, max_abs};
+use crate::kernels::reduce::{dtype_epsilon, dtype_max, max_abs};
 use crate::layer::adapter::Composition;
 use crate::layer::base::{Base, LayerWeights};
 use crate::layer::slot::{AttachedAdapter, Layer};
@@ -26,9 +28,54 @@ const TWO_COPIES_MERGE: &str = "two adapters hold a whole copy of this layer (mo
 pub(crate) struct MergePlan {
     base: Base,
     merged: Vec<bool>,
+    /// The bound check's bound on the new weights' largest value, if it made one.
+    weight_bound: Option<f64>,
+}
+
+/// What the bound check knows of a layer's new weights before they are
+/// computed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FiniteCheck {
+    /// The layer has nothing to change.
+    Unchanged,
+    /// Every new value is at most this in magnitude, and finite.
+    Within(f64),
+    /// The bounds cannot tell: the new weights must be computed and read.
+    Unknown,
+}
+
+/// An upper bound on the magnitude of every value of a layer's base weight
+/// (the weight with this id), which the bound check of the merge or unmerge
+/// that made that weight proved: the next check starts from it instead of
+/// reading the weight again, so merging and unmerging read each weight once.
+/// Only weights a merge made carry one; a layer owns them and nothing writes
+/// into them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WeightBound {
+    weight: TensorId,
+    largest: f64,
 }
 
 impl MergePlan {
+    /// Whether installing this plan is safe given what the bound check knew:
+    /// vouched for by the bounds (which the plan keeps for the next check),
+    /// or read and found finite. `None` for a plan with a value that is not.
+    pub(crate) fn checked(self, check: FiniteCheck) -> Result<Option<MergePlan>> {
+        if let FiniteCheck::Within(bound) = check {
+            return Ok(Some(self.with_weight_bound(Some(bound))));
+        }
+        Ok(self.all_finite()?.then_some(self))
+    }
+
+    /// This plan, keeping `bound` (proved by the bound check) on its weight's
+    /// largest value for the next check.
+    pub(crate) fn with_weight_bound(self, bound: Option<f64>) -> MergePlan {
+        MergePlan {
+            weight_bound: bound,
+            ..self
+        }
+    }
+
     /// Whether the new weights are all finite; a plan that is not is refused
     /// before any layer changes.
     pub(crate) fn all_finite(&self) -> Result<bool> {
@@ -47,30 +94,30 @@ impl Layer {
     /// be finite are refused ([`PeftError::NonFiniteWeights`]).
     pub fn merge(&mut self) -> Result<()> {
         self.check_mergeable(None)?;
+        let check = self.merge_finite_check(None)?;
         let plan = self.plan_merge()?;
-        self.commit_checked(plan, "merge")
+        self.commit_checked(plan, check, "merge")
     }
 
     /// Takes every merged adapter back out of the base weight (nothing to do
     /// when none is merged).
     pub fn unmerge(&mut self) -> Result<()> {
+        let check = self.unmerge_finite_check()?;
         let plan = self.plan_unmerge()?;
-        self.commit_checked(plan, "unmerge")
+        self.commit_checked(plan, check, "unmerge")
     }
 
     /// Installs `plan` if its weights are finite.
-    fn commit_checked(&mut self, plan: Option<MergePlan>, operation: &'static str) -> Result<()> {
-        match plan {
-            Some(plan) if !plan.all_finite()? => Err(PeftError::NonFiniteWeights {
-                module: self.describe(),
-                operation,
-            }),
-            Some(plan) => {
-                self.commit(plan);
-                Ok(())
-            }
-            None => Ok(()),
-        }
+    fn commit_checked(&mut self, plan: Option<MergePlan>, check: FiniteCheck, operation: &'static str) -> Result<()> {
+        let Some(plan) = plan else {
+            return Ok(());
+        };
+        let plan = plan.checked(check)?.ok_or_else(|| PeftError::NonFiniteWeights {
+            module: self.describe(),
+            operation,
+        })?;
+        self.commit(plan);
+        Ok(())
     }
 
     /// Turns adapters off, unmerging first as PEFT's `disable_adapter()`
@@ -189,6 +236,7 @@ impl Layer {
         Ok(Some(MergePlan {
             base: self.base.rebuilt(weights)?,
             merged,
+            weight_bound: None,
         }))
     }
 
@@ -202,30 +250,31 @@ impl Layer {
         Ok(Some(MergePlan {
             base: self.base.rebuilt(weights)?,
             merged: vec![false; self.adapters.len()],
+            weight_bound: None,
         }))
     }
 
-    /// Whether [`plan_merge_of(names)`](Self::plan_merge_of) is known to give
-    /// finite weights without computing them (see [`Adapter::merge_bound`](crate::layer::Adapter::merge_bound)).
-    /// `false` when it cannot tell: the caller then computes the plan.
-    pub(crate) fn merge_stays_finite(&self, names: Option<&[&str]>) -> Result<bool> {
+    /// What is known, without computing them, of the weights
+    /// [`plan_merge_of(names)`](Self::plan_merge_of) would give (see
+    /// [`Adapter::merge_bound`](crate::layer::Adapter::merge_bound)).
+    pub(crate) fn merge_finite_check(&self, names: Option<&[&str]>) -> Result<FiniteCheck> {
         if !self.has_pending_merge(names) {
-            return Ok(true);
+            return Ok(FiniteCheck::Unchanged);
         }
         let chosen = |a: &AttachedAdapter| match names {
             None => a.active,
             Some(names) => names.contains(&a.name.as_str()),
         };
-        self.rebuild_stays_finite(|a| a.merged || chosen(a))
+        self.rebuild_finite_check(|a| a.merged || chosen(a))
     }
 
-    /// [`merge_stays_finite`](Self::merge_stays_finite) for
+    /// [`merge_finite_check`](Self::merge_finite_check) for
     /// [`plan_unmerge`](Self::plan_unmerge).
-    pub(crate) fn unmerge_stays_finite(&self) -> Result<bool> {
+    pub(crate) fn unmerge_finite_check(&self) -> Result<FiniteCheck> {
         if !self.is_merged() {
-            return Ok(true);
+            return Ok(FiniteCheck::Unchanged);
         }
-        self.rebuild_stays_finite(|a| a.merged)
+        self.rebuild_finite_check(|a| a.merged)
     }
 
     /// Whether rebuilding the weights from the current base, taking out every
@@ -233,24 +282,46 @@ impl Layer {
     /// merged ones), stays finite: every value on the way is at most the
     /// base's largest plus each merged adapter's bound twice and each other
     /// one's once; with a factor 2 for rounding, that must fit the dtype.
-    fn rebuild_stays_finite(&self, involved: impl Fn(&AttachedAdapter) -> bool) -> Result<bool> {
+    ///
+    /// The base's largest value is the one the last merge or unmerge left
+    /// ([`WeightBound`]) when it has one for this weight and it is tight
+    /// enough; otherwise the weight is read.
+    fn rebuild_finite_check(&self, involved: impl Fn(&AttachedAdapter) -> bool) -> Result<FiniteCheck> {
         if self.is_quantized() {
-            return Ok(false);
+            return Ok(FiniteCheck::Unknown);
         }
-        let mut reach = 0f64;
+        let (mut reach, mut additions) = (0f64, 0);
         for attached in self.adapters.iter().filter(|a| involved(a)) {
             match attached.adapter.merge_bound()? {
-                Some(bound) if bound.is_finite() => reach += if attached.merged { 2.0 * bound } else { bound },
-                _ => return Ok(false),
+                Some(bound) if bound.is_finite() => {
+                    let times = if attached.merged { 2 } else { 1 };
+                    reach += f64::from(times) * bound;
+                    additions += times;
+                }
+                _ => return Ok(FiniteCheck::Unknown),
             }
         }
         let weight = self.base.weight()?;
-        let mut largest = max_abs(weight)?;
-        if let Some(bias) = self.base.bias() {
-            largest = largest.max(max_abs(bias)?);
-        }
-        let total = largest + reach;
-        Ok(total.is_finite() && 2.0 * total < dtype_max(weight.dtype()))
+        let limit = dtype_max(weight.dtype()) / 2.0;
+        let bias_largest = self.base.bias().map_or(Ok(0.0), max_abs)?;
+        // Each addition on the way rounds once, by at most one unit of the
+        // dtype's precision.
+        let rounding = (1.0 + dtype_epsilon(weight.dtype())).powi(additions + 1);
+        let within = |weight_largest: f64| {
+            // (`f64::max` would drop a NaN.)
+            let finite = weight_largest.is_finite() && bias_largest.is_finite();
+            let total = weight_largest.max(bias_largest) + reach;
+            (finite && total.is_finite() && total < limit).then_some(total * rounding)
+        };
+        let carried = self
+            .weight_bound
+            .filter(|bound| bound.weight == weight.id())
+            .and_then(|bound| within(bound.largest));
+        let bound = match carried {
+            Some(bound) => Some(bound),
+            None => within(max_abs(weight)?),
+        };
+        Ok(bound.map_or(FiniteCheck::Unknown, FiniteCheck::Within))
     }
 
     /// Refuses new weights whose bias differs from the bias being trained
@@ -300,7 +371,7 @@ impl Layer {
     /// Installs a plan made by `plan_merge`/`plan_unmerge` on this same layer.
     pub(crate) fn commit(&mut self, plan: MergePlan) {
         debug_assert_eq!(plan.merged.len(), self.adapters.len());
-        self.base = plan.base;
+        self.install_base(plan.base, plan.weight_bound);
         self.reinstall_trainable_bias();
         for (attached, merged) in self.adapters.iter_mut().zip(plan.merged) {
             attached.merged = merged;
@@ -310,7 +381,7 @@ impl Layer {
     /// Installs a merge plan and drops every adapter: a plain layer remains.
     pub(crate) fn commit_and_unload(&mut self, plan: Option<MergePlan>) {
         if let Some(plan) = plan {
-            self.base = plan.base;
+            self.install_base(plan.base, plan.weight_bound);
         }
         // A plain layer again: its bias, trained or not, is frozen.
         if let Some(var) = self.trainable_bias.take() {
@@ -320,5 +391,107 @@ impl Layer {
         }
         self.adapters.clear();
         self.adapters_enabled = true;
+    }
+
+    /// Replaces the base with a planned one, keeping the bound check's bound
+    /// on its weight for the next check.
+    fn install_base(&mut self, base: Base, weight_bound: Option<f64>) {
+        self.base = base;
+        self.weight_bound = weight_bound.and_then(|largest| {
+            let weight = self.base.weight().ok()?;
+            // A variable's values change under training: no bound holds.
+            (!weight.is_variable()).then(|| WeightBound {
+                weight: weight.id(),
+                largest,
+            })
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use crate::error::PeftError;
+    use crate::kernels::reduce::{dtype_max, max_abs};
+    use crate::{Layer, LoraAdapter};
+
+    /// A `[6, 5]` layer of `dtype` whose LoRA change (about `change` in size)
+    /// dwarfs its weight (values below 1), so that a bound on the old weight
+    /// cannot pass for one on the new.
+    fn layer(dtype: DType, change: f64, bias: Option<f32>) -> Layer {
+        let device = Device::Cpu;
+        let values = |n: usize, size: f64| -> Vec<f32> {
+            (0..n)
+                .map(|i| (size * (((i * 7 + 3) % 11) as f64 / 5.0 - 1.0)) as f32)
+                .collect()
+        };
+        let tensor = |v: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(v, shape, &device)?.to_dtype(dtype);
+        let weight = tensor(values(30, 0.9), (6, 5)).unwrap();
+        let bias = bias.map(|b| Tensor::full(b, 6, &device).unwrap().to_dtype(dtype).unwrap());
+        let mut layer = Layer::new(weight, bias);
+        let a = Var::from_tensor(&tensor(values(10, change.sqrt()), (2, 5)).unwrap()).unwrap();
+        let b = Var::from_tensor(&tensor(values(12, change.sqrt()), (6, 2)).unwrap()).unwrap();
+        let lora = LoraAdapter::new(a, b, 0.5, 0.0).unwrap();
+        layer.add_adapter("default", Box::new(lora)).unwrap();
+        layer
+    }
+
+    /// The bound the layer keeps is on the weight it holds, and holds.
+    fn assert_bound_holds(layer: &Layer, when: &str) {
+        let bound = layer
+            .weight_bound
+            .unwrap_or_else(|| panic!("no bound kept after {when}"));
+        let weight = layer.weight().unwrap();
+        assert_eq!(bound.weight, weight.id(), "after {when}");
+        let largest = max_abs(weight).unwrap();
+        assert!(
+            largest <= bound.largest,
+            "after {when}: |W| {largest} above the bound {}",
+            bound.largest
+        );
+    }
+
+    #[test]
+    fn every_merge_and_unmerge_keeps_a_bound_on_the_weight_it_made() {
+        let mut layer = layer(DType::F32, 100.0, Some(0.5));
+        assert!(layer.weight_bound.is_none());
+        for round in 0..4 {
+            layer.merge().unwrap();
+            assert_bound_holds(&layer, &format!("merge {round}"));
+            layer.unmerge().unwrap();
+            assert_bound_holds(&layer, &format!("unmerge {round}"));
+        }
+    }
+
+    #[test]
+    fn a_bound_grown_too_loose_gives_way_to_the_weight_read_again() {
+        // In f16 each merge and unmerge adds the change's bound (hundreds)
+        // to the one kept: within fifty pairs it passes f16's limit, and
+        // the check must read the weight rather than give up vouching.
+        let mut layer = layer(DType::F16, 300.0, None);
+        let limit = dtype_max(DType::F16) / 2.0;
+        let mut largest_kept = 0f64;
+        for round in 0..50 {
+            layer.merge().unwrap();
+            assert_bound_holds(&layer, &format!("merge {round}"));
+            layer.unmerge().unwrap();
+            assert_bound_holds(&layer, &format!("unmerge {round}"));
+            let kept = layer.weight_bound.unwrap().largest;
+            assert!(kept < limit, "a bound {kept} past f16's limit was kept");
+            largest_kept = largest_kept.max(kept);
+        }
+        // The bound did grow towards the limit: the read happened.
+        assert!(largest_kept > limit / 4.0, "the bound never grew: {largest_kept}");
+    }
+
+    #[test]
+    fn a_bias_that_is_not_finite_is_refused_even_where_the_bounds_vouch() {
+        for value in [f32::NAN, f32::INFINITY] {
+            let mut layer = layer(DType::F32, 1.0, Some(value));
+            let error = layer.merge().unwrap_err();
+            assert!(matches!(error, PeftError::NonFiniteWeights { .. }), "{error}");
+            assert!(!layer.is_merged());
+        }
     }
 }

@@ -27,6 +27,7 @@ use crate::error::{PeftError, Result};
 use crate::layer::adapter::{Adapter, Composition, ForwardContext};
 use crate::layer::base::{Base, LayerKind, LayerWeights, TrainableBase};
 use crate::layer::conv::{ConvGeometry, ConvLayer};
+use crate::layer::merge::WeightBound;
 use crate::layer::quantized::QuantizedWeight;
 
 /// The adapter slot: a frozen base seen as a linear map `y = x Wᵀ + b`
@@ -52,6 +53,9 @@ pub struct Layer {
     /// The base bias, trained beside the adapters (PEFT's `bias = "all" |
     /// "lora_only"`); the base computes with this variable's tensor.
     pub(super) trainable_bias: Option<Var>,
+    /// What the last merge or unmerge knew of the base weight's largest
+    /// value (see `merge.rs`), so the next one need not read the weight.
+    pub(super) weight_bound: Option<WeightBound>,
 }
 
 /// A rebuilt base, checked, waiting to replace a layer's (see
@@ -102,6 +106,7 @@ impl Layer {
             fan_in_fan_out: false,
             batch_adapters: None,
             trainable_bias: None,
+            weight_bound: None,
         }
     }
 

@@ -5,16 +5,16 @@ use std::collections::BTreeSet;
 use rayon::prelude::*;
 
 use crate::error::{InModule, PeftError, Result};
-use crate::layer::merge::MergePlan;
+use crate::layer::merge::{FiniteCheck, MergePlan};
 use crate::layer::Layer;
 use crate::model::PeftModel;
 
 /// Plans a change on every layer and commits it, so that nothing changes if
 /// any plan fails and at most one layer's new weights exist at a time.
 ///
-/// A first pass checks every layer before any changes: where
-/// `stays_finite` shows from the adapters' bounds and the weight's largest
-/// value that the new weights are finite (one read of the weight, see
+/// A first pass checks every layer before any changes: where `check` shows
+/// from the adapters' bounds and the weight's largest value that the new
+/// weights are finite ([`FiniteCheck::Within`]; see
 /// [`Adapter::merge_bound`](crate::layer::Adapter::merge_bound)), nothing
 /// more; otherwise it makes the plan and drops it (a dry run). A failure
 /// there leaves the model untouched. The second pass makes each plan and
@@ -24,35 +24,47 @@ use crate::model::PeftModel;
 /// pass cannot fail in the second; a layer the bounds vouch for (LoRA's) is
 /// planned in the second pass only, computing its new weights once, and its
 /// values cannot fail the check there. Any other layer computes them twice.
+/// A vouched-for layer keeps its bound for the next check, which then need
+/// not read the weight (see [`WeightBound`](crate::layer::merge::WeightBound)).
 ///
 /// A plan whose weights are not all finite is refused in the first pass
 /// ([`PeftError::NonFiniteWeights`], naming `operation`).
 pub(crate) fn commit_all<M: PeftModel + ?Sized>(
     model: &mut M,
     operation: &'static str,
-    stays_finite: impl Fn(&Layer) -> Result<bool> + Sync,
+    check: impl Fn(&Layer) -> Result<FiniteCheck> + Sync,
     plan: impl Fn(&Layer) -> Result<Option<MergePlan>>,
     commit: impl Fn(&mut Layer, Option<MergePlan>),
 ) -> Result<()> {
     let layers = model.layers();
     // Every layer's bound check on the threads at once (each reads its
-    // weight once), rather than waking them for each layer in turn.
-    let vouched: Vec<Result<bool>> = layers.par_iter().map(|layer| stays_finite(layer.layer)).collect();
-    for (layer, vouched) in layers.iter().zip(vouched) {
-        if vouched.in_module(&layer.path)? {
-            continue;
-        }
-        if let Some(plan) = plan(layer.layer).in_module(&layer.path)? {
-            if !plan.all_finite().in_module(&layer.path)? {
-                return Err(PeftError::NonFiniteWeights {
-                    module: layer.path.clone(),
-                    operation,
-                });
+    // weight at most once), rather than waking them for each layer in turn.
+    let checks: Vec<Result<FiniteCheck>> = layers.par_iter().map(|layer| check(layer.layer)).collect();
+    let mut known = Vec::with_capacity(layers.len());
+    for (layer, checked) in layers.iter().zip(checks) {
+        let checked = checked.in_module(&layer.path)?;
+        if matches!(checked, FiniteCheck::Unknown) {
+            if let Some(plan) = plan(layer.layer).in_module(&layer.path)? {
+                if plan.checked(checked).in_module(&layer.path)?.is_none() {
+                    return Err(PeftError::NonFiniteWeights {
+                        module: layer.path.clone(),
+                        operation,
+                    });
+                }
             }
         }
+        known.push((layer.path.clone(), checked));
     }
+    let mut known = known.into_iter();
     for layer in model.layers_mut() {
+        // Checked above: only a bound to keep (the walks visit the layers in
+        // one order; a layer out of it keeps none).
+        let bound = match known.next() {
+            Some((path, FiniteCheck::Within(bound))) if path == layer.path => Some(bound),
+            _ => None,
+        };
         let plan = plan(layer.layer).in_module(&layer.path)?;
+        let plan = plan.map(|plan| plan.with_weight_bound(bound));
         commit(layer.layer, plan);
     }
     Ok(())

@@ -362,7 +362,7 @@ pub trait PeftModel: Adaptable {
         commit_all(
             self,
             "merge",
-            |layer| layer.merge_stays_finite(None),
+            |layer| layer.merge_finite_check(None),
             Layer::plan_merge,
             commit_plan,
         )
@@ -377,7 +377,7 @@ pub trait PeftModel: Adaptable {
         commit_all(
             self,
             "merge",
-            |layer| layer.merge_stays_finite(Some(names)),
+            |layer| layer.merge_finite_check(Some(names)),
             |layer| layer.plan_merge_of(Some(names)),
             commit_plan,
         )
@@ -393,7 +393,7 @@ pub trait PeftModel: Adaptable {
         commit_all(
             self,
             "unmerge",
-            Layer::unmerge_stays_finite,
+            Layer::unmerge_finite_check,
             Layer::plan_unmerge,
             commit_plan,
         )
@@ -407,7 +407,7 @@ pub trait PeftModel: Adaptable {
         commit_all(
             self,
             "merge",
-            |layer| layer.merge_stays_finite(None),
+            |layer| layer.merge_finite_check(None),
             Layer::plan_merge,
             Layer::commit_and_unload,
         )
@@ -419,7 +419,7 @@ pub trait PeftModel: Adaptable {
         commit_all(
             self,
             "unmerge",
-            Layer::unmerge_stays_finite,
+            Layer::unmerge_finite_check,
             Layer::plan_unmerge,
             |layer, plan| {
                 commit_plan(layer, plan);
