@@ -4,9 +4,10 @@
 use std::mem::MaybeUninit;
 
 use candle_core::{bail, DType, Result, Tensor, WithDType};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::kernels::matmul::{CpuTensor, Matrix};
+use crate::kernels::matmul::{gemm_into, CpuTensor, Matrix};
 
 /// `weight + scale · b · a`, a new `[out, in]` tensor: a LoRA merged into
 /// its weight (taken out again with `-scale`), in one copy of the weight and
@@ -34,31 +35,31 @@ pub(crate) fn add_low_rank(weight: &Tensor, b: &Tensor, a: &Tensor, scale: f64) 
     let a = a.contiguous()?;
     let (w, b, a) = (CpuTensor::new(&weight)?, CpuTensor::new(b)?, CpuTensor::new(&a)?);
     fn sum<T: WithDType>(w: &CpuTensor<'_>, b: &CpuTensor<'_>, a: &CpuTensor<'_>, scale: f64) -> Result<Vec<T>> {
-        let (b, a) = (b.matrix::<T>()?, a.contiguous_values::<T>()?);
+        let (in_dim, b) = (w.matrix::<T>()?.cols, b.matrix::<T>()?);
+        let a = Matrix::row_major(a.contiguous_values::<T>()?, b.cols, in_dim);
         let w = w.contiguous_values::<T>()?;
-        let in_dim = a.len() / b.cols.max(1);
-        let rows_per_task = LOW_RANK_ROWS * in_dim.max(1);
+        let values_per_task = LOW_RANK_ROWS * in_dim.max(1);
         let mut out: Vec<T> = Vec::with_capacity(w.len());
-        // Rows in blocks over the threads: each output row is written once
-        // (into the vector's spare capacity, never zeroed first), from its
-        // weight row read once, so the pass runs at memory speed.
+        // Blocks of rows over the threads. Each block of the new tensor is
+        // written once from the weight (into the vector's spare capacity,
+        // never zeroed first), then, while it is in the cache, the product's
+        // kernel adds `scale · B[rows] · A` onto it, its sums over the rank
+        // added once (one rounding at the weight's magnitude, as `W + ΔW`).
         out.spare_capacity_mut()[..w.len()]
-            .par_chunks_mut(rows_per_task)
-            .zip(w.par_chunks(rows_per_task))
+            .par_chunks_mut(values_per_task)
+            .zip(w.par_chunks(values_per_task))
             .enumerate()
-            .for_each(|(block, (out_rows, w_rows))| {
-                let change = LowRankBlock {
-                    b: &b,
-                    first_row: block * LOW_RANK_ROWS,
-                    a,
-                    in_dim,
-                    scale: T::from_f64(scale),
-                };
-                add_low_rank_rows(out_rows, w_rows, &change);
-            });
+            .try_for_each(|(block, (out_rows, w_rows))| {
+                for (o, &x) in out_rows.iter_mut().zip(w_rows) {
+                    o.write(x);
+                }
+                // SAFETY: every value of the block was written just above.
+                let out_rows = unsafe { &mut *(out_rows as *mut [MaybeUninit<T>] as *mut [T]) };
+                let b_rows = b.rows_from(block * LOW_RANK_ROWS, w_rows.len() / in_dim.max(1))?;
+                gemm_into(out_rows, b_rows, a, T::from_f64(scale), true, Parallelism::None)
+            })?;
         // SAFETY: the blocks cover `0..w.len()` (the chunks of `w` and of
-        // the spare capacity have the same lengths) and `add_low_rank_rows`
-        // writes every value of its block.
+        // the spare capacity have the same lengths) and each was written.
         unsafe { out.set_len(w.len()) };
         Ok(out)
     }
@@ -72,88 +73,9 @@ pub(crate) fn add_low_rank(weight: &Tensor, b: &Tensor, a: &Tensor, scale: f64) 
     Ok(Some(merged))
 }
 
-/// Weight rows per task of [`add_low_rank`].
-const LOW_RANK_ROWS: usize = 32;
-
-/// The low-rank change of a block of weight rows: `scale · B[first_row..] · A`,
-/// `A` row-major `[r, in_dim]`.
-struct LowRankBlock<'a, T> {
-    b: &'a Matrix<'a, T>,
-    first_row: usize,
-    a: &'a [T],
-    in_dim: usize,
-    scale: T,
-}
-
-/// `out = w + change` for a block of rows: per row and strip of columns,
-/// the change `Σₖ (scale · Bᵢₖ) · Aₖ` is summed in registers, then added to
-/// the weight once (one rounding at the weight's magnitude, as `W + ΔW`).
-/// On x86-64 CPUs with AVX2 and FMA the loop is compiled for them.
-fn add_low_rank_rows<T: WithDType>(out: &mut [MaybeUninit<T>], w: &[T], change: &LowRankBlock<'_, T>) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::has_avx2_fma() {
-        // SAFETY: the CPU has the features the function is compiled for.
-        unsafe { add_low_rank_rows_avx2(out, w, change) };
-        return;
-    }
-    add_low_rank_rows_portable(out, w, change);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn add_low_rank_rows_avx2<T: WithDType>(out: &mut [MaybeUninit<T>], w: &[T], change: &LowRankBlock<'_, T>) {
-    add_low_rank_rows_portable(out, w, change);
-}
-
-#[inline(always)]
-fn add_low_rank_rows_portable<T: WithDType>(out: &mut [MaybeUninit<T>], w: &[T], block: &LowRankBlock<'_, T>) {
-    let LowRankBlock {
-        b,
-        first_row,
-        a,
-        in_dim,
-        scale,
-    } = *block;
-    // Columns in strips of this many values, summed over the rank in
-    // registers: the strip's change is written once, not once per rank.
-    const STRIP: usize = 64;
-    if in_dim == 0 {
-        return;
-    }
-    debug_assert_eq!(out.len(), w.len());
-    let rank = a.len() / in_dim;
-    let mut coefficients = vec![T::zero(); rank];
-    for (row, (out_row, w_row)) in out.chunks_exact_mut(in_dim).zip(w.chunks_exact(in_dim)).enumerate() {
-        for (k, c) in coefficients.iter_mut().enumerate() {
-            *c = scale * b.at(first_row + row, k);
-        }
-        let mut start = 0;
-        while start < in_dim {
-            let width = STRIP.min(in_dim - start);
-            let mut change = [T::zero(); STRIP];
-            if width == STRIP {
-                for (k, &c) in coefficients.iter().enumerate() {
-                    let a_strip = &a[k * in_dim + start..k * in_dim + start + STRIP];
-                    for (sum, &x) in change.iter_mut().zip(a_strip) {
-                        *sum += c * x;
-                    }
-                }
-            } else {
-                for (k, &c) in coefficients.iter().enumerate() {
-                    let a_strip = &a[k * in_dim + start..k * in_dim + start + width];
-                    for (sum, &x) in change.iter_mut().zip(a_strip) {
-                        *sum += c * x;
-                    }
-                }
-            }
-            let outs = &mut out_row[start..start + width];
-            for ((o, &w), &c) in outs.iter_mut().zip(&w_row[start..start + width]).zip(&change) {
-                o.write(w + c);
-            }
-            start += width;
-        }
-    }
-}
+/// Weight rows per task of [`add_low_rank`]: a block of the new tensor
+/// stays in the core's cache between its copy and the product added onto it.
+const LOW_RANK_ROWS: usize = 64;
 
 #[cfg(test)]
 mod tests {

@@ -128,7 +128,7 @@ impl<'a, T: Copy> Matrix<'a, T> {
     }
 
     /// Rows `start..start + count` of this matrix.
-    fn rows_from(self, start: usize, count: usize) -> Result<Self> {
+    pub(crate) fn rows_from(self, start: usize, count: usize) -> Result<Self> {
         if start + count > self.rows {
             bail!("rows {start}..{} of a matrix with {} rows", start + count, self.rows);
         }
