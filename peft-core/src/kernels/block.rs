@@ -335,7 +335,7 @@ impl BlockOp {
         let (d_gate, d_up) = ops::silu_mul_grads(&s.gate, &s.up, &d_hidden)?;
         let dh2 = gate_proj.backward(&like(d_gate, &s.gate)?, &s.h2, None, &mut stash)?;
         let dh2 = up_proj.backward(&like(d_up, &s.up)?, &s.h2, Some(dh2), &mut stash)?;
-        let (mut dx1, _) = rms_norm_grads(&s.x1, &self.post_attention_norm, &like(dh2, &s.h2)?, self.eps)?;
+        let (mut dx1, _) = rms_norm_grads(&s.x1, &self.post_attention_norm, &like(dh2, &s.h2)?, self.eps, false)?;
         with_f32(dy, |dy| {
             add_assign(&mut dx1, dy);
             Ok(())
@@ -366,7 +366,7 @@ impl BlockOp {
         let dh = q_proj.backward(&flat(dq, &s.q)?, &s.h, None, &mut stash)?;
         let dh = k_proj.backward(&flat(dk, &s.k)?, &s.h, Some(dh), &mut stash)?;
         let dh = v_proj.backward(&flat(dv, &s.v)?, &s.h, Some(dh), &mut stash)?;
-        let (mut dx, _) = rms_norm_grads(x, &self.input_norm, &like(dh, &s.h)?, self.eps)?;
+        let (mut dx, _) = rms_norm_grads(x, &self.input_norm, &like(dh, &s.h)?, self.eps, false)?;
         with_f32(&dx1, |dx1| {
             add_assign(&mut dx, dx1);
             Ok(())

@@ -330,39 +330,56 @@ impl CustomOp2 for RmsNorm {
     /// (summed per rayon task, then across tasks).
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _timer = Timer::start(self.name(), Pass::Backward);
-        let (gx, gw) = rms_norm_grads(x, w, grad, self.eps)?;
+        let (gx, gw) = rms_norm_grads(x, w, grad, self.eps, w.track_op())?;
         let gx = if x.track_op() { Some(tensor_like(gx, x)?) } else { None };
-        let gw = if w.track_op() { Some(tensor_like(gw, w)?) } else { None };
+        let gw = gw.map(|gw| tensor_like(gw, w)).transpose()?;
         Ok((gx, gw))
     }
 }
 
-/// [`RmsNorm`]'s gradients `(∂x, ∂w)`, computed whether or not autograd
-/// tracks the operands (the decoder block asks for them itself).
-pub(crate) fn rms_norm_grads(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+/// [`RmsNorm`]'s gradients: `∂x`, and `∂w` when `weight_grad` (a frozen
+/// norm, as in the decoder block, skips its per-task sums).
+pub(crate) fn rms_norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    eps: f32,
+    weight_grad: bool,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let dim = w.elem_count().max(1);
     with_f32(x, |xs| {
         with_f32(w, |ws| {
             with_f32(grad, |gs| {
                 let mut gx = vec![0f32; xs.len()];
-                let gw = gx
-                    .par_chunks_mut(dim)
-                    .zip(xs.par_chunks(dim).zip(gs.par_chunks(dim)))
+                let rows = gx.par_chunks_mut(dim).zip(xs.par_chunks(dim).zip(gs.par_chunks(dim)));
+                // One row's `∂x`; its `1/rms` for the caller's `∂w`.
+                let row_grad = |gx: &mut [f32], x: &[f32], g: &[f32]| {
+                    let r = inverse_rms(x, eps);
+                    let mean_wgx = x.iter().zip(g).zip(ws).map(|((x, g), w)| w * g * x * r).sum::<f32>() / dim as f32;
+                    for (((gx, x), g), w) in gx.iter_mut().zip(x).zip(g).zip(ws) {
+                        *gx = r * (w * g - x * r * mean_wgx);
+                    }
+                    r
+                };
+                if !weight_grad {
+                    rows.for_each(|(gx, (x, g))| {
+                        row_grad(gx, x, g);
+                    });
+                    return Ok((gx, None));
+                }
+                let gw = rows
                     .fold(
                         || vec![0f32; dim],
                         |mut gw, (gx, (x, g))| {
-                            let r = inverse_rms(x, eps);
-                            let mean_wgx =
-                                x.iter().zip(g).zip(ws).map(|((x, g), w)| w * g * x * r).sum::<f32>() / dim as f32;
-                            for ((((gx, gw), x), g), w) in gx.iter_mut().zip(gw.iter_mut()).zip(x).zip(g).zip(ws) {
-                                *gx = r * (w * g - x * r * mean_wgx);
+                            let r = row_grad(gx, x, g);
+                            for ((gw, x), g) in gw.iter_mut().zip(x).zip(g) {
                                 *gw += g * x * r;
                             }
                             gw
                         },
                     )
                     .reduce(Vec::new, add_into);
-                Ok((gx, gw))
+                Ok((gx, Some(gw)))
             })
         })
     })
