@@ -60,7 +60,7 @@ impl MergePlan {
     /// Whether installing this plan is safe given what the bound check knew:
     /// vouched for by the bounds (which the plan keeps for the next check),
     /// or read and found finite. `None` for a plan with a value that is not.
-    pub(crate) fn checked(self, check: FiniteCheck) -> Result<Option<MergePlan>> {
+    fn checked(self, check: FiniteCheck) -> Result<Option<MergePlan>> {
         if let FiniteCheck::Within(bound) = check {
             return Ok(Some(self.with_weight_bound(Some(bound))));
         }
@@ -397,10 +397,12 @@ impl Layer {
     /// on its weight for the next check.
     fn install_base(&mut self, base: Base, weight_bound: Option<f64>) {
         self.base = base;
+        // A bound comes only with a plan the adapters' bounds vouched for:
+        // its weight is the sum a merge computed into new memory, which no
+        // variable shares, so its values stay as the bound saw them.
         self.weight_bound = weight_bound.and_then(|largest| {
             let weight = self.base.weight().ok()?;
-            // A variable's values change under training: no bound holds.
-            (!weight.is_variable()).then(|| WeightBound {
+            Some(WeightBound {
                 weight: weight.id(),
                 largest,
             })

@@ -45,7 +45,7 @@ pub(crate) fn commit_all<M: PeftModel + ?Sized>(
         let checked = checked.in_module(&layer.path)?;
         if matches!(checked, FiniteCheck::Unknown) {
             if let Some(plan) = plan(layer.layer).in_module(&layer.path)? {
-                if plan.checked(checked).in_module(&layer.path)?.is_none() {
+                if !plan.all_finite().in_module(&layer.path)? {
                     return Err(PeftError::NonFiniteWeights {
                         module: layer.path.clone(),
                         operation,
